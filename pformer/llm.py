@@ -1,0 +1,137 @@
+"""The frozen LLM that P-Former prompts (and that stage 2's front feeds): decoder-only or encoder-decoder.
+
+A *prefix* is a sequence of vectors of the LLM's embedding width placed before the text: for a decoder-only LLM
+``[prefix; embed(text)]`` goes through the decoder and the loss is on the text tokens; for an encoder-decoder
+(T5 / Flan-T5) the prefix (plus an optional prompt) is the encoder input and the decoder reconstructs the text.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import zoo
+
+
+@dataclass
+class PrefixLMOutput:
+    loss: torch.Tensor  # scalar, mean over target tokens
+    logits: torch.Tensor  # [B, T, V] logits that predict each target token
+    target_ids: torch.Tensor  # [B, T], -100 where padded
+
+
+class FrozenLLM(nn.Module):
+    """Wraps a frozen ``AutoModelForCausalLM`` / ``AutoModelForSeq2SeqLM`` and its tokenizer."""
+
+    def __init__(self, model: nn.Module, tokenizer, text_suffix: str = "\n"):
+        super().__init__()
+        self.model = model.eval()
+        self.model.requires_grad_(False)
+        self.tokenizer = tokenizer
+        if tokenizer.pad_token is None:  # decoder-only tokenizers often have none; padding is masked anyway
+            tokenizer.pad_token = tokenizer.eos_token
+        self.text_suffix = text_suffix
+        self.is_encoder_decoder = bool(model.config.is_encoder_decoder)
+
+    @classmethod
+    def load(cls, ref: str, dtype: torch.dtype = torch.float32, text_suffix: str = "\n") -> "FrozenLLM":
+        return cls(zoo.load_language_model(ref, dtype=dtype), zoo.load_tokenizer(ref), text_suffix)
+
+    def train(self, mode: bool = True) -> "FrozenLLM":  # always eval: the LLM is frozen, dropout stays off
+        return super().train(False)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.get_input_embeddings().embedding_dim
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.get_input_embeddings().weight.dtype
+
+    @property
+    def embedding_table(self) -> torch.Tensor:  # [V, d_llm]
+        return self.model.get_input_embeddings().weight
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.get_input_embeddings()(input_ids)
+
+    def stop_token_ids(self) -> list[int]:
+        """Tokens that end a generated text: EOS, and the suffix the targets end with (a newline by default)."""
+        ids = {self.tokenizer.eos_token_id}
+        if self.text_suffix:
+            suffix = self.tokenizer(self.text_suffix, add_special_tokens=False).input_ids
+            if len(suffix) == 1:
+                ids.add(suffix[0])
+        return sorted(i for i in ids if i is not None)
+
+    def tokenize_targets(self, texts: list[str], max_length: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Texts with the suffix appended, right-padded: (ids [B, T], mask [B, T]). T5 adds its EOS itself."""
+        batch = self.tokenizer([t + self.text_suffix for t in texts], padding=True, truncation=True,
+                               max_length=max_length, return_tensors="pt",
+                               add_special_tokens=self.is_encoder_decoder)
+        return batch.input_ids.to(device), batch.attention_mask.to(device)
+
+    def prefix_lm(self, prefix: torch.Tensor, target_ids: torch.Tensor, target_mask: torch.Tensor,
+                  prefix_mask: torch.Tensor | None = None, prompt_embeds: torch.Tensor | None = None,
+                  prompt_mask: torch.Tensor | None = None) -> PrefixLMOutput:
+        """LM loss on the target text given ``prefix`` [B, P, d_llm] (and an optional text prompt after it)."""
+        batch, n_prefix = prefix.shape[:2]
+        prefix = prefix.to(self.dtype)
+        if prefix_mask is None:
+            prefix_mask = torch.ones(batch, n_prefix, dtype=target_mask.dtype, device=prefix.device)
+        if prompt_embeds is not None:
+            prefix = torch.cat([prefix, prompt_embeds.to(self.dtype)], dim=1)
+            prefix_mask = torch.cat([prefix_mask, prompt_mask.to(prefix_mask.dtype)], dim=1)
+        labels = target_ids.masked_fill(target_mask == 0, -100)
+        if self.is_encoder_decoder:
+            out = self.model(inputs_embeds=prefix, attention_mask=prefix_mask, labels=labels)
+            logits = out.logits  # [B, T, V]: the decoder predicts target t at step t
+        else:
+            inputs = torch.cat([prefix, self.embed(target_ids)], dim=1)
+            mask = torch.cat([prefix_mask, target_mask], dim=1)
+            out = self.model(inputs_embeds=inputs, attention_mask=mask)
+            # the logit at position p predicts token p+1: the last prefix position predicts target 0
+            logits = out.logits[:, prefix.shape[1] - 1:-1]
+        loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+        return PrefixLMOutput(loss=loss, logits=logits, target_ids=labels)
+
+    @torch.no_grad()
+    def generate(self, prefix: torch.Tensor, prefix_mask: torch.Tensor | None = None,
+                 prompts: list[str] | None = None, max_new_tokens: int = 30, num_beams: int = 1,
+                 do_sample: bool = False, top_p: float = 0.9, temperature: float = 1.0) -> list[str]:
+        """Batched generation from a prefix [B, P, d_llm], optionally followed by a text prompt per sample.
+
+        Prompts of different lengths are left-padded as a block ``[pad, prefix, prompt]`` so every sequence ends
+        where generation starts.
+        """
+        batch, n_prefix = prefix.shape[:2]
+        device = prefix.device
+        prefix = prefix.to(self.dtype)
+        if prefix_mask is None:
+            prefix_mask = torch.ones(batch, n_prefix, dtype=torch.long, device=device)
+        prompt_ids = [self.tokenizer(p, add_special_tokens=False).input_ids if p else []
+                      for p in (prompts or [""] * batch)]
+        width = max(len(p) for p in prompt_ids)
+        pad_id = self.tokenizer.pad_token_id
+        rows, masks = [], []
+        for i, ids in enumerate(prompt_ids):
+            ids_t = torch.tensor(ids, dtype=torch.long, device=device)
+            pad = width - len(ids)
+            emb = torch.cat([self.embed(torch.full((pad,), pad_id, device=device)), prefix[i],
+                             self.embed(ids_t)], dim=0)
+            rows.append(emb)
+            masks.append(torch.cat([torch.zeros(pad, dtype=torch.long, device=device), prefix_mask[i].long(),
+                                    torch.ones(len(ids), dtype=torch.long, device=device)]))
+        inputs, mask = torch.stack(rows), torch.stack(masks)
+        stop = self.stop_token_ids()
+        out = self.model.generate(inputs_embeds=inputs, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                  num_beams=num_beams, do_sample=do_sample, top_p=top_p if do_sample else None,
+                                  temperature=temperature if do_sample else None, eos_token_id=stop,
+                                  pad_token_id=pad_id)
+        # with inputs_embeds, decoder-only generate returns only the new tokens
+        return [self.tokenizer.decode(seq, skip_special_tokens=True).strip() for seq in out]
+
+
+__all__ = ["FrozenLLM", "PrefixLMOutput"]

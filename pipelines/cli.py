@@ -1,0 +1,87 @@
+"""``dvlp``: the command line of every stage.
+
+    dvlp stage1 [--config FILE] [--resume] [key.sub=value ...]
+    dvlp demo   [--output-dir DIR] [key.sub=value ...]
+    dvlp prepare
+
+Overrides are ``key.sub=value`` words after the options; values are read as YAML (``optim.lr=3e-4``,
+``logging.tensorboard=false``, ``optim.betas=[0.9,0.98]``). ``dvlp <stage> --help`` lists every key with its type
+and default. A misspelt key is an error that names the closest valid key.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from pformer.config import ConfigError, describe, load_config
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def _keys_help(cls) -> str:
+    lines = ["configuration keys (override with key.sub=value):"]
+    for key, tp, default, help_text in describe(cls):
+        lines.append(f"  {key} ({tp}, default {json.dumps(default)})" + (f": {help_text}" if help_text else ""))
+    return "\n".join(lines)
+
+
+def _stage_parser(sub, name: str, cls, help_text: str, default_config: str | None):
+    p = sub.add_parser(name, help=help_text, description=help_text, epilog=_keys_help(cls),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", type=Path, default=CONFIG_DIR / default_config if default_config else None,
+                   help=f"YAML config (default: configs/{default_config})")
+    p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
+    p.add_argument("--stop-after", type=int, default=None, help="stop after this many optimizer steps (testing "
+                                                                "and time-boxed runs; resume later)")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .stage1 import Stage1Config
+
+    parser = argparse.ArgumentParser(prog="dvlp", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _stage_parser(sub, "stage1", Stage1Config, "Stage 1: text-only P-Former pre-training and its evaluation",
+                  "stage1.yaml")
+    demo = sub.add_parser("demo", help="the whole pipeline on the embedded default (what exists of it)",
+                          description="Runs, on the embedded easy-VQA default: stage 1 (P-Former) and its held-out "
+                                      "reconstruction evaluation against an untrained P-Former.")
+    demo.add_argument("--output-dir", type=Path, default=Path("runs/demo"))
+    demo.add_argument("overrides", nargs="*", metavar="key.sub=value", help="stage-1 config overrides")
+    sub.add_parser("prepare", help="build the offline model presets and the embedded data into the cache")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "stage1":
+            from .stage1 import Stage1Config, run_stage1
+
+            cfg = load_config(Stage1Config, args.config, args.overrides)
+            summary = run_stage1(cfg, resume=args.resume, stop_after=args.stop_after)
+            print(json.dumps({k: v for k, v in summary.items() if k != "eval"}, indent=2))
+        elif args.command == "demo":
+            from .demo import run_demo
+
+            run_demo(args.output_dir, args.overrides)
+        elif args.command == "prepare":
+            from .demo import prepare
+
+            prepare()
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

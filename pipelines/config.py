@@ -1,0 +1,66 @@
+"""Run-level configs shared by every stage: optimisation, DeepSpeed, logging, data sources."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal, Optional
+
+from pformer.config import Config, ConfigError, param
+
+
+@dataclass
+class OptimConfig(Config):
+    lr: float = param(1e-4, gt=0.0, help="peak learning rate (AdamW)")
+    min_lr: float = param(1e-5, ge=0.0, help="cosine schedule floor")
+    warmup_start_lr: float = param(1e-6, ge=0.0, help="learning rate at step 0 of the linear warm-up")
+    warmup_steps: int = param(2000, ge=0, help="linear warm-up steps")
+    max_steps: int = param(1000, ge=1, help="optimizer steps of the run (the cosine ends here)")
+    weight_decay: float = param(0.05, ge=0.0, help="AdamW weight decay (not applied to biases and norms)")
+    betas: tuple[float, float] = param((0.9, 0.999), help="AdamW betas")
+    eps: float = param(1e-8, gt=0.0, help="AdamW epsilon")
+    grad_clip: float = param(1.0, ge=0.0, help="global gradient-norm clip; 0 disables")
+    micro_batch_size: int = param(32, ge=1, help="samples per process per forward")
+    grad_accum_steps: int = param(1, ge=1, help="forwards per optimizer step")
+
+    def check(self) -> None:
+        if self.min_lr > self.lr:
+            raise ConfigError("min_lr", f"must be <= lr ({self.lr}), got {self.min_lr}")
+        if self.warmup_steps > self.max_steps:
+            raise ConfigError("warmup_steps", f"must be <= max_steps ({self.max_steps}), got {self.warmup_steps}")
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError("betas", f"each beta must be in [0, 1), got {list(self.betas)}")
+
+
+@dataclass
+class DeepSpeedConfig(Config):
+    zero_stage: Literal[0, 1, 2, 3] = param(0, help="ZeRO stage")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = param(
+        "auto", help="autocast dtype of the forward and dtype of frozen models; auto = bf16 where supported")
+    backend: Literal["auto", "gloo", "nccl"] = param("auto", help="torch.distributed backend; auto = nccl on "
+                                                                   "CUDA, gloo on CPU")
+    config_overrides: dict[str, Any] = param(default_factory=dict, help="merged into the generated DeepSpeed "
+                                                                        "JSON; batch keys must agree")
+
+
+@dataclass
+class LoggingConfig(Config):
+    output_dir: str = param("runs/stage1", help="run folder: checkpoints, config, logs, reports")
+    log_every: int = param(10, ge=1, help="steps between logged scalars")
+    save_every: int = param(200, ge=1, help="steps between checkpoints")
+    keep_checkpoints: int = param(2, ge=1, help="complete checkpoints kept (older ones are deleted)")
+    tensorboard: bool = param(True, help="write TensorBoard scalars to output_dir/tensorboard")
+    progress_bar: bool = param(True, help="tqdm progress bar on rank 0")
+
+
+@dataclass
+class ReliabilityConfig(Config):
+    max_skip_fraction: float = param(0.05, ge=0.0, le=1.0, help="abort when more records than this are skipped")
+    stop_on_nonfinite: bool = param(True, help="stop (after checkpointing the last good state) on a NaN/inf loss")
+
+
+@dataclass
+class TextDataConfig(Config):
+    source: str = param("embedded:easy-vqa", help="txt / jsonl file, saved datasets folder, or embedded:easy-vqa")
+    format: Literal["auto", "txt", "jsonl", "datasets"] = param("auto", help="format of source")
+    text_field: str = param("text", help="field holding the sentence (jsonl, datasets)")
+    max_records: Optional[int] = param(None, help="use at most this many sentences (None: all)")
+    holdout: int = param(200, ge=0, help="sentences held out of training for the stage-1 evaluation")

@@ -1,0 +1,24 @@
+"""Named data sources: ``embedded:<name>`` resolves to files built once into the cache from packaged data."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from pformer import zoo
+
+EMBEDDED = ("easy-vqa",)
+
+
+def embedded_files(name: str) -> dict[str, Path]:
+    """Build (once) and return the files of an embedded dataset."""
+    if name == "easy-vqa":
+        from vl_align.embedded import build_embedded_easy_vqa
+
+        return {k: Path(v) for k, v in build_embedded_easy_vqa(zoo.cache_root() / "data" / "easy-vqa").items()}
+    raise ValueError(f"unknown embedded dataset '{name}'; available: {', '.join(EMBEDDED)}")
+
+
+def resolve_text_source(source: str) -> Path:
+    """A stage-1 corpus: a path, or ``embedded:easy-vqa`` (its text-only caption corpus)."""
+    if source.startswith("embedded:"):
+        return embedded_files(source.split(":", 1)[1])["caption_corpus"]
+    return Path(source).expanduser()

@@ -1,0 +1,142 @@
+"""Stage 1: text-only pre-training of the P-Former against a frozen LLM, then its reconstruction evaluation.
+
+Outputs in ``logging.output_dir``: ``config.yaml`` (resolved), ``checkpoints/`` (resumable), ``metrics.jsonl`` and
+``tensorboard/`` (loss curve), ``pformer/`` (final weights, safetensors), ``heldout.txt``, ``stage1_eval.json`` and
+``stage1_eval.md`` (held-out reconstruction, trained vs untrained P-Former).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pformer.config import Config, param, save_config
+from pformer.data import load_text_corpus
+from pformer.evaluation import evaluate_reconstruction
+from pformer.llm import FrozenLLM
+from pformer.losses import Stage1LossWeights
+from pformer.model import PFormer, PFormerConfig
+from pformer.objective import Stage1Collator, stage1_loss
+from pformer.records import SkipReport
+from pformer import zoo
+
+from . import training
+from .config import DeepSpeedConfig, LoggingConfig, OptimConfig, ReliabilityConfig, TextDataConfig
+from .sources import resolve_text_source
+
+
+@dataclass
+class Stage1EvalConfig(Config):
+    enabled: bool = param(True, help="evaluate reconstruction on the held-out sentences after training")
+    batch_size: int = param(32, ge=1, help="sentences per evaluation batch")
+    max_new_tokens: int = param(32, ge=1, help="greedy regeneration length limit")
+    compare_untrained: bool = param(True, help="also score an untrained P-Former (same seed) as the floor")
+
+
+@dataclass
+class Stage1Config(Config):
+    model: PFormerConfig = field(default_factory=PFormerConfig)
+    loss: Stage1LossWeights = field(default_factory=Stage1LossWeights)
+    data: TextDataConfig = field(default_factory=TextDataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    logging: LoggingConfig = field(default_factory=lambda: LoggingConfig(output_dir="runs/stage1"))
+    reliability: ReliabilityConfig = field(default_factory=ReliabilityConfig)
+    eval: Stage1EvalConfig = field(default_factory=Stage1EvalConfig)
+    seed: int = param(0, help="seed of initialisation, data order, masking and dropout")
+
+
+def split_holdout(texts: list[str], holdout: int, seed: int) -> tuple[list[str], list[str]]:
+    """Hold out ``holdout`` distinct sentences; every copy of a held-out sentence leaves the training set."""
+    distinct = sorted(set(texts))
+    if holdout >= len(distinct):
+        raise ValueError(f"data.holdout={holdout} leaves no training sentence ({len(distinct)} distinct)")
+    rng = np.random.default_rng([seed, 17])
+    held = {distinct[i] for i in rng.choice(len(distinct), size=holdout, replace=False)} if holdout else set()
+    return [t for t in texts if t not in held], sorted(held)
+
+
+def run_stage1(cfg: Stage1Config, resume: bool = False, stop_after: int | None = None) -> dict:
+    dist = training.init_distributed(cfg.deepspeed)
+    dtype = training.compute_dtype(cfg.deepspeed, dist.device)
+    run_dir = Path(cfg.logging.output_dir)
+    if dist.is_main:
+        save_config(cfg, run_dir / "config.yaml")
+
+    report = SkipReport(max_skip_fraction=cfg.reliability.max_skip_fraction, name="stage-1 corpus")
+    corpus = load_text_corpus(resolve_text_source(cfg.data.source), fmt=cfg.data.format,
+                              text_field=cfg.data.text_field, max_records=cfg.data.max_records, report=report)
+    train_texts, heldout = split_holdout(list(corpus["text"]), cfg.data.holdout, cfg.seed)
+    if dist.is_main:
+        (run_dir / "heldout.txt").write_text("".join(t + "\n" for t in heldout))
+        print(f"stage 1: {len(train_texts)} training sentences, {len(heldout)} held out; "
+              f"skipped records: {report.total}" + (f"\n{report.summary()}" if report.total else ""), flush=True)
+
+    training.seed_everything(cfg.seed)
+    llm = FrozenLLM.load(cfg.model.llm, dtype=dtype if dtype != torch.float16 else torch.float16,
+                         text_suffix=cfg.model.text_suffix).to(dist.device)
+    tokenizer = zoo.load_tokenizer(cfg.model.text_encoder)
+    pformer = PFormer.build(cfg.model, llm_hidden_size=llm.hidden_size)
+    untrained_state = {k: v.clone() for k, v in pformer.state_dict().items()} if cfg.eval.compare_untrained else None
+
+    collate = Stage1Collator(tokenizer, llm, cfg.model.max_text_length, cfg.model.mask_prob, cfg.seed)
+    engine = training.build_engine(pformer, cfg.optim, cfg.deepspeed, dist)
+
+    def make_batch(ids: list[int], step: int):
+        return collate([train_texts[i] for i in ids], ids, step_key=step, device=dist.device)
+
+    def loss_fn(eng, batch):
+        return stage1_loss(eng, llm, batch, cfg.loss, cfg.model.label_smoothing, training.all_gather_with_grad,
+                           dist.rank)
+
+    result = training.train(engine=engine, dist_info=dist, make_batch=make_batch, loss_fn=loss_fn,
+                            num_samples=len(train_texts), optim=cfg.optim, logging=cfg.logging,
+                            reliability=cfg.reliability, seed=cfg.seed, dtype=dtype, resume=resume,
+                            stop_after=stop_after, record_ids=lambda b: [train_texts[i] for i in b.sample_ids])
+    summary = {"steps": result.final_step, "wall_seconds": result.wall_seconds, "resumed_from": result.resumed_from,
+               "train_sentences": len(train_texts), "heldout_sentences": len(heldout), "skipped": report.as_dict()}
+    if result.final_step < cfg.optim.max_steps or not dist.is_main:
+        return summary
+
+    final = engine.module
+    out_dir = run_dir / "pformer"
+    tmp = run_dir / ".pformer.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    final.save_pretrained(tmp, tokenizer=tokenizer)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
+    summary["pformer"] = str(out_dir)
+    if cfg.eval.enabled and heldout:
+        summary["eval"] = evaluate_stage1(cfg, final, tokenizer, llm, heldout, untrained_state, dist.device, dtype,
+                                          run_dir)
+    (run_dir / "stage1_summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def evaluate_stage1(cfg: Stage1Config, trained: PFormer, tokenizer, llm: FrozenLLM, sentences: list[str],
+                    untrained_state: dict | None, device, dtype, run_dir: Path) -> dict:
+    from .reports import bleu4, write_table
+
+    variants = {"trained": trained}
+    if untrained_state is not None:
+        untrained = PFormer(cfg.model, type(trained.encoder)(trained.encoder.config), trained.llm_hidden_size)
+        untrained.load_state_dict(untrained_state)
+        variants = {"untrained": untrained.to(device), **variants}
+    rows, details = [], {}
+    for name, model in variants.items():
+        rec = evaluate_reconstruction(model, tokenizer, llm, sentences, batch_size=cfg.eval.batch_size,
+                                      max_new_tokens=cfg.eval.max_new_tokens, device=device, dtype=dtype)
+        scores = rec.scores()
+        scores["bleu4"] = bleu4([p["prediction"] for p in rec.predictions],
+                                [[p["reference"]] for p in rec.predictions])
+        rows.append({"p_former": name, **scores})
+        details[name] = {"scores": scores, "predictions": rec.predictions}
+    report = {"num_sentences": len(sentences), "rows": rows}
+    (run_dir / "stage1_eval.json").write_text(json.dumps({**report, "details": details}, indent=2))
+    write_table(run_dir / "stage1_eval.md", rows, title=f"Stage-1 reconstruction on {len(sentences)} held-out "
+                                                         f"sentences (LLM {cfg.model.llm})")
+    return report
