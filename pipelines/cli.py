@@ -13,12 +13,23 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 from pformer.config import ConfigError, describe, load_config
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# A YAML under configs/ belongs to the stage its file name starts with.
+CONFIG_CLASSES = {"stage1": "pipelines.stage1:Stage1Config"}
+
+
+def config_class_for(path: Path):
+    import importlib
+
+    for prefix, target in CONFIG_CLASSES.items():
+        if Path(path).stem.startswith(prefix):
+            module, name = target.split(":")
+            return getattr(importlib.import_module(module), name)
+    raise ValueError(f"{path}: no stage owns this config; file names start with one of {', '.join(CONFIG_CLASSES)}")
 
 
 def _keys_help(cls) -> str:

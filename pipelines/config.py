@@ -13,7 +13,7 @@ class OptimConfig(Config):
     min_lr: float = param(1e-5, ge=0.0, help="cosine schedule floor")
     warmup_start_lr: float = param(1e-6, ge=0.0, help="learning rate at step 0 of the linear warm-up")
     warmup_steps: int = param(2000, ge=0, help="linear warm-up steps")
-    max_steps: int = param(1000, ge=1, help="optimizer steps of the run (the cosine ends here)")
+    max_steps: int = param(100_000, ge=1, help="optimizer steps of the run (the cosine ends here)")
     weight_decay: float = param(0.05, ge=0.0, help="AdamW weight decay (not applied to biases and norms)")
     betas: tuple[float, float] = param((0.9, 0.999), help="AdamW betas")
     eps: float = param(1e-8, gt=0.0, help="AdamW epsilon")

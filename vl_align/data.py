@@ -29,7 +29,7 @@ JSON without a required key (the error names the file, the key and the record in
 a missing column. For map-style sources the skipped fraction is checked against the report's
 ``max_skip_fraction`` when loading ends; for webdataset the check runs while streaming, once
 ``STREAM_CHECK_AFTER`` samples have been seen, and the skips land in the ``report`` of the process that
-iterates (DataLoader workers hold their own copies). A caption ``.txt`` inside a shard that is not valid
+iterates (DataLoader workers hold their own copies; each pass over the stream counts its skips again). A caption ``.txt`` inside a shard that is not valid
 UTF-8 makes ``datasets``' webdataset reader itself raise ``UnicodeDecodeError`` (it decodes before we see it).
 
 ``load_image`` turns a path / PIL image / bytes into a normalised ``[3, size, size]`` float tensor with
@@ -581,7 +581,8 @@ def load_image_text_pairs(
         report: receives the skips; its ``max_skip_fraction`` is the abort threshold (default 0.05).
         verify_images: open every image with PIL and skip missing / truncated / non-image files.
         rank, world_size: data-parallel split of webdataset shards (``split_dataset_by_node``).
-        extra_fields: more jsonl keys / dataset columns to keep as string columns (jsonl, disk).
+        extra_fields: more jsonl keys (kept as strings, None when absent) or dataset columns (kept as
+            stored) to keep; jsonl and disk only.
     """
     if fmt == "auto":
         if not isinstance(source, (list, tuple)) and not any(c in os.fspath(source) for c in "{*?["):

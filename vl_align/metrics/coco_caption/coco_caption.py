@@ -270,6 +270,13 @@ def compute_caption_metrics(
     return {k: out[k] for k in (*_METRIC_KEYS, "SPICE") if k in out}
 
 
+def _as_reference_lists(references):
+    """Wrap each plain-string reference into a one-element list (evaluate wants one feature type per column)."""
+    if references is None or isinstance(references, str):
+        return references
+    return [[r] if isinstance(r, str) else r for r in references]
+
+
 # --- evaluate Metric --------------------------------------------------------------------------------------------
 # `import evaluate` takes seconds (it imports transformers), and the plain functions above must stay cheap to
 # import, so the Metric class is only built when `evaluate` is already imported (always the case under
@@ -286,20 +293,27 @@ def _build_metric_class():
                 description=_DESCRIPTION,
                 citation=_CITATION,
                 inputs_description=_KWARGS_DESCRIPTION,
-                features=[
-                    datasets.Features(
-                        {
-                            "predictions": datasets.Value("string"),
-                            "references": datasets.Sequence(datasets.Value("string")),
-                        }
-                    ),
-                    datasets.Features(
-                        {"predictions": datasets.Value("string"), "references": datasets.Value("string")}
-                    ),
-                ],
+                # One feature set; plain-string references are wrapped into one-element lists in add/add_batch
+                # (evaluate picks a feature set from the first example only, so a mixed batch would otherwise
+                # silently turn a string into a list of characters).
+                features=datasets.Features(
+                    {
+                        "predictions": datasets.Value("string"),
+                        "references": datasets.Sequence(datasets.Value("string")),
+                    }
+                ),
                 codebase_urls=["https://github.com/salaniz/pycocoevalcap"],
                 reference_urls=["https://arxiv.org/abs/1504.00325"],
             )
+
+        def add_batch(self, *, predictions=None, references=None, **kwargs):
+            """Add a batch; a plain-string reference counts as a one-element reference list."""
+            return super().add_batch(predictions=predictions, references=_as_reference_lists(references), **kwargs)
+
+        def add(self, *, prediction=None, reference=None, **kwargs):
+            """Add one example; a plain-string reference counts as a one-element reference list."""
+            reference = [reference] if isinstance(reference, str) else reference
+            return super().add(prediction=prediction, reference=reference, **kwargs)
 
         def _compute(self, predictions, references, meteor=True, spice=False, tokenize=True):
             return compute_caption_metrics(predictions, references, meteor=meteor, spice=spice, tokenize=tokenize)

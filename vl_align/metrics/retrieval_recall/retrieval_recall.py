@@ -179,13 +179,12 @@ def _build_metric_class():
                         "references": datasets.Value("int64"),
                     }
                 ),
-                format="numpy",
             )
 
         def _compute(self, predictions, references, ks=(1, 5, 10)):
-            if isinstance(predictions, np.ndarray) and predictions.dtype == object:  # ragged rows
-                lengths = sorted({len(r) for r in predictions})
-                raise ValueError(f"every text needs one similarity per image; got rows of lengths {lengths}")
+            lengths = {len(row) for row in predictions}
+            if len(lengths) > 1:
+                raise ValueError(f"every text needs one similarity per image; got rows of lengths {sorted(lengths)}")
             sims_t = np.asarray(predictions, dtype=np.float64)  # [num_texts, num_images]
             return retrieval_recall(sims_t.T, np.asarray(references), ks=ks)
 

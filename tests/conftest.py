@@ -1,0 +1,81 @@
+"""Shared fixtures: tiny random models of the real architectures, saved as normal transformers folders.
+
+The tokenizers are the packaged real ones (SmolLM2's, MiniLM's), so the tiny models exercise the same tokenisation
+as the default run; the weights are random and small, so the tests are fast.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_llm_dir(tmp_path_factory):
+    """A 2-layer Llama with SmolLM2's tokenizer (49,152 tokens)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pformer import zoo
+
+    tok = zoo.load_tokenizer("smollm2-135m")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=True)
+    out = tmp_path_factory.mktemp("tiny_llama")
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def tiny_t5_dir(tmp_path_factory):
+    """A 1+1-layer T5 with SmolLM2's tokenizer: the encoder-decoder path."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from pformer import zoo
+
+    tok = zoo.load_tokenizer("smollm2-135m")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    torch.manual_seed(0)
+    cfg = T5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=64, num_layers=1, num_decoder_layers=1,
+                   num_heads=4, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                   decoder_start_token_id=tok.pad_token_id)
+    out = tmp_path_factory.mktemp("tiny_t5")
+    T5ForConditionalGeneration(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory):
+    """A 2-layer BERT with MiniLM's WordPiece tokenizer."""
+    from transformers import BertConfig, BertModel
+
+    from pformer import zoo
+
+    tok = zoo.load_tokenizer("minilm-l6")
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                     num_attention_heads=4, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                     attention_probs_dropout_prob=0.0)
+    out = tmp_path_factory.mktemp("tiny_bert")
+    BertModel(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture
+def small_corpus(tmp_path):
+    colours = ["red", "blue", "green", "yellow"]
+    shapes = ["circle", "square", "triangle"]
+    lines = [f"a {c} {s}" for c in colours for s in shapes] + [f"the {s} is {c}" for c in colours for s in shapes]
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n".join(lines) + "\n")
+    return path

@@ -1,0 +1,114 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pformer.config import ConfigError, build, describe, load_config, save_config
+from pipelines.cli import CONFIG_DIR, build_parser, config_class_for, main
+from pipelines.config import DeepSpeedConfig, OptimConfig
+from pipelines.stage1 import Stage1Config
+
+ALL_YAML = sorted(CONFIG_DIR.glob("**/*.yaml"))
+
+
+def test_there_are_configs():
+    assert ALL_YAML, "configs/ holds no YAML"
+
+
+@pytest.mark.parametrize("path", ALL_YAML, ids=lambda p: p.name)
+def test_every_yaml_loads(path: Path):
+    cls = config_class_for(path)
+    cfg = load_config(cls, path)
+    assert isinstance(cfg, cls)
+    # every key written in the file reaches the config (nothing silently ignored)
+    data = yaml.safe_load(path.read_text())
+    resolved = cfg.to_dict()
+
+    def walk(tree, node, prefix=""):
+        for key, value in tree.items():
+            assert key in node, f"{path}: {prefix}{key} not in the resolved config"
+            if isinstance(value, dict) and isinstance(node[key], dict) and key != "config_overrides":
+                walk(value, node[key], f"{prefix}{key}.")
+
+    walk(data, resolved)
+
+
+def test_defaults_are_valid_and_saved_round_trip(tmp_path):
+    cfg = Stage1Config()
+    save_config(cfg, tmp_path / "c.yaml")
+    assert load_config(Stage1Config, tmp_path / "c.yaml") == cfg
+
+
+def test_overrides_types_and_nesting(tmp_path):
+    cfg = load_config(Stage1Config, None, ["optim.lr=3e-4", "optim.betas=[0.9,0.98]", "logging.tensorboard=false",
+                                           "model.num_prompts=4", "data.max_records=null"])
+    assert cfg.optim.lr == 3e-4 and cfg.optim.betas == (0.9, 0.98)
+    assert cfg.logging.tensorboard is False and cfg.model.num_prompts == 4 and cfg.data.max_records is None
+    # the YAML is applied first, then the overrides
+    (tmp_path / "c.yaml").write_text("optim:\n  lr: 0.01\n  max_steps: 5\n  warmup_steps: 0\n")
+    cfg = load_config(Stage1Config, tmp_path / "c.yaml", ["optim.max_steps=7"])
+    assert cfg.optim.lr == 0.01 and cfg.optim.max_steps == 7
+
+
+def test_unknown_key_names_closest_spelling(tmp_path):
+    with pytest.raises(ConfigError, match=r"optim\.lrr.*did you mean 'lr'"):
+        load_config(Stage1Config, None, ["optim.lrr=1"])
+    (tmp_path / "c.yaml").write_text("optimm:\n  lr: 0.1\n")
+    with pytest.raises(ConfigError, match=r"'optimm'.*did you mean 'optim'"):
+        load_config(Stage1Config, tmp_path / "c.yaml")
+    with pytest.raises(ConfigError, match=r"model\.num_promts.*did you mean 'num_prompts'"):
+        build(Stage1Config, {"model": {"num_promts": 3}})
+
+
+def test_wrong_type_names_key():
+    with pytest.raises(ConfigError, match=r"optim\.max_steps.*expected an integer"):
+        load_config(Stage1Config, None, ["optim.max_steps=lots"])
+    with pytest.raises(ConfigError, match=r"logging\.tensorboard.*true or false"):
+        load_config(Stage1Config, None, ["logging.tensorboard=3"])
+    with pytest.raises(ConfigError, match=r"optim\.betas.*expected 2 items"):
+        load_config(Stage1Config, None, ["optim.betas=[0.9]"])
+
+
+def test_out_of_range_and_choices():
+    with pytest.raises(ConfigError, match=r"optim\.lr.*must be > 0"):
+        load_config(Stage1Config, None, ["optim.lr=0"])
+    with pytest.raises(ConfigError, match=r"model\.mask_prob.*must be < 1"):
+        load_config(Stage1Config, None, ["model.mask_prob=1.5"])
+    with pytest.raises(ConfigError, match=r"deepspeed\.zero_stage.*allowed values: 0, 1, 2, 3"):
+        load_config(Stage1Config, None, ["deepspeed.zero_stage=4"])
+    with pytest.raises(ConfigError, match=r"'precision'.*allowed values: 'auto'"):
+        build(DeepSpeedConfig, {"precision": "int8"})
+
+
+def test_cross_field_rules():
+    with pytest.raises(ConfigError, match=r"min_lr.*must be <= lr"):
+        OptimConfig(lr=1e-4, min_lr=1e-3)
+    with pytest.raises(ConfigError, match=r"optim\.warmup_steps.*<= max_steps"):
+        load_config(Stage1Config, None, ["optim.warmup_steps=10", "optim.max_steps=5"])
+
+
+def test_override_syntax_errors():
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        load_config(Stage1Config, None, ["optim.lr"])
+    with pytest.raises(ConfigError, match=r"optim\.lr.*no sub-keys"):
+        load_config(Stage1Config, None, ["optim.lr.x=1"])
+
+
+def test_missing_config_file_is_clear(tmp_path, capsys):
+    assert main(["stage1", "--config", str(tmp_path / "nope.yaml")]) == 2
+    assert "config file not found" in capsys.readouterr().err
+
+
+def test_cli_rejects_misspelt_key(capsys):
+    assert main(["stage1", "optim.lrr=1"]) == 2
+    assert "did you mean 'lr'" in capsys.readouterr().err
+
+
+def test_help_lists_every_key():
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    text = sub.choices["stage1"].format_help()
+    for key, *_ in describe(Stage1Config):
+        assert key in text

@@ -1,0 +1,123 @@
+"""P-Former model, losses and the frozen-LLM prefix path, on tiny random models."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pformer import zoo
+from pformer.llm import FrozenLLM
+from pformer.losses import contrastive_loss, nearest_embeddings, vq_loss
+from pformer.model import PFormer, PFormerConfig, load_pformer_tokenizer, mask_tokens
+
+
+def _pformer(bert_dir, llm_dir, **kw):
+    cfg = PFormerConfig(text_encoder=bert_dir, llm=llm_dir, **kw)
+    return cfg, PFormer.build(cfg)
+
+
+def test_prompt_count_is_independent_of_text_length(tiny_bert_dir, tiny_llm_dir):
+    cfg, model = _pformer(tiny_bert_dir, tiny_llm_dir, num_prompts=3, max_text_length=16)
+    tok = zoo.load_tokenizer(tiny_bert_dir)
+    batch = tok(["a red circle", "the blue square is big and round"], padding=True, return_tensors="pt")
+    out = model(batch.input_ids, batch.attention_mask)
+    assert out["prompts"].shape == (2, 3, 32)  # n prompts of the LLM's width, whatever the text length
+    assert out["embedding"].shape == (2, 256)
+    assert torch.allclose(out["embedding"].norm(dim=-1), torch.ones(2), atol=1e-5)
+
+
+def test_save_and_load_round_trip(tmp_path, tiny_bert_dir, tiny_llm_dir):
+    cfg, model = _pformer(tiny_bert_dir, tiny_llm_dir, num_prompts=4)
+    tok = zoo.load_tokenizer(tiny_bert_dir)
+    model.save_pretrained(tmp_path / "p", tokenizer=tok)
+    loaded = PFormer.from_pretrained(tmp_path / "p")
+    assert loaded.config == cfg
+    batch = tok(["a green triangle"], return_tensors="pt")
+    model.eval(), loaded.eval()
+    assert torch.equal(model(batch.input_ids, batch.attention_mask)["prompts"],
+                       loaded(batch.input_ids, batch.attention_mask)["prompts"])
+    assert load_pformer_tokenizer(tmp_path / "p")("x").input_ids == tok("x").input_ids
+    assert (tmp_path / "p" / "model.safetensors").is_file()
+    with pytest.raises(FileNotFoundError, match="not a P-Former checkpoint"):
+        PFormer.from_pretrained(tmp_path)
+
+
+def test_mask_tokens_spares_padding_and_cls():
+    ids = torch.tensor([[101, 5, 6, 7, 8, 9, 102, 0, 0]] * 200)
+    mask = (ids != 0).long()
+    out = mask_tokens(ids, mask, mask_token_id=103, cls_token_id=101, prob=0.25,
+                      generator=torch.Generator().manual_seed(0))
+    assert (out[:, 0] == 101).all() and (out[:, 7:] == 0).all()
+    rate = (out[:, 1:7] == 103).float().mean().item()
+    assert 0.2 < rate < 0.3
+    assert torch.equal(mask_tokens(ids, mask, 103, 101, 0.0), ids)
+
+
+def test_nearest_embeddings_and_vq_loss():
+    table = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 5.0]])
+    vectors = torch.tensor([[[0.9, 0.1], [0.1, 4.0], [-0.2, 0.1]]])
+    expect = torch.tensor([[[1.0, 0.0], [0.0, 5.0], [0.0, 0.0]]])
+    assert torch.equal(nearest_embeddings(vectors, table, chunk=2), expect)
+    vectors.requires_grad_(True)
+    loss = vq_loss(vectors, table)
+    assert torch.isclose(loss, F.mse_loss(vectors, expect))
+    loss.backward()  # the target is a stop-gradient: only the prompts receive gradient
+    assert torch.allclose(vectors.grad, 2 * (vectors - expect).detach() / vectors.numel())
+
+
+def test_contrastive_loss_matches_manual_and_gather():
+    torch.manual_seed(0)
+    a, b = F.normalize(torch.randn(4, 8), dim=-1), F.normalize(torch.randn(4, 8), dim=-1)
+    t = torch.tensor([0.07])
+    logits = a @ b.T / t
+    manual = 0.5 * (F.cross_entropy(logits, torch.arange(4), label_smoothing=0.1)
+                    + F.cross_entropy(logits.T, torch.arange(4), label_smoothing=0.1))
+    assert torch.isclose(contrastive_loss(a, b, t, label_smoothing=0.1), manual)
+    # two "ranks" of 2 with a gather that returns the global batch give the same mean as one rank of 4
+    halves = []
+    for rank in range(2):
+        sl = slice(2 * rank, 2 * rank + 2)
+        local_a, local_b = a[sl], b[sl]
+        lookup = {id(local_a): a, id(local_b): b}
+        halves.append(contrastive_loss(local_a, local_b, t, lambda x: lookup[id(x)], rank, 0.1))
+    assert torch.isclose(sum(halves) / 2, manual, atol=1e-6)
+
+
+def test_prefix_lm_decoder_only_matches_hf_labels(tiny_llm_dir):
+    llm = FrozenLLM.load(tiny_llm_dir)
+    assert not any(p.requires_grad for p in llm.parameters())
+    torch.manual_seed(0)
+    prefix = torch.randn(2, 3, llm.hidden_size, requires_grad=True)
+    ids, mask = llm.tokenize_targets(["a red circle", "a blue square shape"], 16)
+    out = llm.prefix_lm(prefix, ids, mask)
+    # reference: HF's own shifted loss with -100 on the prefix and on padding
+    inputs = torch.cat([prefix, llm.embed(ids)], dim=1)
+    labels = torch.cat([torch.full((2, 3), -100), ids.masked_fill(mask == 0, -100)], dim=1)
+    ref = llm.model(inputs_embeds=inputs, attention_mask=torch.cat([torch.ones(2, 3, dtype=torch.long), mask], 1),
+                    labels=labels).loss
+    assert torch.isclose(out.loss, ref, atol=1e-5)
+    out.loss.backward()
+    assert prefix.grad is not None and prefix.grad.abs().sum() > 0
+    assert ids[0, -1].item() in llm.stop_token_ids() or mask[0, -1] == 0  # the suffix "\n" ends every target
+
+
+def test_prefix_lm_and_generation_encoder_decoder(tiny_t5_dir):
+    llm = FrozenLLM.load(tiny_t5_dir)
+    assert llm.is_encoder_decoder
+    prefix = torch.randn(2, 4, llm.hidden_size, requires_grad=True)
+    ids, mask = llm.tokenize_targets(["a red circle", "a blue square"], 16)
+    out = llm.prefix_lm(prefix, ids, mask)
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and prefix.grad.abs().sum() > 0
+    assert out.logits.shape[:2] == ids.shape
+    texts = llm.generate(prefix.detach(), max_new_tokens=4)
+    assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
+
+
+def test_generation_with_prompts_of_different_lengths(tiny_llm_dir):
+    llm = FrozenLLM.load(tiny_llm_dir)
+    prefix = torch.randn(2, 3, llm.hidden_size)
+    batched = llm.generate(prefix, prompts=["Question: what colour? Short answer:", "a photo of"],
+                           max_new_tokens=5)
+    single = llm.generate(prefix[1:], prompts=["a photo of"], max_new_tokens=5)
+    assert batched[1] == single[0]  # left padding does not change a sample's greedy output
