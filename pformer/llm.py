@@ -6,6 +6,7 @@ A *prefix* is a sequence of vectors of the LLM's embedding width placed before t
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +35,7 @@ class FrozenLLM(nn.Module):
             tokenizer.pad_token = tokenizer.eos_token
         self.text_suffix = text_suffix
         self.is_encoder_decoder = bool(model.config.is_encoder_decoder)
+        self._supports_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
 
     @classmethod
     def load(cls, ref: str, dtype: torch.dtype = torch.float32, text_suffix: str = "\n") -> "FrozenLLM":
@@ -91,9 +93,14 @@ class FrozenLLM(nn.Module):
         else:
             inputs = torch.cat([prefix, self.embed(target_ids)], dim=1)
             mask = torch.cat([prefix_mask, target_mask], dim=1)
-            out = self.model(inputs_embeds=inputs, attention_mask=mask)
-            # the logit at position p predicts token p+1: the last prefix position predicts target 0
-            logits = out.logits[:, prefix.shape[1] - 1:-1]
+            # the logit at position p predicts token p+1: the last prefix position predicts target 0, so only the
+            # last T+1 positions need the (vocabulary-wide, costly) LM head
+            n_keep = target_ids.shape[1] + 1
+            if self._supports_logits_to_keep:
+                out = self.model(inputs_embeds=inputs, attention_mask=mask, logits_to_keep=n_keep)
+            else:
+                out = self.model(inputs_embeds=inputs, attention_mask=mask)
+            logits = out.logits[:, -n_keep:-1]
         loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
         return PrefixLMOutput(loss=loss, logits=logits, target_ids=labels)
 

@@ -17,12 +17,21 @@ if [ -f "$VENV/.setup-stamp" ] && [ "$(cat "$VENV/.setup-stamp")" = "$want" ]; t
 fi
 
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
-pip() { "$VENV/bin/python" -m pip "$@"; }
+# The machine's pip config lists extra local indexes; their "location is ignored" notices are noise.
+pip() { "$VENV/bin/python" -m pip "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
 # Pin torch for every later install: a range that admits a newer torch would pull a CUDA build of several GB.
 constraints="$VENV/constraints.txt"
 echo "torch==$TORCH_VERSION" > "$constraints"
 export PIP_CONSTRAINT="$PWD/$constraints"
 
+# METEOR and the PTB tokenizer of the COCO caption metrics run on Java.
+if ! command -v java >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get update -qq && apt-get install -y -qq default-jre-headless >/dev/null
+  else
+    echo "warning: no java on PATH; METEOR and the PTB tokenizer will be unavailable" >&2
+  fi
+fi
 pip install -q --upgrade pip setuptools wheel
 pip install -q "torch==$TORCH_VERSION" ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"}
 # DeepSpeed: no ops compiled at install time (they JIT-compile on first use); needs torch already present.

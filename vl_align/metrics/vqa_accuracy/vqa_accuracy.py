@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import re
 import sys
-from typing import Iterable, Sequence
+from typing import Sequence
 
 __all__ = [
     "normalize_answer",
