@@ -1,0 +1,151 @@
+"""Disk caches of what frozen models compute: P-Former targets P(y) per caption, vision features per image.
+
+A :class:`KeyedArrayCache` is a folder holding one memory-mapped ``.npy`` array (a row per key), the keys in row
+order and a ``meta.json`` with the *producer fingerprint* (which model, which weights, which preprocessing). The
+folder's name is derived from the fingerprint, so a cache made by other weights is never found, and ``meta.json``
+is checked again on open. A key that is missing means the cache is incomplete: it is rebuilt for the union of keys,
+never partially used. Folders are written under a temporary name and renamed, so a crash leaves no half cache.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+FORMAT_VERSION = 1
+
+
+def fingerprint(*parts: object) -> str:
+    """A short stable hash of JSON-serialisable parts."""
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(json.dumps(part, sort_keys=True, default=str).encode())
+        h.update(b"\0")
+    return h.hexdigest()[:20]
+
+
+def file_digest(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+class KeyedArrayCache:
+    """Rows of a float array addressed by string keys, memory-mapped read-only."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        meta = json.loads((self.folder / "meta.json").read_text())
+        self.meta = meta
+        self.keys: list[str] = json.loads((self.folder / "keys.json").read_text())
+        self.row = {k: i for i, k in enumerate(self.keys)}
+        self.array = np.load(self.folder / "data.npy", mmap_mode="r")
+        if self.array.shape[0] != len(self.keys):
+            raise ValueError(f"{self.folder}: {self.array.shape[0]} rows for {len(self.keys)} keys (corrupt cache)")
+
+    @staticmethod
+    def folder_for(root: Path, producer: str) -> Path:
+        return Path(root) / producer
+
+    @classmethod
+    def open_or_build(cls, root: str | Path, producer: str, producer_info: dict, keys: Sequence[str],
+                      compute: Callable[[list[str]], torch.Tensor], batch_size: int = 64,
+                      dtype: np.dtype = np.float32, progress: bool = False) -> "KeyedArrayCache":
+        """Open the cache of ``producer`` if it holds every key, else (re)build it for the union of keys.
+
+        ``compute(keys) -> Tensor [len(keys), ...]`` produces rows; ``producer`` is the fingerprint of whatever
+        determines the rows (model weights, preprocessing) and names the folder.
+        """
+        folder = cls.folder_for(Path(root), producer)
+        wanted = list(dict.fromkeys(keys))  # unique, order kept
+        previous: list[str] = []
+        if (folder / "meta.json").is_file():
+            try:
+                cache = cls(folder)
+                if cache.meta.get("producer") == producer and cache.meta.get("version") == FORMAT_VERSION:
+                    if all(k in cache.row for k in wanted):
+                        return cache
+                    previous = cache.keys
+            except (ValueError, OSError, json.JSONDecodeError):
+                previous = []  # unreadable: rebuilt below
+        all_keys = list(dict.fromkeys([*previous, *wanted]))
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+        try:
+            rows = None
+            iterator = range(0, len(all_keys), batch_size)
+            if progress:
+                from tqdm import tqdm
+
+                iterator = tqdm(iterator, desc=f"caching {producer_info.get('kind', 'rows')}", unit="batch")
+            for start in iterator:
+                chunk = all_keys[start:start + batch_size]
+                values = compute(chunk).detach().float().cpu().numpy().astype(dtype)
+                if rows is None:
+                    rows = np.lib.format.open_memmap(tmp / "data.npy", mode="w+", dtype=dtype,
+                                                     shape=(len(all_keys), *values.shape[1:]))
+                rows[start:start + len(chunk)] = values
+            if rows is not None:
+                rows.flush()
+                del rows
+            (tmp / "keys.json").write_text(json.dumps(all_keys))
+            (tmp / "meta.json").write_text(json.dumps({"producer": producer, "version": FORMAT_VERSION,
+                                                       "num_keys": len(all_keys), **producer_info}, indent=2))
+            if folder.exists():
+                shutil.rmtree(folder)
+            os.replace(tmp, folder)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return cls(folder)
+
+    def get(self, keys: Sequence[str]) -> torch.Tensor:
+        """Rows for ``keys`` as a float32 tensor [len(keys), ...]; a missing key is an error, never a zero row."""
+        try:
+            idx = [self.row[k] for k in keys]
+        except KeyError as err:
+            raise KeyError(f"{self.folder}: no cached row for {err.args[0]!r}; rebuild the cache") from None
+        return torch.from_numpy(np.asarray(self.array[idx], dtype=np.float32))
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def pformer_fingerprint(pformer_dir: str | Path) -> str:
+    """Identity of a saved P-Former: its weights and config files."""
+    pformer_dir = Path(pformer_dir)
+    from .model import CONFIG_NAME, WEIGHTS_NAME
+
+    return fingerprint("pformer", file_digest(pformer_dir / WEIGHTS_NAME), file_digest(pformer_dir / CONFIG_NAME))
+
+
+def prompt_target_cache(pformer_dir: str | Path, captions: Sequence[str], cache_root: str | Path,
+                        device: str | torch.device = "cpu", batch_size: int = 64,
+                        dtype: torch.dtype | None = None) -> KeyedArrayCache:
+    """P(y) [n, d_llm] for every caption, computed once with the frozen P-Former at ``pformer_dir``."""
+    from .evaluation import prompts_for
+    from .model import PFormer, load_pformer_tokenizer
+
+    producer = fingerprint(pformer_fingerprint(pformer_dir), str(dtype))  # bf16 targets differ from fp32 ones
+    state: dict = {}
+
+    def compute(chunk: list[str]) -> torch.Tensor:
+        if not state:  # load the P-Former only when something must be computed
+            state["model"] = PFormer.from_pretrained(pformer_dir).to(device).eval()
+            state["tok"] = load_pformer_tokenizer(pformer_dir)
+        return prompts_for(state["model"], state["tok"], chunk, device, dtype)
+
+    return KeyedArrayCache.open_or_build(Path(cache_root) / "prompt_targets", producer,
+                                         {"kind": "pformer_prompts", "pformer_dir": str(pformer_dir)},
+                                         captions, compute, batch_size=batch_size)
+
+
+__all__ = ["KeyedArrayCache", "fingerprint", "file_digest", "pformer_fingerprint", "prompt_target_cache"]

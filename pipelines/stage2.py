@@ -1,0 +1,199 @@
+"""Stage 2a: vision-language representation learning (BLIP-2's stage 1) with the P-Former alignment.
+
+Frozen vision tower -> front (``qformer`` or ``elip``) trained with ITC + ITM + ITG + ω₁·align(W·Z, P(y)), where
+P(y) comes from the prompt-target cache of a stage-1 P-Former (the P-Former itself never runs during training) and,
+for the ``qformer`` front, the tower's features come from the vision-feature cache (the tower runs once per image).
+
+Outputs in ``logging.output_dir``: ``config.yaml``, ``checkpoints/``, ``metrics.jsonl``, ``tensorboard/``,
+``front/`` (safetensors weights + config), ``stage2_summary.json`` (losses, step time, tokens per image).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from pformer import zoo
+from pformer.cache import prompt_target_cache
+from pformer.config import Config, ConfigError, param, save_config, to_dict
+from pformer.records import SkipReport
+from vl_align.data import load_image_text_pairs
+from vl_align.fronts import FrontConfig, build_front
+from vl_align.objectives import (AlignmentConfig, AlignmentStats, RepresentationBatch, RepresentationWeights,
+                                 representation_loss)
+from vl_align.vision import VisionTower, VisionTowerConfig, vision_feature_cache
+
+from . import training
+from .config import DeepSpeedConfig, LoggingConfig, OptimConfig, ReliabilityConfig
+from .sources import embedded_files, resolve_text_source
+
+
+@dataclass
+class PairDataConfig(Config):
+    source: str = param("embedded:easy-vqa", help="COCO caption JSON, jsonl, saved datasets folder, webdataset "
+                                                   "shards, or embedded:easy-vqa")
+    format: Literal["auto", "coco", "jsonl", "disk", "webdataset"] = param("auto", help="format of source")
+    image_root: Optional[str] = param(None, help="folder the image paths are relative to (COCO, jsonl)")
+    max_pairs: Optional[int] = param(None, help="train on this many pairs (a seeded subset); None: all")
+    verify_images: bool = param(True, help="open every image once at load; bad ones are counted skips")
+
+
+@dataclass
+class Stage2Config(Config):
+    vision: VisionTowerConfig = field(default_factory=VisionTowerConfig)
+    front: FrontConfig = field(default_factory=FrontConfig)
+    pformer: str = param("runs/stage1/pformer", help="stage-1 P-Former folder whose P(y) are the targets")
+    llm: str = param("smollm2-135m", help="the frozen LLM (its width sizes W; must be the P-Former's LLM)")
+    losses: RepresentationWeights = field(default_factory=RepresentationWeights)
+    align: AlignmentConfig = field(default_factory=AlignmentConfig)
+    align_stats_source: str = param("embedded:easy-vqa", help="text corpus whose P(y) give the mean/std used by "
+                                                                "the corpus_mean target and the centred variants")
+    data: PairDataConfig = field(default_factory=PairDataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    logging: LoggingConfig = field(default_factory=lambda: LoggingConfig(output_dir="runs/stage2"))
+    reliability: ReliabilityConfig = field(default_factory=ReliabilityConfig)
+    seed: int = param(0, help="seed of initialisation, data order and negative sampling")
+
+    def check(self) -> None:
+        if self.front.kind == "tome":
+            raise ConfigError("front.kind", "'tome' (SimVLG) has no representation stage; it trains with the LM "
+                                            "loss alone in the generative stage")
+
+
+def resolve_pair_source(data: PairDataConfig, split: str = "train") -> tuple[str, str]:
+    if data.source.startswith("embedded:"):
+        return str(embedded_files(data.source.split(":", 1)[1])[f"pairs_{split}"]), "jsonl"
+    return data.source, data.format
+
+
+def load_pairs(data: PairDataConfig, seed: int, reliability: ReliabilityConfig, split: str = "train"):
+    """(records [{image_path, caption, image_id}], SkipReport), a seeded subset of ``max_pairs`` for training."""
+    report = SkipReport(max_skip_fraction=reliability.max_skip_fraction, name=f"image-text pairs ({split})")
+    source, fmt = resolve_pair_source(data, split)
+    ds = load_image_text_pairs(source, fmt=fmt, image_root=data.image_root, report=report,
+                               verify_images=data.verify_images)
+    records = [{"image_path": r["image_path"], "caption": r["caption"], "image_id": str(r["image_id"])} for r in ds]
+    if data.max_pairs is not None and split == "train":
+        if data.max_pairs > len(records):
+            raise ConfigError("data.max_pairs", f"asks for {data.max_pairs} pairs but {source} has {len(records)}")
+        keep = np.random.default_rng([seed, 23]).permutation(len(records))[:data.max_pairs]
+        records = [records[i] for i in sorted(keep)]
+    return records, report
+
+
+def decoder_start_id(tokenizer) -> int:
+    """BLIP-2's [DEC] token for ITG: the tokenizer's BOS, else BERT's spare [unused0], else [CLS]."""
+    for token in (tokenizer.bos_token, "[unused0]"):
+        if token is not None and token in tokenizer.get_vocab():
+            return tokenizer.convert_tokens_to_ids(token)
+    return tokenizer.cls_token_id
+
+
+def alignment_stats(pformer_dir: str, source: str, cache_root: Path, device, dtype) -> AlignmentStats:
+    from pformer.data import load_text_corpus
+
+    texts = list(dict.fromkeys(load_text_corpus(resolve_text_source(source))["text"]))
+    cache = prompt_target_cache(pformer_dir, texts, cache_root, device=device, dtype=dtype)
+    values = cache.get(texts)  # [N, n, d]
+    return AlignmentStats(center=values.mean(0), scale=values.std(0).clamp_min(1e-6))
+
+
+def run_stage2(cfg: Stage2Config, resume: bool = False, stop_after: int | None = None) -> dict:
+    dist = training.init_distributed(cfg.deepspeed)
+    dtype = training.compute_dtype(cfg.deepspeed, dist.device)
+    run_dir = Path(cfg.logging.output_dir)
+    if dist.is_main:
+        save_config(cfg, run_dir / "config.yaml")
+    records, report = load_pairs(cfg.data, cfg.seed, cfg.reliability)
+    captions = [r["caption"] for r in records]
+    caption_index = {c: i for i, c in enumerate(dict.fromkeys(captions))}
+    if dist.is_main:
+        print(f"stage 2 ({cfg.front.kind}): {len(records)} pairs, {len(caption_index)} distinct captions; skipped "
+              f"records: {report.total}" + (f"\n{report.summary()}" if report.total else ""), flush=True)
+
+    training.seed_everything(cfg.seed)
+    tower = VisionTower.build(cfg.vision).to(dist.device)
+    cache_root = zoo.cache_root()
+    live_tower = cfg.front.kind == "elip"
+    features = None
+    if not live_tower:  # frozen tower, no augmentation: each image goes through the ViT once, ever
+        features = vision_feature_cache(tower, [r["image_path"] for r in records], cache_root, dist.device, dtype)
+
+    llm_config = zoo.load_config(cfg.llm)
+    llm_width = getattr(llm_config, "hidden_size", None) or llm_config.d_model
+    targets = stats = None
+    if cfg.align.weight:
+        if not Path(cfg.pformer).is_dir():
+            raise FileNotFoundError(f"pformer={cfg.pformer} does not exist; run stage 1 first or set align.weight=0")
+        targets = prompt_target_cache(cfg.pformer, captions, cache_root, device=dist.device, dtype=dtype)
+        n_prompts = targets.array.shape[1]
+        if n_prompts != cfg.front.num_query_tokens or targets.array.shape[2] != llm_width:
+            raise ConfigError("front.num_query_tokens", f"W·Z is [{cfg.front.num_query_tokens}, {llm_width}] but the "
+                                                        f"P-Former prompts are {list(targets.array.shape[1:])}")
+        if cfg.align.kind != "mse" or cfg.align.target == "corpus_mean":
+            stats = alignment_stats(cfg.pformer, cfg.align_stats_source, cache_root, dist.device, dtype)
+
+    tokenizer = zoo.load_tokenizer(cfg.front.init_from)
+    dec_id = decoder_start_id(tokenizer)
+    front = build_front(cfg.front, tower.hidden_size, llm_width, vision_tower=tower if live_tower else None)
+    engine = training.build_engine(front, cfg.optim, cfg.deepspeed, dist)
+
+    def make_batch(ids: list[int], step: int) -> RepresentationBatch:
+        recs = [records[i] for i in ids]
+        tok = tokenizer([r["caption"] for r in recs], padding=True, truncation=True,
+                        max_length=cfg.front.max_text_length, return_tensors="pt")
+        dec = tok.input_ids.clone()
+        dec[:, 0] = dec_id
+        batch = RepresentationBatch(
+            record_ids=[r["image_id"] for r in recs], input_ids=tok.input_ids.to(dist.device),
+            attention_mask=tok.attention_mask.to(dist.device), decoder_input_ids=dec.to(dist.device),
+            caption_ids=torch.tensor([caption_index[r["caption"]] for r in recs], device=dist.device),
+            noise_seed=training.step_seed(cfg.seed, step, 0))
+        paths = [r["image_path"] for r in recs]
+        if live_tower:
+            batch.pixel_values = tower.preprocess(paths).to(dist.device)
+        else:
+            batch.image_embeds = features.get(paths).to(dist.device)
+        if targets is not None:
+            if cfg.align.target == "corpus_mean":
+                batch.targets = stats.center.expand(len(recs), *stats.center.shape).to(dist.device)
+            else:
+                batch.targets = targets.get([r["caption"] for r in recs]).to(dist.device)
+        return batch
+
+    def loss_fn(eng, batch):
+        return representation_loss(eng, batch, cfg.losses, cfg.align, stats, training.all_gather_with_grad,
+                                   training.all_gather_nograd, dist.rank)
+
+    result = training.train(engine=engine, dist_info=dist, make_batch=make_batch, loss_fn=loss_fn,
+                            num_samples=len(records), optim=cfg.optim, logging=cfg.logging,
+                            reliability=cfg.reliability, seed=cfg.seed, dtype=dtype, resume=resume,
+                            stop_after=stop_after, record_ids=lambda b: b.record_ids)
+    summary = {"front": cfg.front.kind, "steps": result.final_step, "wall_seconds": result.wall_seconds,
+               "resumed_from": result.resumed_from, "pairs": len(records), "skipped": report.as_dict(),
+               "vision_tokens": tower.num_tokens, "last": result.history[-1] if result.history else None}
+    if result.final_step >= cfg.optim.max_steps and dist.is_main:
+        summary["front_dir"] = str(save_front(engine.module, cfg, run_dir))
+        (run_dir / "stage2_summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def save_front(front: torch.nn.Module, cfg: Stage2Config, run_dir: Path) -> Path:
+    """The trained front (the ELIP tower's frozen weights excluded) as safetensors + the config that built it."""
+    out, tmp = run_dir / "front", run_dir / ".front.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in front.state_dict().items() if not k.startswith("vision.")}
+    save_file(state, str(tmp / "model.safetensors"))
+    (tmp / "front_config.json").write_text(json.dumps({"front": to_dict(cfg.front), "vision": to_dict(cfg.vision),
+                                                       "llm": cfg.llm}, indent=2))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out

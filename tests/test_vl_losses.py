@@ -1,0 +1,84 @@
+"""Stage-2 losses and the representation objective on tiny random fronts."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vl_align.losses import alignment_loss, itc_loss, itg_loss, itm_loss, sample_hard_negatives
+
+
+def _feats(b=4, q=3, e=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (F.normalize(torch.randn(b, q, e, generator=g), dim=-1), F.normalize(torch.randn(b, e, generator=g), dim=-1))
+
+
+def test_itc_uses_the_best_query_and_matches_manual():
+    img, txt = _feats()
+    t = torch.tensor([0.1])
+    loss, s_i2t, s_t2i = itc_loss(img, txt, t, label_smoothing=0.0)
+    manual_i2t = torch.stack([torch.stack([(img[i] @ txt[j]).max() for j in range(4)]) for i in range(4)]) / t
+    assert torch.allclose(s_i2t, manual_i2t, atol=1e-6) and torch.allclose(s_t2i, manual_i2t.T, atol=1e-6)
+    ref = 0.5 * (F.cross_entropy(manual_i2t, torch.arange(4)) + F.cross_entropy(manual_i2t.T, torch.arange(4)))
+    assert torch.isclose(loss, ref, atol=1e-6)
+
+
+def test_itc_equal_captions_share_the_target():
+    img, txt = _feats()
+    positives = torch.eye(4, dtype=torch.bool)
+    positives[0, 1] = positives[1, 0] = True  # samples 0 and 1 have the same caption
+    loss, s_i2t, _ = itc_loss(img, txt, torch.tensor([0.1]), label_smoothing=0.0, positives=positives)
+    row0 = -(F.log_softmax(s_i2t[0], 0)[:2]).mean()  # half the target mass on each positive
+    assert row0 < F.cross_entropy(s_i2t[:1], torch.tensor([0])) + 1.0 and torch.isfinite(loss)
+
+
+def test_itc_two_ranks_equal_one_rank():
+    img, txt = _feats(b=6)
+    t = torch.tensor([0.07])
+    full, _, _ = itc_loss(img, txt, t)
+    halves = []
+    for rank in range(2):
+        sl = slice(3 * rank, 3 * rank + 3)
+        li, lt = img[sl], txt[sl]
+        table = {id(li): img, id(lt): txt}
+        halves.append(itc_loss(li, lt, t, lambda x: table[id(x)], rank)[0])
+    assert torch.isclose(sum(halves) / 2, full, atol=1e-6)
+
+
+def test_hard_negatives_never_pick_a_positive_and_follow_similarity():
+    sims = torch.tensor([[5.0, 4.9, -9.0, -9.0], [4.0, 5.0, -9.0, -9.0]])
+    positives = torch.tensor([[True, False, False, False], [False, True, False, False]])
+    picks = [sample_hard_negatives(sims, sims, 0, positives, torch.rand(2, 2, generator=torch.Generator().manual_seed(i)))
+             for i in range(50)]
+    neg_text = torch.stack([p[0] for p in picks])
+    assert (neg_text[:, 0] != 0).all() and (neg_text[:, 1] != 1).all()
+    assert (neg_text[:, 0] == 1).float().mean() > 0.9  # the hardest negative dominates
+    # the same uniforms give the same draw whatever the rank layout
+    u = torch.rand(2, 2)
+    assert torch.equal(sample_hard_negatives(sims, sims, 0, positives, u)[0],
+                       sample_hard_negatives(sims, sims, 0, positives, u)[0])
+
+
+def test_itm_and_itg_losses():
+    logits = torch.tensor([[0.0, 5.0], [5.0, 0.0], [5.0, 0.0]])
+    assert itm_loss(logits, num_positive=1) < 0.01
+    ids = torch.tensor([[7, 1, 2, 0]])
+    mask = torch.tensor([[1, 1, 1, 0]])
+    lm = torch.full((1, 4, 5), -10.0)
+    lm[0, 0, 1] = lm[0, 1, 2] = 10.0  # predicts the next tokens; the padded position is ignored
+    assert itg_loss(lm, ids, mask, label_smoothing=0.0) < 1e-6
+
+
+def test_alignment_variants():
+    torch.manual_seed(0)
+    center = torch.randn(2, 4)
+    target = center + 0.01 * torch.randn(3, 2, 4)
+    pred = center.expand(3, 2, 4).clone()  # predicts the shared component only
+    scale = torch.full((2, 4), 0.01)
+    assert alignment_loss(pred, target, "mse") < 1e-3  # the plain MSE barely sees the caption-specific part
+    assert alignment_loss(pred, target, "standardized_mse", center, scale) > 0.5  # the standardized one does
+    assert torch.isclose(alignment_loss(target, target, "cosine", center), torch.tensor(0.0), atol=1e-5)
+    assert alignment_loss(target, target, "contrastive", center) < alignment_loss(pred + 1e-3 * torch.randn(3, 2, 4),
+                                                                                   target, "contrastive", center)
+    with pytest.raises(ValueError, match="corpus-mean"):
+        alignment_loss(pred, target, "cosine")

@@ -1,0 +1,107 @@
+"""Stage-2 objectives: how a front's features and the losses combine into one training loss."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from pformer.config import Config, param
+
+from .losses import AlignmentKind, Gather, alignment_loss, identity, itc_loss, itg_loss, itm_loss, sample_hard_negatives
+
+
+@dataclass
+class AlignmentConfig(Config):
+    weight: float = param(10.0, ge=0.0, help="ω: weight of the alignment to P(y) (0 = the BLIP-2 baseline)")
+    kind: AlignmentKind = param("mse", help="mse (paper) | standardized_mse | cosine | contrastive")
+    target: str = param("caption", help="caption: P(y) of the sample's caption | corpus_mean: the mean P(y) of the "
+                                        "corpus for every sample (caption-free control)")
+
+    def check(self) -> None:
+        from pformer.config import ConfigError
+
+        if self.target not in ("caption", "corpus_mean"):
+            raise ConfigError("target", f"got {self.target!r}; allowed values: 'caption', 'corpus_mean'")
+
+
+@dataclass
+class RepresentationWeights(Config):
+    itc: float = param(1.0, ge=0.0, help="image-text contrastive")
+    itm: float = param(1.0, ge=0.0, help="image-text matching with hard negatives")
+    itg: float = param(1.0, ge=0.0, help="image-grounded text generation")
+    label_smoothing: float = param(0.1, ge=0.0, lt=1.0, help="label smoothing of ITC and ITG")
+
+
+@dataclass
+class RepresentationBatch:
+    record_ids: list[str]
+    input_ids: torch.Tensor  # [B, T] Q-Former tokens, [CLS] first
+    attention_mask: torch.Tensor  # [B, T]
+    decoder_input_ids: torch.Tensor  # [B, T] the same with [DEC] first (ITG)
+    caption_ids: torch.Tensor  # [B] an id per distinct caption: equal captions are positives for ITC
+    image_embeds: torch.Tensor | None = None  # [B, N, D] cached frozen features
+    pixel_values: torch.Tensor | None = None  # [B, 3, S, S] when the tower runs live (ELIP)
+    targets: torch.Tensor | None = None  # [B, n, d_llm] P(y)
+    noise_seed: int = 0  # seeds the hard-negative draws of this global batch (the same on every rank)
+
+
+@dataclass
+class AlignmentStats:
+    """Corpus statistics of P(y) that the alignment variants need: mean and per-element std [n, d]."""
+    center: torch.Tensor
+    scale: torch.Tensor
+
+
+def representation_loss(front: Callable[..., dict], batch: RepresentationBatch, weights: RepresentationWeights,
+                        align: AlignmentConfig, stats: AlignmentStats | None = None, gather: Gather = identity,
+                        gather_nograd: Gather = identity, rank: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """BLIP-2 stage-1 losses (ITC + ITM + ITG) plus ω·alignment(W·Z, P(y)). ``front`` is the module or its engine."""
+    text = front("text", input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    queries = front("queries", image_embeds=batch.image_embeds, pixel_values=batch.pixel_values,
+                    text_cls=text["text_cls"].detach())
+    image_embeds = queries["image_embeds"]
+    b = image_embeds.shape[0]
+    parts: dict[str, torch.Tensor] = {}
+    zero = queries["query_output"].new_zeros(())
+
+    # ITC over the global batch; captions that are equal count as positives
+    all_caption_ids = gather_nograd(batch.caption_ids)
+    positives = batch.caption_ids[:, None] == all_caption_ids[None, :]
+    itc, sim_i2t, sim_t2i = itc_loss(queries["image_feats"], text["text_feat"], queries["temperature"], gather, rank,
+                                     weights.label_smoothing, positives)
+    parts["itc"] = itc
+
+    if weights.itm:
+        # one draw per sample of the global batch, taken by global position: independent of the rank layout
+        draws = torch.rand(all_caption_ids.shape[0], 2, generator=torch.Generator().manual_seed(batch.noise_seed))
+        neg_text, neg_image = sample_hard_negatives(sim_i2t.detach(), sim_t2i.detach(), rank, positives,
+                                                    draws[rank * b:(rank + 1) * b].to(sim_i2t.device))
+        all_images = gather_nograd(image_embeds.detach())
+        all_ids, all_mask = gather_nograd(batch.input_ids), gather_nograd(batch.attention_mask)
+        images = torch.cat([image_embeds, all_images[neg_image], image_embeds])
+        ids = torch.cat([batch.input_ids, batch.input_ids, all_ids[neg_text]])
+        mask = torch.cat([batch.attention_mask, batch.attention_mask, all_mask[neg_text]])
+        logits = front("match", image_embeds=images, input_ids=ids, attention_mask=mask)["itm_logits"]
+        parts["itm"] = itm_loss(logits, num_positive=b)
+    else:
+        parts["itm"] = zero
+    if weights.itg:
+        lm_logits = front("caption", image_embeds=image_embeds, input_ids=batch.decoder_input_ids,
+                          attention_mask=batch.attention_mask)["lm_logits"]
+        parts["itg"] = itg_loss(lm_logits, batch.decoder_input_ids, batch.attention_mask, weights.label_smoothing)
+    else:
+        parts["itg"] = zero
+    if align.weight and batch.targets is not None:
+        parts["align"] = alignment_loss(queries["prompt_pred"], batch.targets, align.kind,
+                                        stats.center if stats else None, stats.scale if stats else None,
+                                        gather, rank)
+    else:
+        parts["align"] = zero
+    total = (weights.itc * parts["itc"] + weights.itm * parts["itm"] + weights.itg * parts["itg"]
+             + align.weight * parts["align"])
+    return total, parts
+
+
+__all__ = ["AlignmentConfig", "RepresentationWeights", "RepresentationBatch", "AlignmentStats",
+           "representation_loss"]
