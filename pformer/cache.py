@@ -3,8 +3,8 @@
 A :class:`KeyedArrayCache` is a folder holding one memory-mapped ``.npy`` array (a row per key), the keys in row
 order and a ``meta.json`` with the *producer fingerprint* (which model, which weights, which preprocessing). The
 folder's name is derived from the fingerprint, so a cache made by other weights is never found, and ``meta.json``
-is checked again on open. A key that is missing means the cache is incomplete: it is rebuilt for the union of keys,
-never partially used. Folders are written under a temporary name and renamed, so a crash leaves no half cache.
+is checked again on open. A key that is missing means the cache is incomplete: a new folder is written with the old rows
+copied and only the missing keys computed, never a partial result. Folders are written under a temporary name and renamed, so a crash leaves no half cache.
 """
 from __future__ import annotations
 
@@ -60,43 +60,56 @@ class KeyedArrayCache:
     def open_or_build(cls, root: str | Path, producer: str, producer_info: dict, keys: Sequence[str],
                       compute: Callable[[list[str]], torch.Tensor], batch_size: int = 64,
                       dtype: np.dtype = np.float32, progress: bool = False) -> "KeyedArrayCache":
-        """Open the cache of ``producer`` if it holds every key, else (re)build it for the union of keys.
+        """Open the cache of ``producer`` if it holds every key, else extend it (old rows copied, new ones computed).
 
         ``compute(keys) -> Tensor [len(keys), ...]`` produces rows; ``producer`` is the fingerprint of whatever
         determines the rows (model weights, preprocessing) and names the folder.
         """
         folder = cls.folder_for(Path(root), producer)
         wanted = list(dict.fromkeys(keys))  # unique, order kept
-        previous: list[str] = []
+        old: KeyedArrayCache | None = None
         if (folder / "meta.json").is_file():
             try:
                 cache = cls(folder)
                 if cache.meta.get("producer") == producer and cache.meta.get("version") == FORMAT_VERSION:
                     if all(k in cache.row for k in wanted):
                         return cache
-                    previous = cache.keys
+                    old = cache  # valid but incomplete: its rows are copied, only new keys are computed
             except (ValueError, OSError, json.JSONDecodeError):
-                previous = []  # unreadable: rebuilt below
-        all_keys = list(dict.fromkeys([*previous, *wanted]))
+                old = None  # unreadable: rebuilt from scratch
+        new_keys = [k for k in wanted if old is None or k not in old.row]
+        all_keys = (old.keys if old is not None else []) + new_keys
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
         try:
             rows = None
-            iterator = range(0, len(all_keys), batch_size)
+
+            def allocate(row_shape: tuple[int, ...]) -> np.ndarray:
+                return np.lib.format.open_memmap(tmp / "data.npy", mode="w+", dtype=dtype,
+                                                 shape=(len(all_keys), *row_shape))
+
+            offset = 0
+            if old is not None:
+                rows = allocate(old.array.shape[1:])
+                for start in range(0, len(old.keys), 4096):
+                    stop = min(start + 4096, len(old.keys))
+                    rows[start:stop] = old.array[start:stop]
+                offset = len(old.keys)
+            iterator = range(0, len(new_keys), batch_size)
             if progress:
                 from tqdm import tqdm
 
                 iterator = tqdm(iterator, desc=f"caching {producer_info.get('kind', 'rows')}", unit="batch")
             for start in iterator:
-                chunk = all_keys[start:start + batch_size]
+                chunk = new_keys[start:start + batch_size]
                 values = compute(chunk).detach().float().cpu().numpy().astype(dtype)
                 if rows is None:
-                    rows = np.lib.format.open_memmap(tmp / "data.npy", mode="w+", dtype=dtype,
-                                                     shape=(len(all_keys), *values.shape[1:]))
-                rows[start:start + len(chunk)] = values
+                    rows = allocate(values.shape[1:])
+                rows[offset + start:offset + start + len(chunk)] = values
             if rows is not None:
                 rows.flush()
                 del rows
+            old = None  # release the old memory map before replacing its folder
             (tmp / "keys.json").write_text(json.dumps(all_keys))
             (tmp / "meta.json").write_text(json.dumps({"producer": producer, "version": FORMAT_VERSION,
                                                        "num_keys": len(all_keys), **producer_info}, indent=2))

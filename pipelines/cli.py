@@ -1,6 +1,6 @@
 """``dvlp``: the command line of every stage.
 
-    dvlp stage1 [--config FILE] [--resume] [key.sub=value ...]
+    dvlp stage1|stage2|generate-stage [--config FILE] [--resume] [key.sub=value ...]
     dvlp demo   [--output-dir DIR] [key.sub=value ...]
     dvlp prepare
 
@@ -18,17 +18,36 @@ from pathlib import Path
 from pformer.config import ConfigError, describe, load_config
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# subcommand -> (config class, runner, help, default YAML)
+STAGES = {
+    "stage1": ("pipelines.stage1:Stage1Config", "pipelines.stage1:run_stage1",
+               "Stage 1: text-only P-Former pre-training and its evaluation", "stage1.yaml"),
+    "stage2": ("pipelines.stage2:Stage2Config", "pipelines.stage2:run_stage2",
+               "Stage 2a: representation learning (ITC+ITM+ITG + P-Former alignment), qformer or elip front",
+               "stage2.yaml"),
+    "generate-stage": ("pipelines.generative:GenerativeConfig", "pipelines.generative:run_generative",
+                       "Stage 2b: generative learning (front -> LLM prefix), then caption/VQA evaluation",
+                       "generative.yaml"),
+}
+
+
 # A YAML under configs/ belongs to the stage its file name starts with.
-CONFIG_CLASSES = {"stage1": "pipelines.stage1:Stage1Config"}
+CONFIG_CLASSES = {"stage1": STAGES["stage1"][0], "stage2": STAGES["stage2"][0],
+                  "generative": STAGES["generate-stage"][0]}
+
+
+def _load(target: str):
+    import importlib
+
+    module, name = target.split(":")
+    return getattr(importlib.import_module(module), name)
+
 
 
 def config_class_for(path: Path):
-    import importlib
-
     for prefix, target in CONFIG_CLASSES.items():
         if Path(path).stem.startswith(prefix):
-            module, name = target.split(":")
-            return getattr(importlib.import_module(module), name)
+            return _load(target)
     raise ValueError(f"{path}: no stage owns this config; file names start with one of {', '.join(CONFIG_CLASSES)}")
 
 
@@ -52,13 +71,11 @@ def _stage_parser(sub, name: str, cls, help_text: str, default_config: str | Non
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .stage1 import Stage1Config
-
     parser = argparse.ArgumentParser(prog="dvlp", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    _stage_parser(sub, "stage1", Stage1Config, "Stage 1: text-only P-Former pre-training and its evaluation",
-                  "stage1.yaml")
+    for name, (config_cls, _, help_text, default_yaml) in STAGES.items():
+        _stage_parser(sub, name, _load(config_cls), help_text, default_yaml)
     demo = sub.add_parser("demo", help="the whole pipeline on the embedded default (what exists of it)",
                           description="Runs, on the embedded easy-VQA default: stage 1 (P-Former) and its held-out "
                                       "reconstruction evaluation against an untrained P-Former.")
@@ -71,12 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "stage1":
-            from .stage1 import Stage1Config, run_stage1
-
-            cfg = load_config(Stage1Config, args.config, args.overrides)
-            summary = run_stage1(cfg, resume=args.resume, stop_after=args.stop_after)
-            print(json.dumps({k: v for k, v in summary.items() if k != "eval"}, indent=2))
+        if args.command in STAGES:
+            config_cls, runner, _, _ = STAGES[args.command]
+            cfg = load_config(_load(config_cls), args.config, args.overrides)
+            summary = _load(runner)(cfg, resume=args.resume, stop_after=args.stop_after)
+            print(json.dumps(summary, indent=2, default=str))
         elif args.command == "demo":
             from .demo import run_demo
 

@@ -105,27 +105,45 @@ def alignment_stats(pformer_dir: str, source: str, cache_root: Path, device, dty
     return AlignmentStats(center=values.mean(0), scale=values.std(0).clamp_min(1e-6))
 
 
-def run_stage2(cfg: Stage2Config, resume: bool = False, stop_after: int | None = None) -> dict:
-    dist = training.init_distributed(cfg.deepspeed)
-    dtype = training.compute_dtype(cfg.deepspeed, dist.device)
-    run_dir = Path(cfg.logging.output_dir)
-    if dist.is_main:
-        save_config(cfg, run_dir / "config.yaml")
+@dataclass
+class VisionTextSetup:
+    """What stages 2a and 2b share: the pairs, the frozen tower (or its feature cache) and the P(y) targets."""
+    records: list[dict]
+    report: SkipReport
+    caption_index: dict[str, int]
+    tower: VisionTower
+    features: object | None  # VisionFeatureStore when the tower is frozen and cached
+    targets: object | None  # KeyedArrayCache of P(y) when aligning
+    stats: AlignmentStats | None
+    llm_width: int
+
+    def image_inputs(self, recs: list[dict], device) -> dict[str, torch.Tensor]:
+        paths = [r["image_path"] for r in recs]
+        if self.features is not None:
+            return {"image_embeds": self.features.get(paths).to(device)}
+        return {"pixel_values": self.tower.preprocess(paths).to(device)}
+
+    def target_prompts(self, recs: list[dict], align: AlignmentConfig, device) -> torch.Tensor | None:
+        if self.targets is None:
+            return None
+        if align.target == "corpus_mean":
+            return self.stats.center.expand(len(recs), *self.stats.center.shape).to(device)
+        return self.targets.get([r["caption"] for r in recs]).to(device)
+
+
+def prepare_vision_text(cfg, dist, dtype, live_tower: bool, num_prompt_slots: int | None) -> VisionTextSetup:
+    """``cfg`` is a Stage2Config or GenerativeConfig (same vision/data/align/pformer/llm keys)."""
     records, report = load_pairs(cfg.data, cfg.seed, cfg.reliability)
     captions = [r["caption"] for r in records]
     caption_index = {c: i for i, c in enumerate(dict.fromkeys(captions))}
     if dist.is_main:
-        print(f"stage 2 ({cfg.front.kind}): {len(records)} pairs, {len(caption_index)} distinct captions; skipped "
-              f"records: {report.total}" + (f"\n{report.summary()}" if report.total else ""), flush=True)
-
-    training.seed_everything(cfg.seed)
+        print(f"{len(records)} image-text pairs, {len(caption_index)} distinct captions; skipped records: "
+              f"{report.total}" + (f"\n{report.summary()}" if report.total else ""), flush=True)
     tower = VisionTower.build(cfg.vision).to(dist.device)
     cache_root = zoo.cache_root()
-    live_tower = cfg.front.kind == "elip"
     features = None
-    if not live_tower:  # frozen tower, no augmentation: each image goes through the ViT once, ever
+    if not live_tower and cfg.vision.cache_features:  # frozen tower, no augmentation: one ViT pass per image, ever
         features = vision_feature_cache(tower, [r["image_path"] for r in records], cache_root, dist.device, dtype)
-
     llm_config = zoo.load_config(cfg.llm)
     llm_width = getattr(llm_config, "hidden_size", None) or llm_config.d_model
     targets = stats = None
@@ -133,16 +151,29 @@ def run_stage2(cfg: Stage2Config, resume: bool = False, stop_after: int | None =
         if not Path(cfg.pformer).is_dir():
             raise FileNotFoundError(f"pformer={cfg.pformer} does not exist; run stage 1 first or set align.weight=0")
         targets = prompt_target_cache(cfg.pformer, captions, cache_root, device=dist.device, dtype=dtype)
-        n_prompts = targets.array.shape[1]
-        if n_prompts != cfg.front.num_query_tokens or targets.array.shape[2] != llm_width:
-            raise ConfigError("front.num_query_tokens", f"W·Z is [{cfg.front.num_query_tokens}, {llm_width}] but the "
-                                                        f"P-Former prompts are {list(targets.array.shape[1:])}")
+        shape = list(targets.array.shape[1:])
+        if shape[1] != llm_width or (num_prompt_slots is not None and shape[0] != num_prompt_slots):
+            raise ConfigError("front.num_query_tokens", f"W·Z is [{num_prompt_slots}, {llm_width}] but the P-Former "
+                                                        f"prompts are {shape}")
         if cfg.align.kind != "mse" or cfg.align.target == "corpus_mean":
             stats = alignment_stats(cfg.pformer, cfg.align_stats_source, cache_root, dist.device, dtype)
+    return VisionTextSetup(records, report, caption_index, tower, features, targets, stats, llm_width)
+
+
+def run_stage2(cfg: Stage2Config, resume: bool = False, stop_after: int | None = None) -> dict:
+    dist = training.init_distributed(cfg.deepspeed)
+    dtype = training.compute_dtype(cfg.deepspeed, dist.device)
+    run_dir = Path(cfg.logging.output_dir)
+    if dist.is_main:
+        save_config(cfg, run_dir / "config.yaml")
+    training.seed_everything(cfg.seed)
+    live_tower = cfg.front.kind == "elip" or not cfg.vision.cache_features
+    setup = prepare_vision_text(cfg, dist, dtype, live_tower, cfg.front.num_query_tokens)
+    records, tower, stats = setup.records, setup.tower, setup.stats
 
     tokenizer = zoo.load_tokenizer(cfg.front.init_from)
     dec_id = decoder_start_id(tokenizer)
-    front = build_front(cfg.front, tower.hidden_size, llm_width, vision_tower=tower if live_tower else None)
+    front = build_front(cfg.front, tower.hidden_size, setup.llm_width, vision_tower=tower if live_tower else None)
     engine = training.build_engine(front, cfg.optim, cfg.deepspeed, dist)
 
     def make_batch(ids: list[int], step: int) -> RepresentationBatch:
@@ -154,18 +185,9 @@ def run_stage2(cfg: Stage2Config, resume: bool = False, stop_after: int | None =
         batch = RepresentationBatch(
             record_ids=[r["image_id"] for r in recs], input_ids=tok.input_ids.to(dist.device),
             attention_mask=tok.attention_mask.to(dist.device), decoder_input_ids=dec.to(dist.device),
-            caption_ids=torch.tensor([caption_index[r["caption"]] for r in recs], device=dist.device),
-            noise_seed=training.step_seed(cfg.seed, step, 0))
-        paths = [r["image_path"] for r in recs]
-        if live_tower:
-            batch.pixel_values = tower.preprocess(paths).to(dist.device)
-        else:
-            batch.image_embeds = features.get(paths).to(dist.device)
-        if targets is not None:
-            if cfg.align.target == "corpus_mean":
-                batch.targets = stats.center.expand(len(recs), *stats.center.shape).to(dist.device)
-            else:
-                batch.targets = targets.get([r["caption"] for r in recs]).to(dist.device)
+            caption_ids=torch.tensor([setup.caption_index[r["caption"]] for r in recs], device=dist.device),
+            noise_seed=training.step_seed(cfg.seed, step, 0), targets=setup.target_prompts(recs, cfg.align, dist.device),
+            **setup.image_inputs(recs, dist.device))
         return batch
 
     def loss_fn(eng, batch):
@@ -177,7 +199,7 @@ def run_stage2(cfg: Stage2Config, resume: bool = False, stop_after: int | None =
                             reliability=cfg.reliability, seed=cfg.seed, dtype=dtype, resume=resume,
                             stop_after=stop_after, record_ids=lambda b: b.record_ids)
     summary = {"front": cfg.front.kind, "steps": result.final_step, "wall_seconds": result.wall_seconds,
-               "resumed_from": result.resumed_from, "pairs": len(records), "skipped": report.as_dict(),
+               "resumed_from": result.resumed_from, "pairs": len(records), "skipped": setup.report.as_dict(),
                "vision_tokens": tower.num_tokens, "last": result.history[-1] if result.history else None}
     if result.final_step >= cfg.optim.max_steps and dist.is_main:
         summary["front_dir"] = str(save_front(engine.module, cfg, run_dir))

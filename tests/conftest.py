@@ -79,3 +79,30 @@ def small_corpus(tmp_path):
     path = tmp_path / "corpus.txt"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_vit_dir(tmp_path_factory):
+    """A 12-layer (ELIP's pruning points need 12) DINOv2 of width 32 with 4-px patches, 16-px images."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    torch.manual_seed(0)
+    cfg = Dinov2Config(hidden_size=32, num_hidden_layers=12, num_attention_heads=4, intermediate_size=64,
+                       patch_size=4, image_size=16)
+    cfg.image_mean, cfg.image_std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    out = tmp_path_factory.mktemp("tiny_dinov2")
+    Dinov2Model(cfg).save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def tiny_pformer_dir(tmp_path_factory, tiny_bert_dir, tiny_llm_dir):
+    """An (untrained) P-Former with 4 prompts for the tiny LLM: stands in for a stage-1 output."""
+    from pformer import zoo
+    from pformer.model import PFormer, PFormerConfig
+
+    torch.manual_seed(0)
+    model = PFormer.build(PFormerConfig(text_encoder=tiny_bert_dir, llm=tiny_llm_dir, num_prompts=4))
+    out = tmp_path_factory.mktemp("tiny_pformer") / "pformer"
+    model.save_pretrained(out, tokenizer=zoo.load_tokenizer(tiny_bert_dir))
+    return str(out)

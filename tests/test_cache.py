@@ -27,7 +27,8 @@ def test_keyed_cache_builds_once_and_extends(tmp_path):
     KeyedArrayCache.open_or_build(tmp_path, "prodA", {}, ["c"], _counting(calls))
     assert len(calls) == 2  # everything present: nothing recomputed
     cache = KeyedArrayCache.open_or_build(tmp_path, "prodA", {}, ["zzz"], _counting(calls))
-    assert calls[-1] == ["ab", "c", "zzz"] and len(cache) == 3  # a missing key rebuilds the union
+    assert calls[-1] == ["zzz"] and len(cache) == 3  # a missing key: old rows copied, only the new one computed
+    assert torch.equal(cache.get(["ab", "zzz"]), torch.tensor([[2.0, 97.0], [3.0, 122.0]]))
     with pytest.raises(KeyError, match="no cached row for 'q'"):
         cache.get(["q"])
 

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from pformer import zoo
 from pformer.config import Config, ConfigError, param
 
+from .connector import TomeConnectorConfig
 from .qformer import QFormer, QFormerConfig
 
 
@@ -43,6 +44,7 @@ class FrontConfig(Config):
     temperature_init: float = param(0.07, gt=0.0, help="initial ITC temperature (learnable)")
     max_text_length: int = param(32, ge=4, help="token limit of the Q-Former's text input")
     elip: ElipFrontConfig = field(default_factory=ElipFrontConfig)
+    tome: TomeConnectorConfig = field(default_factory=TomeConnectorConfig)
 
 
 class QFormerFront(nn.Module):
@@ -77,7 +79,9 @@ class QFormerFront(nn.Module):
     def _image(self, image_embeds=None, pixel_values=None, text_cls=None):
         if self.vision is None:
             return image_embeds
-        return self.vision(pixel_values, text_cls=text_cls)[0]
+        if self.config.kind == "elip":
+            return self.vision(pixel_values, text_cls=text_cls)[0]  # (tokens, pruning stats)
+        return self.vision(pixel_values)
 
     def forward(self, mode: str, image_embeds: torch.Tensor | None = None, image_atts: torch.Tensor | None = None,
                 input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
@@ -103,8 +107,9 @@ class QFormerFront(nn.Module):
 
 
 def build_front(config: FrontConfig, vision_width: int, llm_hidden_size: int, vision_tower=None) -> nn.Module:
+    """``vision_tower`` is given when the tower must run inside the front (ELIP, or features not cached)."""
     if config.kind == "qformer":
-        return QFormerFront(config, vision_width, llm_hidden_size)
+        return QFormerFront(config, vision_width, llm_hidden_size, vision=vision_tower)
     if config.kind == "elip":
         from .elip import ElipConfig, ElipVisionTower
 
@@ -116,7 +121,11 @@ def build_front(config: FrontConfig, vision_width: int, llm_hidden_size: int, vi
                                                               keep_ratios=tuple(e.keep_ratios),
                                                               text_weight=e.text_weight))
         elip.requires_grad_(False)  # the tower stays frozen; only pruning changes
-        return QFormerFront(config, vision_width, llm_hidden_size, vision=elip)
+        front = QFormerFront(config, vision_width, llm_hidden_size, vision=elip)
+        if front.qformer.hidden_size != vision_width:
+            raise ConfigError("front.kind", f"ELIP mixes the Q-Former's text [CLS] (width {front.qformer.hidden_size})"
+                                            f" into the image [CLS] (width {vision_width}); the widths must match")
+        return front
     raise ConfigError("front.kind", f"'{config.kind}' has no representation stage (SimVLG trains the connector with "
                                     "the LM loss only: use the generative stage)")
 

@@ -1,0 +1,126 @@
+"""Stage 2b: generative learning. The front's projected output prefixes the frozen LLM; LM loss on the caption plus
+ω₂·align(W·Z, P(y)). Starts from a representation-stage front when one is given (``init_front``). Ends with the
+caption and zero-shot VQA evaluation on held-out images (``eval.*``).
+
+Outputs in ``logging.output_dir``: ``config.yaml``, ``checkpoints/``, ``metrics.jsonl``, ``tensorboard/``,
+``front/``, ``generative_summary.json`` and the evaluation files of :mod:`pipelines.evaluate`.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors.torch import load_file
+
+from pformer import zoo
+from pformer.config import Config, ConfigError, param, save_config
+from pformer.llm import FrozenLLM
+from vl_align.fronts import FrontConfig, build_front
+from vl_align.generative import GenerativeBatch, GenerativeWeights, TomeFront, generative_loss
+from vl_align.objectives import AlignmentConfig
+from vl_align.vision import VisionTowerConfig
+
+from . import training
+from .config import DeepSpeedConfig, LoggingConfig, OptimConfig, ReliabilityConfig
+from .evaluate import EvalConfig, evaluate_generative
+from .stage2 import PairDataConfig, prepare_vision_text, save_front
+
+
+@dataclass
+class GenerativeConfig(Config):
+    vision: VisionTowerConfig = field(default_factory=VisionTowerConfig)
+    front: FrontConfig = field(default_factory=FrontConfig)
+    init_front: Optional[str] = param(None, help="front/ folder of a representation-stage run to start from")
+    pformer: str = param("runs/stage1/pformer", help="stage-1 P-Former folder whose P(y) are the targets")
+    llm: str = param("smollm2-135m", help="the frozen LLM the prefix is for (the P-Former's LLM)")
+    weights: GenerativeWeights = field(default_factory=GenerativeWeights)
+    align: AlignmentConfig = field(default_factory=lambda: AlignmentConfig(weight=100.0))
+    align_stats_source: str = param("embedded:easy-vqa", help="text corpus for the corpus-mean/std statistics")
+    data: PairDataConfig = field(default_factory=PairDataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    logging: LoggingConfig = field(default_factory=lambda: LoggingConfig(output_dir="runs/generative"))
+    reliability: ReliabilityConfig = field(default_factory=ReliabilityConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    seed: int = param(0, help="seed of initialisation and data order")
+
+    def check(self) -> None:
+        if self.weights.lm == 0 and self.align.weight == 0:
+            raise ConfigError("weights.lm", "and align.weight are both 0: nothing to train")
+        if self.front.kind == "tome" and self.init_front:
+            raise ConfigError("init_front", "the tome front has no representation stage to start from")
+
+
+def build_generative_front(cfg: GenerativeConfig, tower, llm_width: int, live_tower: bool):
+    if cfg.front.kind == "tome":
+        from vl_align.connector import TomeConnector
+
+        connector = TomeConnector.build(cfg.front.tome, tower.hidden_size)
+        return TomeFront(connector, connector.hidden_size, llm_width)
+    front = build_front(cfg.front, tower.hidden_size, llm_width, vision_tower=tower if live_tower else None)
+    if cfg.init_front:
+        state = load_file(str(Path(cfg.init_front) / "model.safetensors"))
+        missing, unexpected = front.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith("vision.")]
+        if missing or unexpected:
+            raise ConfigError("init_front", f"{cfg.init_front} does not fit this front: missing {missing[:5]}, "
+                                            f"unexpected {unexpected[:5]}")
+    return front
+
+
+def run_generative(cfg: GenerativeConfig, resume: bool = False, stop_after: int | None = None) -> dict:
+    dist = training.init_distributed(cfg.deepspeed)
+    dtype = training.compute_dtype(cfg.deepspeed, dist.device)
+    run_dir = Path(cfg.logging.output_dir)
+    if dist.is_main:
+        save_config(cfg, run_dir / "config.yaml")
+    training.seed_everything(cfg.seed)
+    live_tower = cfg.front.kind == "elip" or not cfg.vision.cache_features
+    slots = cfg.front.num_query_tokens if cfg.front.kind != "tome" else None
+    setup = prepare_vision_text(cfg, dist, dtype, live_tower, slots)
+    llm = FrozenLLM.load(cfg.llm, dtype=dtype).to(dist.device)
+    front = build_generative_front(cfg, setup.tower, setup.llm_width, live_tower)
+    engine = training.build_engine(front, cfg.optim, cfg.deepspeed, dist)
+    qformer_tok = zoo.load_tokenizer(cfg.front.init_from) if cfg.front.kind == "elip" else None
+    prompt = cfg.weights.train_prompt
+
+    def make_batch(ids: list[int], step: int) -> GenerativeBatch:
+        recs = [setup.records[i] for i in ids]
+        caps = [r["caption"] for r in recs]
+        target_ids, target_mask = llm.tokenize_targets(caps, cfg.front.max_text_length, dist.device)
+        batch = GenerativeBatch(record_ids=[r["image_id"] for r in recs], target_ids=target_ids,
+                                target_mask=target_mask, targets=setup.target_prompts(recs, cfg.align, dist.device),
+                                **setup.image_inputs(recs, dist.device))
+        if qformer_tok is not None:
+            tok = qformer_tok(caps, padding=True, truncation=True, max_length=cfg.front.max_text_length,
+                              return_tensors="pt")
+            batch.qformer_ids, batch.qformer_mask = tok.input_ids.to(dist.device), tok.attention_mask.to(dist.device)
+        if prompt:
+            p = llm.tokenizer([prompt] * len(recs), add_special_tokens=False, return_tensors="pt")
+            batch.prompt_ids, batch.prompt_mask = p.input_ids.to(dist.device), p.attention_mask.to(dist.device)
+        return batch
+
+    def loss_fn(eng, batch):
+        return generative_loss(eng, llm, batch, cfg.weights, cfg.align, setup.stats, training.all_gather_with_grad,
+                               dist.rank)
+
+    result = training.train(engine=engine, dist_info=dist, make_batch=make_batch, loss_fn=loss_fn,
+                            num_samples=len(setup.records), optim=cfg.optim, logging=cfg.logging,
+                            reliability=cfg.reliability, seed=cfg.seed, dtype=dtype, resume=resume,
+                            stop_after=stop_after, record_ids=lambda b: b.record_ids)
+    summary = {"front": cfg.front.kind, "steps": result.final_step, "wall_seconds": result.wall_seconds,
+               "resumed_from": result.resumed_from, "pairs": len(setup.records), "skipped": setup.report.as_dict(),
+               "vision_tokens": setup.tower.num_tokens, "last": result.history[-1] if result.history else None}
+    if result.final_step < cfg.optim.max_steps or not dist.is_main:
+        return summary
+    summary["front_dir"] = str(save_front(engine.module, cfg, run_dir))
+    if cfg.eval.enabled:
+        engine.module.eval()
+        with torch.no_grad(), training.autocast(dist.device, dtype):
+            summary["eval"] = evaluate_generative(engine.module, llm, setup.tower, cfg.eval, cfg.data, run_dir,
+                                                  dist.device, dtype)
+    (run_dir / "generative_summary.json").write_text(json.dumps(summary, indent=2))
+    return summary

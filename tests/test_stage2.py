@@ -1,0 +1,70 @@
+"""Stages 2a and 2b end to end on tiny random models and real easy-VQA images (one process, gloo on CPU)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pformer.config import ConfigError, load_config
+from pipelines.generative import GenerativeConfig, run_generative
+from pipelines.stage2 import Stage2Config, run_stage2
+
+
+def _common(tmp_path, out, vit, bert, llm, pformer):
+    return [f"vision.model={vit}", "vision.image_size=16", f"front.init_from={bert}", "front.num_query_tokens=4",
+            f"pformer={pformer}", f"llm={llm}", "data.max_pairs=16", "optim.max_steps=3", "optim.warmup_steps=1",
+            "optim.micro_batch_size=4", f"logging.output_dir={tmp_path / out}", "logging.log_every=1",
+            "logging.save_every=2", "logging.tensorboard=false", "logging.progress_bar=false",
+            "deepspeed.precision=fp32"]
+
+
+def _rows(path):
+    return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("kind", ["qformer", "elip"])
+def test_representation_stage_runs_each_front(tmp_path, kind, tiny_vit_dir, tiny_bert_dir, tiny_llm_dir,
+                                              tiny_pformer_dir):
+    cfg = load_config(Stage2Config, None, _common(tmp_path, kind, tiny_vit_dir, tiny_bert_dir, tiny_llm_dir,
+                                                  tiny_pformer_dir) + [f"front.kind={kind}"])
+    summary = run_stage2(cfg)
+    assert summary["steps"] == 3 and (tmp_path / kind / "front" / "model.safetensors").is_file()
+    rows = _rows(tmp_path / kind)
+    assert all(r["itc"] > 0 and r["itm"] > 0 and r["itg"] > 0 and r["align"] > 0 for r in rows)
+
+
+def test_baseline_has_no_alignment_term(tmp_path, tiny_vit_dir, tiny_bert_dir, tiny_llm_dir):
+    cfg = load_config(Stage2Config, None, _common(tmp_path, "base", tiny_vit_dir, tiny_bert_dir, tiny_llm_dir,
+                                                  "/does/not/matter") + ["align.weight=0"])
+    run_stage2(cfg)
+    assert all(r["align"] == 0 for r in _rows(tmp_path / "base"))
+
+
+def test_prompt_count_mismatch_is_a_clear_error(tmp_path, tiny_vit_dir, tiny_bert_dir, tiny_llm_dir, tiny_pformer_dir):
+    cfg = load_config(Stage2Config, None, _common(tmp_path, "x", tiny_vit_dir, tiny_bert_dir, tiny_llm_dir,
+                                                  tiny_pformer_dir) + ["front.num_query_tokens=5"])
+    with pytest.raises(ConfigError, match="num_query_tokens"):
+        run_stage2(cfg)
+
+
+def test_tome_has_no_representation_stage():
+    with pytest.raises(ConfigError, match="front.kind.*no representation stage"):
+        load_config(Stage2Config, None, ["front.kind=tome"])
+
+
+@pytest.mark.parametrize("kind", ["qformer", "tome"])
+def test_generative_stage_trains_and_evaluates(tmp_path, kind, tiny_vit_dir, tiny_bert_dir, tiny_llm_dir,
+                                               tiny_pformer_dir):
+    extra = [f"front.kind={kind}", "eval.max_images=6", "eval.max_questions=6", "eval.max_new_tokens=3",
+             "eval.meteor=false"]
+    if kind == "tome":
+        extra += [f"front.tome.init_from={tiny_bert_dir}", "front.tome.r=4", "align.weight=0"]
+    cfg = load_config(GenerativeConfig, None, _common(tmp_path, kind, tiny_vit_dir, tiny_bert_dir, tiny_llm_dir,
+                                                      tiny_pformer_dir) + extra)
+    summary = run_generative(cfg)
+    assert summary["steps"] == 3
+    scores = json.loads((tmp_path / kind / "eval.json").read_text())
+    assert scores["captioning"]["num_images"] == 6 and "CIDEr" in scores["captioning"]
+    assert scores["vqa"]["num_questions"] == 6 and 0.0 <= scores["vqa"]["accuracy"] <= 1.0
+    preds = json.loads((tmp_path / kind / "predictions.json").read_text())
+    assert len(preds["captions"]) == 6 and len(preds["vqa"]) == 6
