@@ -134,7 +134,7 @@ def tome_bert_block(
     class_token: bool = True,
     size_weighted: bool = True,
     proportional_attention: bool = False,
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor | None]:
     """One BERT layer with a ToMe merge between the attention and the MLP, built from the layer's submodules.
 
     Args:
