@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from pformer import zoo
-from pformer.config import Config, ConfigError, param, save_config
+from pformer.config import Config, ConfigError, param
 from pformer.llm import FrozenLLM
 from vl_align.fronts import FrontConfig, build_front
 from vl_align.generative import GenerativeBatch, GenerativeWeights, TomeFront, generative_loss
@@ -72,11 +72,7 @@ def build_generative_front(cfg: GenerativeConfig, tower, llm_width: int, live_to
 
 
 def run_generative(cfg: GenerativeConfig, resume: bool = False, stop_after: int | None = None) -> dict:
-    dist = training.init_distributed(cfg.deepspeed)
-    dtype = training.compute_dtype(cfg.deepspeed, dist.device)
-    run_dir = Path(cfg.logging.output_dir)
-    if dist.is_main:
-        save_config(cfg, run_dir / "config.yaml")
+    dist, dtype, run_dir = training.start_run(cfg)
     training.seed_everything(cfg.seed)
     live_tower = cfg.front.kind == "elip" or not cfg.vision.cache_features
     slots = cfg.front.num_query_tokens if cfg.front.kind != "tome" else None

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pformer.config import Config, param, save_config
+from pformer.config import Config, param
 from pformer.data import load_text_corpus
 from pformer.evaluation import evaluate_reconstruction
 from pformer.llm import FrozenLLM
@@ -61,11 +61,7 @@ def split_holdout(texts: list[str], holdout: int, seed: int) -> tuple[list[str],
 
 
 def run_stage1(cfg: Stage1Config, resume: bool = False, stop_after: int | None = None) -> dict:
-    dist = training.init_distributed(cfg.deepspeed)
-    dtype = training.compute_dtype(cfg.deepspeed, dist.device)
-    run_dir = Path(cfg.logging.output_dir)
-    if dist.is_main:
-        save_config(cfg, run_dir / "config.yaml")
+    dist, dtype, run_dir = training.start_run(cfg)
 
     report = SkipReport(max_skip_fraction=cfg.reliability.max_skip_fraction, name="stage-1 corpus")
     corpus = load_text_corpus(resolve_text_source(cfg.data.source), fmt=cfg.data.format,

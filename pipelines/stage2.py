@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 
 from pformer import zoo
 from pformer.cache import prompt_target_cache
-from pformer.config import Config, ConfigError, param, save_config, to_dict
+from pformer.config import Config, ConfigError, param, to_dict
 from pformer.records import SkipReport
 from vl_align.data import load_image_text_pairs
 from vl_align.fronts import FrontConfig, build_front
@@ -161,11 +161,7 @@ def prepare_vision_text(cfg, dist, dtype, live_tower: bool, num_prompt_slots: in
 
 
 def run_stage2(cfg: Stage2Config, resume: bool = False, stop_after: int | None = None) -> dict:
-    dist = training.init_distributed(cfg.deepspeed)
-    dtype = training.compute_dtype(cfg.deepspeed, dist.device)
-    run_dir = Path(cfg.logging.output_dir)
-    if dist.is_main:
-        save_config(cfg, run_dir / "config.yaml")
+    dist, dtype, run_dir = training.start_run(cfg)
     training.seed_everything(cfg.seed)
     live_tower = cfg.front.kind == "elip" or not cfg.vision.cache_features
     setup = prepare_vision_text(cfg, dist, dtype, live_tower, cfg.front.num_query_tokens)

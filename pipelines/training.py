@@ -88,6 +88,18 @@ def cpu_prefers_bf16(size: int = 768, repeats: int = 5) -> bool:
     return timings[torch.bfloat16] < 0.8 * timings[torch.float32]
 
 
+def start_run(cfg) -> tuple[DistInfo, torch.dtype, Path]:
+    """Process group, compute dtype and run folder of a stage config; the resolved config is saved beside it."""
+    from pformer.config import save_config
+
+    dist_info = init_distributed(cfg.deepspeed)
+    dtype = compute_dtype(cfg.deepspeed, dist_info.device)
+    run_dir = Path(cfg.logging.output_dir)
+    if dist_info.is_main:
+        save_config(cfg, run_dir / "config.yaml")
+    return dist_info, dtype, run_dir
+
+
 def compute_dtype(ds: DeepSpeedConfig, device: torch.device) -> torch.dtype:
     """auto: bf16 on GPUs that have it (else fp16); on CPU bf16 only where a probe shows it is faster."""
     if ds.precision == "fp32":
@@ -138,6 +150,16 @@ def all_ranks_true(flag: bool, device: torch.device) -> bool:
     t = torch.tensor([0 if flag else 1], device=device)
     dist.all_reduce(t)
     return int(t.item()) == 0
+
+
+def mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    import torch.distributed as dist
+
+    if not values or not dist.is_initialized() or dist.get_world_size() == 1:
+        return values
+    t = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return {k: float(v) / dist.get_world_size() for k, v in zip(values, t.tolist())}
 
 
 def barrier() -> None:
@@ -368,6 +390,7 @@ def train(*, engine, dist_info: DistInfo, make_batch: Callable[[list[int], int],
             engine.step()
             for k, v in {"loss": loss, **parts}.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach()) / optim.grad_accum_steps
+        sums = mean_over_ranks(sums, dist_info.device)  # log the global batch's loss, not rank 0's share
         step += 1
         window_samples += order.global_batch
         if dist_info.is_main and (step % logging.log_every == 0 or step == last):
