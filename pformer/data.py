@@ -15,13 +15,12 @@ The loader aborts with ``TooManySkippedRecords`` when the skipped fraction excee
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import datasets
 
-from pformer.records import SkipReport, iter_decoded_lines
+from pformer.records import SkipReport, iter_decoded_lines, iter_json_objects
 
 __all__ = ["load_text_corpus", "detect_text_format", "TEXT_FORMATS"]
 
@@ -65,21 +64,9 @@ def _read_txt(path: Path, rep: SkipReport, max_records: int | None) -> list[str]
 
 def _read_jsonl(path: Path, rep: SkipReport, field: str, max_records: int | None) -> list[str]:
     texts: list[str] = []
-    for lineno, line in iter_decoded_lines(path, rep):
+    for where, rec in iter_json_objects(path, rep):
         if max_records is not None and len(texts) >= max_records:
             break
-        where = f"{path}:{lineno}"
-        if not line.strip():
-            rep.skip("empty_line", where)
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            rep.skip("invalid_json", where)
-            continue
-        if not isinstance(rec, dict):
-            rep.skip("not_a_json_object", where)
-            continue
         if field not in rec:
             rep.skip(f"missing_field:{field}", where)
             continue

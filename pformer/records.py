@@ -17,7 +17,7 @@ from collections import Counter
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SkipReport", "TooManySkippedRecords", "iter_decoded_lines"]
+__all__ = ["SkipReport", "TooManySkippedRecords", "iter_decoded_lines", "iter_json_objects"]
 
 
 class TooManySkippedRecords(ValueError):
@@ -135,3 +135,24 @@ def iter_decoded_lines(path, report: SkipReport, where_prefix: str | None = None
                 report.skip("invalid_utf8", f"{prefix}:{lineno} (byte {e.start})")
                 continue
             yield lineno, text
+
+
+def iter_json_objects(path, report: SkipReport):
+    """Yield ``(where, record)`` for each jsonl line holding a JSON object; blank lines, lines that are not JSON
+    and JSON values that are not objects are counted skips (``where`` is ``file:line``)."""
+    import json
+
+    for lineno, line in iter_decoded_lines(path, report):
+        where = f"{path}:{lineno}"
+        if not line.strip():
+            report.skip("empty_line", where)
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            report.skip("invalid_json", where)
+            continue
+        if not isinstance(rec, dict):
+            report.skip("not_a_json_object", where)
+            continue
+        yield where, rec

@@ -52,7 +52,7 @@ import torch
 from datasets.distributed import split_dataset_by_node
 from PIL import Image, UnidentifiedImageError
 
-from pformer.records import SkipReport, iter_decoded_lines
+from pformer.records import SkipReport, iter_json_objects
 
 __all__ = [
     "load_image_text_pairs",
@@ -359,21 +359,9 @@ def _load_coco(path: Path, image_root, caption_field, max_records, rep, verify) 
 def _load_jsonl(path: Path, image_root, caption_field, image_field, max_records, rep, verify, extra_fields):
     root = os.fspath(image_root) if image_root is not None else str(path.parent)
     rows: dict[str, list] = {"image_path": [], "caption": [], "image_id": [], **{f: [] for f in extra_fields}}
-    for lineno, line in iter_decoded_lines(path, rep):
+    for where, rec in iter_json_objects(path, rep):
         if max_records is not None and len(rows["caption"]) >= max_records:
             break
-        where = f"{path}:{lineno}"
-        if not line.strip():
-            rep.skip("empty_line", where)
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            rep.skip("invalid_json", where)
-            continue
-        if not isinstance(rec, dict):
-            rep.skip("not_a_json_object", where)
-            continue
         ikey = image_field if image_field in rec else ("image_path" if "image_path" in rec else None)
         if ikey is None:
             rep.skip(f"missing_field:{image_field}", where)
