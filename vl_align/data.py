@@ -356,6 +356,19 @@ def _load_coco(path: Path, image_root, caption_field, max_records, rep, verify) 
     return _rows_to_dataset(rows, ())
 
 
+def _checked_image_path(rel, root, verify, rep: SkipReport, where: str) -> str | None:
+    """The resolved path of a record's image, or None after counting why it is unusable."""
+    if not isinstance(rel, str) or not rel.strip():
+        rep.skip("missing_image", where)
+        return None
+    img = _resolve(rel, root)
+    why = verify(img)
+    if why:
+        rep.skip(why, f"{where} ({img})")
+        return None
+    return img
+
+
 def _load_jsonl(path: Path, image_root, caption_field, image_field, max_records, rep, verify, extra_fields):
     root = os.fspath(image_root) if image_root is not None else str(path.parent)
     rows: dict[str, list] = {"image_path": [], "caption": [], "image_id": [], **{f: [] for f in extra_fields}}
@@ -374,13 +387,8 @@ def _load_jsonl(path: Path, image_root, caption_field, image_field, max_records,
             rep.skip(why, where)
             continue
         rel = rec[ikey]
-        if not isinstance(rel, str) or not rel.strip():
-            rep.skip("missing_image", where)
-            continue
-        img = _resolve(rel, root)
-        why = verify(img)
-        if why:
-            rep.skip(why, f"{where} ({img})")
+        img = _checked_image_path(rel, root, verify, rep, where)
+        if img is None:
             continue
         iid = rec.get("image_id", rec.get("id", rel))
         rows["image_path"].append(img)
@@ -446,13 +454,8 @@ def _load_disk(path: Path, image_root, caption_field, image_field, max_records, 
                         rep.skip(why, where)
                         continue
             else:
-                if not isinstance(img, str) or not img.strip():
-                    rep.skip("missing_image", where)
-                    continue
-                img = _resolve(img, root)
-                why = verify(img)
-                if why:
-                    rep.skip(why, f"{where} ({img})")
+                img = _checked_image_path(img, root, verify, rep, where)
+                if img is None:
                     continue
                 paths.append(img)
             keep.append(i)

@@ -623,13 +623,8 @@ class QFormer(nn.Module):
         used: set[str] = set()
 
         def put(target: str, source_key: str, tensor: torch.Tensor) -> None:
-            param = params[target]
-            if tuple(param.shape) != tuple(tensor.shape):
-                raise ValueError(
-                    f"init_from_bert: shape mismatch for {target} {tuple(param.shape)} <- {source_key} "
-                    f"{tuple(tensor.shape)}; build the QFormerConfig with init_from={path!r} to match sizes"
-                )
-            param.copy_(tensor.to(dtype=param.dtype, device=param.device))
+            _copy_checked(params[target], tensor, f"init_from_bert: shape mismatch for {target} <- {source_key}",
+                          f"; build the QFormerConfig with init_from={path!r} to match sizes")
             report.copied[target] = source_key
 
         for key, tensor in src.items():
@@ -687,19 +682,20 @@ class QFormer(nn.Module):
             if target not in params:
                 unexpected.append(key)
                 continue
-            param = params[target]
-            if tuple(param.shape) != tuple(tensor.shape):
-                raise ValueError(
-                    f"load_blip2_checkpoint: shape mismatch for {key} {tuple(tensor.shape)} -> {target} "
-                    f"{tuple(param.shape)}"
-                )
-            param.copy_(tensor.to(dtype=param.dtype, device=param.device))
+            _copy_checked(params[target], tensor, f"load_blip2_checkpoint: shape mismatch for {key} -> {target}")
             loaded.add(target)
         missing = sorted(k for k in params if k not in loaded)
         return missing, sorted(unexpected)
 
 
 # ---------------------------------------------------------------------------------------------- key mapping
+def _copy_checked(param: torch.Tensor, tensor: torch.Tensor, what: str, hint: str = "") -> None:
+    """Copy a checkpoint tensor into a parameter, refusing a shape mismatch (``what`` names the two keys)."""
+    if tuple(param.shape) != tuple(tensor.shape):
+        raise ValueError(f"{what}: parameter {tuple(param.shape)}, checkpoint {tuple(tensor.shape)}{hint}")
+    param.copy_(tensor.to(dtype=param.dtype, device=param.device))
+
+
 def _bert_to_ours(key: str) -> str | None:
     """A ``BertModel`` state-dict key -> ours (None = no counterpart)."""
     if key.startswith("bert."):
