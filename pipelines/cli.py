@@ -1,7 +1,7 @@
 """``dvlp``: the command line of every stage.
 
     dvlp stage1|stage2|generate-stage [--config FILE] [--resume] [key.sub=value ...]
-    dvlp demo   [--output-dir DIR] [key.sub=value ...]
+    dvlp demo|ablate [--config FILE] [key.sub=value ...]
     dvlp prepare
 
 Overrides are ``key.sub=value`` words after the options; values are read as YAML (``optim.lr=3e-4``,
@@ -33,7 +33,8 @@ STAGES = {
 
 # A YAML under configs/ belongs to the stage its file name starts with.
 CONFIG_CLASSES = {"stage1": STAGES["stage1"][0], "stage2": STAGES["stage2"][0],
-                  "generative": STAGES["generate-stage"][0], "demo": "pipelines.demo:DemoConfig"}
+                  "generative": STAGES["generate-stage"][0], "demo": "pipelines.ablate:AblateConfig",
+                  "ablate": "pipelines.ablate:AblateConfig"}
 
 
 def _load(target: str):
@@ -76,12 +77,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (config_cls, _, help_text, default_yaml) in STAGES.items():
         _stage_parser(sub, name, _load(config_cls), help_text, default_yaml)
-    demo_help = ("The whole pipeline on the embedded easy-VQA default: stage 1, then per arm (BLIP-2 baseline, "
-                 "P-Former, caption-free control) stage 2a, stage 2b and the held-out evaluation, then the table")
-    demo = sub.add_parser("demo", help=demo_help, description=demo_help, epilog=_keys_help(_load(CONFIG_CLASSES["demo"])),
-                          formatter_class=argparse.RawDescriptionHelpFormatter)
-    demo.add_argument("--config", type=Path, default=CONFIG_DIR / "demo.yaml", help="YAML (default: configs/demo.yaml)")
-    demo.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    runners = {
+        "demo": ("The whole pipeline on the embedded easy-VQA default: stage 1, then per arm (BLIP-2 baseline, "
+                 "P-Former, caption-free control) stage 2a, stage 2b and the held-out evaluation; table, plots, "
+                 "captions", "demo.yaml"),
+        "ablate": ("Ablation against BLIP-2: stage 1 once, then arms x pairs x learning rates x seeds through "
+                   "stages 2a/2b and evaluation; mean ± std, collapse rate, significance, plots", "ablate.yaml")}
+    for name, (help_text, default_yaml) in runners.items():
+        p = sub.add_parser(name, help=help_text, description=help_text,
+                           epilog=_keys_help(_load(CONFIG_CLASSES[name])),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.add_argument("--config", type=Path, default=CONFIG_DIR / default_yaml,
+                       help=f"YAML (default: configs/{default_yaml})")
+        p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
     sub.add_parser("prepare", help="build the offline model presets and the embedded data into the cache")
     return parser
 
@@ -94,10 +102,10 @@ def main(argv: list[str] | None = None) -> int:
             cfg = load_config(_load(config_cls), args.config, args.overrides)
             summary = _load(runner)(cfg, resume=args.resume, stop_after=args.stop_after)
             print(json.dumps(summary, indent=2, default=str))
-        elif args.command == "demo":
-            from .demo import DemoConfig, run_demo
+        elif args.command in ("demo", "ablate"):
+            from .ablate import AblateConfig, run_ablation
 
-            run_demo(load_config(DemoConfig, args.config, args.overrides))
+            run_ablation(load_config(AblateConfig, args.config, args.overrides))
         elif args.command == "prepare":
             from .demo import prepare
 

@@ -30,6 +30,13 @@ from .stage2 import PairDataConfig, prepare_vision_text, save_front
 
 
 @dataclass
+class CurveConfig(Config):
+    every: int = param(0, ge=0, help="caption a held-out subset every this many steps (and at the last), for "
+                                     "quality-against-training-time curves (eval_curve.jsonl); 0: off")
+    images: int = param(50, ge=1, help="held-out images captioned at each curve point (the same ones each time)")
+
+
+@dataclass
 class GenerativeConfig(Config):
     vision: VisionTowerConfig = field(default_factory=VisionTowerConfig)
     front: FrontConfig = field(default_factory=FrontConfig)
@@ -45,6 +52,7 @@ class GenerativeConfig(Config):
     logging: LoggingConfig = field(default_factory=lambda: LoggingConfig(output_dir="runs/generative"))
     reliability: ReliabilityConfig = field(default_factory=ReliabilityConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    curve: CurveConfig = field(default_factory=CurveConfig)
     seed: int = param(0, help="seed of initialisation and data order")
 
     def check(self) -> None:
@@ -78,6 +86,7 @@ def run_generative(cfg: GenerativeConfig, resume: bool = False, stop_after: int 
     slots = cfg.front.num_query_tokens if cfg.front.kind != "tome" else None
     setup = prepare_vision_text(cfg, dist, dtype, live_tower, slots)
     llm = FrozenLLM.load(cfg.llm, dtype=dtype).to(dist.device)
+    training.seed_everything(cfg.seed)  # the front's init must not depend on whether the caches existed
     front = build_generative_front(cfg, setup.tower, setup.llm_width, live_tower)
     engine = training.build_engine(front, cfg.optim, cfg.deepspeed, dist)
     qformer_tok = zoo.load_tokenizer(cfg.front.init_from) if cfg.front.kind == "elip" else None
@@ -103,11 +112,20 @@ def run_generative(cfg: GenerativeConfig, resume: bool = False, stop_after: int 
         return generative_loss(eng, llm, batch, cfg.weights, cfg.align, setup.stats, training.all_gather_with_grad,
                                dist.rank)
 
+    def curve_point(step: int, train_seconds: float) -> None:
+        if not cfg.curve.every or (step % cfg.curve.every and step != cfg.optim.max_steps):
+            return
+        if dist.is_main:
+            _append_curve_point(engine.module, llm, setup.tower, cfg, run_dir, step, train_seconds, dist.device,
+                                dtype)
+        training.barrier()
+
     result = training.train(engine=engine, dist_info=dist, make_batch=make_batch, loss_fn=loss_fn,
                             num_samples=len(setup.records), optim=cfg.optim, logging=cfg.logging,
                             reliability=cfg.reliability, seed=cfg.seed, dtype=dtype, resume=resume,
-                            stop_after=stop_after, record_ids=lambda b: b.record_ids)
+                            stop_after=stop_after, record_ids=lambda b: b.record_ids, after_step=curve_point)
     summary = {"front": cfg.front.kind, "steps": result.final_step, "wall_seconds": result.wall_seconds,
+               "train_seconds": result.train_seconds, "prefix_tokens": _prefix_tokens(cfg, engine.module, setup),
                "resumed_from": result.resumed_from, "pairs": len(setup.records), "skipped": setup.report.as_dict(),
                "vision_tokens": setup.tower.num_tokens, "last": result.history[-1] if result.history else None}
     if result.final_step < cfg.optim.max_steps or not dist.is_main:
@@ -120,3 +138,31 @@ def run_generative(cfg: GenerativeConfig, resume: bool = False, stop_after: int 
                                                   dist.device, dtype)
     (run_dir / "generative_summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _prefix_tokens(cfg: GenerativeConfig, front, setup) -> int:
+    """Visual tokens the LLM receives per image: the queries, or what is left after ToMe merging."""
+    if isinstance(front, TomeFront):
+        return front.connector.output_tokens(setup.tower.num_tokens)
+    return cfg.front.num_query_tokens
+
+
+def _append_curve_point(front, llm, tower, cfg: GenerativeConfig, run_dir: Path, step: int, train_seconds: float,
+                        device, dtype) -> None:
+    """Caption the same held-out subset and append (step, training seconds, scores) to eval_curve.jsonl."""
+    from dataclasses import replace
+
+    point_dir = run_dir / "curve" / f"step_{step:08d}"
+    point_dir.mkdir(parents=True, exist_ok=True)
+    eval_cfg = replace(cfg.eval, max_images=cfg.curve.images, max_questions=0, meteor=False)
+    was_training = front.training
+    front.eval()
+    with torch.no_grad(), training.autocast(device, dtype):
+        scores = evaluate_generative(front, llm, tower, eval_cfg, cfg.data, point_dir, device, dtype)["captioning"]
+    front.train(was_training)
+    path = run_dir / "eval_curve.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    rows = [r for r in rows if r["step"] < step]  # a resumed run replaces the points after its checkpoint
+    rows.append({"step": step, "train_seconds": train_seconds,
+                 **{k: v for k, v in scores.items() if isinstance(v, float)}})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))

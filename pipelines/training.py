@@ -327,7 +327,8 @@ class NonFiniteLoss(RuntimeError):
 class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)
     final_step: int = 0
-    wall_seconds: float = 0.0
+    wall_seconds: float = 0.0  # this call's training time
+    train_seconds: float = 0.0  # the run's training time, earlier calls (before a resume) included
     resumed_from: int | None = None
 
 
@@ -335,17 +336,24 @@ def train(*, engine, dist_info: DistInfo, make_batch: Callable[[list[int], int],
           loss_fn: Callable[[Any, Any], tuple[torch.Tensor, dict[str, torch.Tensor]]], num_samples: int,
           optim: OptimConfig, logging: LoggingConfig, reliability: ReliabilityConfig, seed: int,
           dtype: torch.dtype, resume: bool = False, stop_after: int | None = None,
-          record_ids: Callable[[Any], list] | None = None) -> TrainResult:
-    """Run optimizer steps until ``optim.max_steps`` (or ``stop_after`` steps in this call)."""
+          record_ids: Callable[[Any], list] | None = None,
+          after_step: Callable[[int, float], None] | None = None) -> TrainResult:
+    """Run optimizer steps until ``optim.max_steps`` (or ``stop_after`` steps in this call).
+
+    ``after_step(step, train_seconds)`` runs on every rank after each step (and its checkpoint), e.g. a periodic
+    evaluation for quality-against-time curves; its time is excluded from the training time and throughput.
+    """
     run_dir = Path(logging.output_dir)
     ckpt = CheckpointManager(run_dir, logging.keep_checkpoints, dist_info)
     order = GlobalBatchOrder(num_samples, optim, dist_info.world_size, seed)
     metrics_path = run_dir / "metrics.jsonl"
     result = TrainResult()
     step = 0
+    earlier_seconds = 0.0  # training time before this call (a resumed run's curve continues its clock)
     if resume and (latest := ckpt.latest()) is not None:
         state = ckpt.load(engine, latest)
         step = result.resumed_from = state["step"]
+        earlier_seconds = float(state.get("train_seconds", 0.0))
         if dist_info.is_main:
             print(f"resumed from {latest} (step {step})", flush=True)
     if dist_info.is_main:  # the metric log holds exactly the steps before `step`
@@ -366,9 +374,14 @@ def train(*, engine, dist_info: DistInfo, make_batch: Callable[[list[int], int],
 
         bar = tqdm(total=optim.max_steps, initial=step, desc=run_dir.name, dynamic_ncols=True)
     last = min(optim.max_steps, step + stop_after) if stop_after is not None else optim.max_steps
-    start_time = time.perf_counter()
+    start_time = time.perf_counter() - earlier_seconds
     window_time, window_samples = time.perf_counter(), 0
     engine.train()
+
+    def state_at(s: int) -> dict[str, Any]:
+        return {"step": s, "seed": seed, "samples_seen": s * order.global_batch,
+                "train_seconds": time.perf_counter() - start_time}
+
     while step < last:
         seed_everything(step_seed(seed, step, dist_info.rank))
         sums: dict[str, float] = {}
@@ -380,7 +393,7 @@ def train(*, engine, dist_info: DistInfo, make_batch: Callable[[list[int], int],
             finite = all_ranks_true(bool(torch.isfinite(loss.detach()).item()), dist_info.device)
             if not finite and reliability.stop_on_nonfinite:
                 # nothing of this step was applied yet: the engine holds the last good state
-                path = ckpt.save(engine, {"step": step, "seed": seed, "samples_seen": step * order.global_batch})
+                path = ckpt.save(engine, state_at(step))
                 named = {k: float(v) for k, v in parts.items()}
                 rec = record_ids(batch) if record_ids else ids
                 raise NonFiniteLoss(f"non-finite loss {float(loss)} at step {step} (micro-step {micro}, rank "
@@ -411,11 +424,19 @@ def train(*, engine, dist_info: DistInfo, make_batch: Callable[[list[int], int],
         if bar:
             bar.update(1)
         if step % logging.save_every == 0 or step == last:
-            ckpt.save(engine, {"step": step, "seed": seed, "samples_seen": step * order.global_batch})
+            ckpt.save(engine, state_at(step))
+        if after_step is not None:
+            hook_start = time.perf_counter()
+            after_step(step, hook_start - start_time)
+            engine.train()
+            spent = time.perf_counter() - hook_start
+            start_time += spent  # the hook's time is not training time
+            window_time += spent
     if bar:
         bar.close()
     if writer:
         writer.close()
     result.final_step = step
-    result.wall_seconds = time.perf_counter() - start_time
+    result.train_seconds = time.perf_counter() - start_time
+    result.wall_seconds = result.train_seconds - earlier_seconds
     return result

@@ -1,0 +1,117 @@
+"""The ablation runner: statistics on hand cases, config checks, and a tiny end-to-end grid that is re-run."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pytest
+
+from pformer.config import ConfigError, load_config
+from pipelines import ablate
+from pipelines.ablate import (AblateConfig, CaptionChecker, CollapseConfig, compare_to_baseline, group_cells,
+                              mean_std, run_ablation)
+
+
+def _cell(arm, seed, cider, pairs=50, lr=1e-4, **extra):
+    row = {"arm": arm, "pairs": pairs, "lr": lr, "seed": seed, "collapsed": False, "CIDEr": cider,
+           "exact_match": cider / 2, "vqa_accuracy": 0.5, "curve": [], "loss_curve": []}
+    for metric in ablate.METRICS + ("train_seconds", "samples_per_s", "prefix_tokens"):
+        row.setdefault(metric, 1.0)
+    row.update(extra)
+    return row
+
+
+def test_mean_std_uses_sample_std_and_ignores_nan():
+    assert mean_std([1.0, 3.0]) == (2.0, math.sqrt(2.0), 2)
+    assert mean_std([2.0, float("nan")]) == (2.0, 0.0, 1)
+    mean, std, n = mean_std([])
+    assert math.isnan(mean) and n == 0
+
+
+def test_comparison_separates_a_real_gap_from_seed_noise():
+    cells = [_cell("blip2", s, c) for s, c in enumerate([1.0, 1.1, 0.9])]
+    cells += [_cell("pformer", s, c) for s, c in enumerate([2.0, 2.1, 1.9])]  # Δ = 1.0, SE = 0.0816
+    cells += [_cell("control", s, c) for s, c in enumerate([0.2, 1.9, 1.3])]  # Δ = 0.133, SE ≈ 0.50
+    by = {(c["arm"], c["metric"]): c for c in compare_to_baseline(cells, "blip2")}
+    assert by[("pformer", "CIDEr")]["verdict"] == "beyond seed spread"
+    assert by[("pformer", "CIDEr")]["delta"] == pytest.approx(1.0)
+    assert by[("pformer", "CIDEr")]["se"] == pytest.approx(math.sqrt(0.01 / 3 + 0.01 / 3))
+    assert by[("control", "CIDEr")]["verdict"] == "within seed spread"
+    assert by[("pformer", "vqa_accuracy")]["verdict"] == "within seed spread"  # equal means, zero spread
+    one_seed = compare_to_baseline([_cell("blip2", 0, 1.0), _cell("pformer", 0, 3.0)], "blip2")
+    assert one_seed[0]["verdict"] == "one seed: no test"
+
+
+def test_groups_report_collapse_rate_per_cell_group():
+    cells = [_cell("blip2", 0, 1.0, collapsed=True), _cell("blip2", 1, 1.2), _cell("blip2", 0, 0.4, pairs=500)]
+    groups = {(g["arm"], g["pairs"]): g for g in group_cells(cells)}
+    assert groups[("blip2", 50)]["collapse_rate"] == 0.5 and groups[("blip2", 50)]["seeds"] == 2
+    assert groups[("blip2", 50)]["CIDEr"] == pytest.approx(1.1)
+    assert groups[("blip2", 500)]["CIDEr_std"] == 0.0
+
+
+def test_caption_checker_flags_degenerate_outputs():
+    check = CaptionChecker(["a red circle", "a small blue square left of a green triangle"])
+    assert check("A red square.") and check("a green circle left of a blue triangle")
+    assert not check("") and not check("the the the the the the the the the the the the the")
+    assert not check("Paris is the capital")  # words the caption corpus never uses
+
+
+def test_config_checks_arms_and_grid():
+    with pytest.raises(ConfigError, match="arms.*unknown arm 'pformr'"):
+        load_config(AblateConfig, None, ["arms=[blip2,pformr]"])
+    with pytest.raises(ConfigError, match="baseline"):
+        load_config(AblateConfig, None, ["arms=[pformer]"])
+    with pytest.raises(ConfigError, match="seeds"):
+        load_config(AblateConfig, None, ["seeds=[0,0]"])
+    assert load_config(AblateConfig, None, []).collapse == CollapseConfig()
+
+
+@pytest.mark.slow
+def test_tiny_grid_end_to_end_and_rerun_skips_finished_cells(tmp_path, tiny_vit_dir, tiny_bert_dir, tiny_llm_dir,
+                                                             monkeypatch):
+    tiny = ["deepspeed.precision=fp32", "logging.tensorboard=false", "logging.log_every=1"]
+    vl = [f"vision.model={tiny_vit_dir}", "vision.image_size=16", f"front.init_from={tiny_bert_dir}",
+          "front.num_query_tokens=4", f"llm={tiny_llm_dir}", "optim.micro_batch_size=4", *tiny]
+    overrides = [
+        f"output_dir={tmp_path / 'ab'}", "arms=[blip2,pformer,tome]", "pairs=[16]", "lrs=[1e-3]", "seeds=[0,1]",
+        "stage1_steps=2", "stage2_steps=2", "generative_steps=4", "curve_every=2", "curve_images=4",
+        "eval_images=6", "eval_questions=4", "gallery_images=3",
+        f"stage1_overrides=[model.text_encoder={tiny_bert_dir},model.llm={tiny_llm_dir},model.num_prompts=4,"
+        f"data.holdout=4,data.max_records=64,optim.micro_batch_size=8,{','.join(tiny)}]",
+        f"stage2_overrides=[{','.join(vl)}]",
+        f"generative_overrides=[{','.join(vl)},eval.max_new_tokens=3,eval.meteor=false,"
+        f"front.tome.init_from={tiny_bert_dir},front.tome.r=4]"]
+    cfg = load_config(AblateConfig, None, overrides)
+    result = run_ablation(cfg)
+    out = tmp_path / "ab"
+    assert len(result["cells"]) == 6
+    with (out / "results.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert {(r["arm"], r["seed"]) for r in rows} == {(a, s) for a in ("blip2", "pformer", "tome") for s in "01"}
+    saved = json.loads((out / "results.json").read_text())
+    assert {g["arm"] for g in saved["groups"]} == {"blip2", "pformer", "tome"}
+    assert {c["verdict"] for c in saved["comparisons"]} <= {"beyond seed spread", "within seed spread"}
+    for cell in saved["cells"]:
+        assert [p["step"] for p in cell["curve"]] == [2, 4]  # the curve points, training time increasing
+        assert cell["curve"][0]["train_seconds"] < cell["curve"][1]["train_seconds"]
+        assert cell["prefix_tokens"] == (4 if cell["arm"] != "tome" else cell["prefix_tokens"])
+        assert (cell["arm"] == "tome") == (cell["stage2_seconds"] == 0.0)
+    tome = next(c for c in saved["cells"] if c["arm"] == "tome")
+    assert tome["prefix_tokens"] < 17  # 16 patches + CLS merged by r=4 per layer
+    for name in ("loss_curves.png", "metrics_vs_pairs.png", "quality_vs_time.png"):
+        assert (out / name).read_bytes()[:4] == b"\x89PNG"
+    assert "beyond seed spread" in (out / "results.md").read_text() or "within seed spread" in (
+        out / "results.md").read_text()
+    assert (out / "captions.md").read_text().count("![](") == 3
+
+    # a second invocation reuses every finished cell and stage 1
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a finished cell was run again")
+
+    monkeypatch.setattr("pipelines.generative.run_generative", must_not_run)
+    monkeypatch.setattr("pipelines.stage2.run_stage2", must_not_run)
+    monkeypatch.setattr("pipelines.stage1.run_stage1", must_not_run)
+    again = run_ablation(cfg)
+    assert [c["CIDEr"] for c in again["cells"]] == [c["CIDEr"] for c in result["cells"]]
