@@ -5,7 +5,7 @@ from pathlib import Path
 
 from pformer import zoo
 
-EMBEDDED = ("easy-vqa",)
+EMBEDDED = ("easy-vqa", "scenes")
 
 
 def embedded_files(name: str) -> dict[str, Path]:
@@ -14,11 +14,15 @@ def embedded_files(name: str) -> dict[str, Path]:
         from vl_align.embedded import build_embedded_easy_vqa
 
         return {k: Path(v) for k, v in build_embedded_easy_vqa(zoo.cache_root() / "data" / "easy-vqa").items()}
+    if name == "scenes":
+        from vl_align.scenes import build_embedded_scenes
+
+        return {k: Path(v) for k, v in build_embedded_scenes(zoo.cache_root() / "data" / "scenes").items()}
     raise ValueError(f"unknown embedded dataset '{name}'; available: {', '.join(EMBEDDED)}")
 
 
 def resolve_text_source(source: str) -> Path:
-    """A stage-1 corpus: a path, or ``embedded:easy-vqa`` (its text-only caption corpus)."""
+    """A stage-1 corpus: a path, or ``embedded:<name>`` (that dataset's text-only caption corpus)."""
     if source.startswith("embedded:"):
         return embedded_files(source.split(":", 1)[1])["caption_corpus"]
     return Path(source).expanduser()
