@@ -3,6 +3,7 @@
     dvlp stage1|stage2|generate-stage [--config FILE] [--resume] [key.sub=value ...]
     dvlp demo|ablate [--config FILE] [key.sub=value ...]
     dvlp prepare
+    dvlp export-hf [--config FILE] front=RUN/front output_dir=DIR [key.sub=value ...]
 
 Overrides are ``key.sub=value`` words after the options; values are read as YAML (``optim.lr=3e-4``,
 ``logging.tensorboard=false``, ``optim.betas=[0.9,0.98]``). ``dvlp <stage> --help`` lists every key with its type
@@ -91,6 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"YAML (default: configs/{default_yaml})")
         p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
     sub.add_parser("prepare", help="build the offline model presets and the embedded data into the cache")
+    export_help = "Export a trained Q-Former front as a transformers Blip2ForConditionalGeneration folder"
+    p = sub.add_parser("export-hf", help=export_help, description=export_help,
+                       epilog=_keys_help(_load("pipelines.export:ExportConfig")),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", type=Path, default=None, help="YAML (optional)")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
     return parser
 
 
@@ -106,6 +113,10 @@ def main(argv: list[str] | None = None) -> int:
             from .ablate import AblateConfig, run_ablation
 
             run_ablation(load_config(AblateConfig, args.config, args.overrides))
+        elif args.command == "export-hf":
+            from .export import ExportConfig, run_export
+
+            print(json.dumps(run_export(load_config(ExportConfig, args.config, args.overrides)), indent=2))
         elif args.command == "prepare":
             from .demo import prepare
 

@@ -1,0 +1,114 @@
+"""``dvlp export-hf``: a trained ``front/`` folder -> a transformers ``Blip2ForConditionalGeneration`` folder.
+
+Reads ``front/model.safetensors`` and ``front/front_config.json`` (written by ``pipelines.stage2.save_front``:
+the front, vision and LLM configs of the run), rebuilds the front and loads the frozen tower and LLM named there,
+converts them with :func:`vl_align.export.export_blip2` and, before the folder is moved into place, loads it
+back with plain transformers and checks that it captions held-out images exactly as our model does.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from safetensors.torch import load_file
+
+from pformer.config import Config, ConfigError, build, param
+from pformer.llm import FrozenLLM
+from vl_align.export import ExportError, export_blip2, verify_export
+from vl_align.fronts import FrontConfig, QFormerFront
+from vl_align.vision import VisionTower, VisionTowerConfig
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class ExportConfig(Config):
+    front: str = param("runs/generative/front", help="front/ folder of a stage-2a or 2b run (model.safetensors + "
+                                                     "front_config.json)")
+    output_dir: str = param("runs/export/blip2", help="the Blip2ForConditionalGeneration folder to write")
+    overwrite: bool = param(False, help="replace output_dir if it exists")
+    dtype: Literal["float32", "bfloat16", "float16"] = param("float32", help="dtype of the saved weights")
+    max_new_tokens: int = param(30, ge=1, help="generation_config.max_new_tokens of the export")
+    verify_images: int = param(4, ge=0, help="before moving the folder into place, caption this many held-out "
+                                             "images with it and with our model and require equal captions "
+                                             "(0: skip; compared but not required for a non-float32 dtype)")
+    verify_source: str = param("embedded:easy-vqa", help="image-text pairs whose test split gives the "
+                                                         "verification images")
+    verify_prompt: str = param("", help="text prompt of the verification captions")
+
+
+def load_front_dir(front_dir: str | Path) -> tuple[QFormerFront, VisionTower, FrozenLLM, dict]:
+    """Rebuild a saved Q-Former front with its frozen tower and LLM: ``(front, tower, llm, front_config)``."""
+    folder = Path(front_dir)
+    for name in ("model.safetensors", "front_config.json"):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"{folder / name} not found; export.front must be the front/ folder of a "
+                                    "stage-2a or 2b run")
+    meta = json.loads((folder / "front_config.json").read_text())
+    front_cfg = build(FrontConfig, meta["front"], "front_config.front")
+    if front_cfg.kind not in ("qformer", "elip"):
+        raise ConfigError("front", f"{folder} holds a '{front_cfg.kind}' front; only Q-Former fronts ('qformer', "
+                                   "'elip') have a BLIP-2 counterpart")
+    tower = VisionTower.build(build(VisionTowerConfig, meta["vision"], "front_config.vision"))
+    llm = FrozenLLM.load(meta["llm"])
+    # ELIP differs from 'qformer' only while pre-training (pruning); its saved weights are a QFormerFront's
+    front = QFormerFront(front_cfg, tower.hidden_size, llm.hidden_size)
+    missing, unexpected = front.load_state_dict(load_file(str(folder / "model.safetensors")), strict=False)
+    missing = [k for k in missing if not k.startswith("vision.")]
+    if missing or unexpected:
+        raise ConfigError("front", f"{folder} does not fit the front its config describes: missing {missing[:5]}, "
+                                   f"unexpected {unexpected[:5]}")
+    return front.eval(), tower, llm, meta
+
+
+def _verification_images(cfg: ExportConfig) -> list[str]:
+    from vl_align.data import load_image_text_pairs
+
+    from .stage2 import PairDataConfig, resolve_pair_source
+
+    source, fmt = resolve_pair_source(PairDataConfig(source=cfg.verify_source, verify_images=False), "test")
+    paths = list(dict.fromkeys(r["image_path"] for r in load_image_text_pairs(source, fmt=fmt,
+                                                                              verify_images=False)))
+    return paths[:cfg.verify_images]
+
+
+def run_export(cfg: ExportConfig) -> dict:
+    out = Path(cfg.output_dir)
+    if out.exists() and not cfg.overwrite:
+        raise ConfigError("overwrite", f"{out} exists; set overwrite=true to replace it")
+    front, tower, llm, meta = load_front_dir(cfg.front)
+    images = _verification_images(cfg) if cfg.verify_images else []
+    exact = cfg.dtype == "float32"
+    report: dict = {}
+
+    def verify(folder: Path) -> None:
+        if not images:
+            return
+        result = verify_export(folder, front, tower, llm, images, [cfg.verify_prompt] * len(images),
+                               max_new_tokens=cfg.max_new_tokens)
+        report.update(result)
+        if exact and result["captions_equal"] != len(images):
+            bad = [(a, b) for a, b in zip(result["ours"], result["theirs"]) if a != b]
+            raise ExportError(f"the exported model captions {len(bad)} of {len(images)} verification images "
+                              f"differently from ours, e.g. ours {bad[0][0]!r} vs exported {bad[0][1]!r}; "
+                              f"nothing was written to {out}")
+
+    provenance = {"front": str(Path(cfg.front).resolve()), "vision": meta["vision"], "llm": meta["llm"],
+                  "front_kind": meta["front"].get("kind")}
+    try:
+        path = export_blip2(front, tower, llm, out, max_new_tokens=cfg.max_new_tokens, dtype=_DTYPES[cfg.dtype],
+                            overwrite=cfg.overwrite, provenance=provenance, verify=verify)
+    except ExportError as err:
+        raise ConfigError("front", str(err)) from err
+    summary = {"output_dir": str(path), "dtype": cfg.dtype, "verified_images": len(images)}
+    if report:
+        summary.update({k: report[k] for k in ("pixel_max_abs", "vision_max_abs", "prefix_max_abs",
+                                               "captions_equal")})
+        summary["captions"] = report["theirs"]
+    return summary
+
+
+__all__ = ["ExportConfig", "load_front_dir", "run_export"]
