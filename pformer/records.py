@@ -17,7 +17,7 @@ from collections import Counter
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SkipReport", "TooManySkippedRecords", "iter_decoded_lines", "iter_json_objects"]
+__all__ = ["SkipReport", "TooManySkippedRecords", "iter_decoded_lines", "iter_json_objects", "skip_too_long"]
 
 
 class TooManySkippedRecords(ValueError):
@@ -156,3 +156,18 @@ def iter_json_objects(path, report: SkipReport):
             report.skip("not_a_json_object", where)
             continue
         yield where, rec
+
+
+def skip_too_long(lengths, limit: int, report: SkipReport, where) -> list[int]:
+    """Indices of the records of at most ``limit`` tokens; each longer one is a counted ``too_long`` skip.
+
+    ``lengths[i]`` is record i's token count as the stage would tokenize it; ``where(i)`` names the record.
+    A skip rather than a silent truncation: the model would learn a text other than the record's.
+    """
+    keep = []
+    for i, n in enumerate(lengths):
+        if n > limit:
+            report.skip("too_long", f"{where(i)} ({n} tokens > {limit})")
+        else:
+            keep.append(i)
+    return keep

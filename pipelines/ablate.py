@@ -50,7 +50,8 @@ ARMS: dict[str, Arm] = {
     "tome": Arm("tome", 0.0, 0.0, description="SimVLG: ToMe connector, generative stage and LM loss only"),
     "elip": Arm("elip", 0.0, 0.0, description="BLIP-2 with ELIP's text-guided pruning in the ViT"),
 }
-METRICS = ("CIDEr", "Bleu_4", "METEOR", "ROUGE_L", "exact_match", "vqa_accuracy", "caption_validity", "final_lm")
+METRICS = ("CIDEr", "Bleu_4", "METEOR", "ROUGE_L", "exact_match", "vqa_accuracy", "caption_validity", "final_lm",
+           "retrieval_itc_r_mean", "retrieval_itm_r_mean")
 
 
 @dataclass
@@ -80,6 +81,8 @@ class AblateConfig(Config):
     curve_images: int = param(50, ge=1, help="images captioned at each curve point")
     eval_images: int = param(100, ge=1, help="held-out images captioned at the end of each cell")
     eval_questions: int = param(200, ge=0, help="held-out VQA questions at the end of each cell")
+    retrieval_images: int = param(0, ge=0, help="held-out images of the retrieval evaluation after each "
+                                                "representation stage (ITC ranking + ITM re-ranking); 0: off")
     stage1_config: str = param(str(CONFIG_DIR / "stage1.yaml"), help="base YAML of stage 1")
     stage2_config: str = param(str(CONFIG_DIR / "stage2.yaml"), help="base YAML of the representation stage")
     generative_config: str = param(str(CONFIG_DIR / "generative.yaml"), help="base YAML of the generative stage")
@@ -151,16 +154,20 @@ def summarize_cell(cell_dir: Path, has_stage2: bool, checker: CaptionChecker, co
     final_lm = sum(r["lm"] for r in tail) / len(tail) if tail else float("nan")
     preds = json.loads((gen / "predictions.json").read_text())["captions"]
     validity = sum(checker(p["prediction"]) for p in preds) / max(len(preds), 1)
-    stage2_seconds = 0.0
+    stage2_seconds, retrieval = 0.0, {}
     if has_stage2:
         stage2_seconds = json.loads((cell_dir / "stage2" / "stage2_summary.json").read_text())["wall_seconds"]
+        if (cell_dir / "stage2" / "retrieval.json").exists():
+            retrieval = json.loads((cell_dir / "stage2" / "retrieval.json").read_text())
     cap = scores["captioning"]
     row = {metric: float(cap.get(metric, float("nan"))) for metric in METRICS[:5]}
     row.update(vqa_accuracy=float(scores.get("vqa", {}).get("accuracy", float("nan"))), caption_validity=validity,
                final_lm=final_lm, stage2_seconds=stage2_seconds, generative_seconds=summary["train_seconds"],
                train_seconds=stage2_seconds + summary["train_seconds"],
                samples_per_s=sum(r["samples_per_s"] for r in history) / max(len(history), 1),
-               prefix_tokens=summary["prefix_tokens"])
+               prefix_tokens=summary["prefix_tokens"],
+               retrieval_itc_r_mean=float(retrieval.get("itc", {}).get("r_mean", float("nan"))),
+               retrieval_itm_r_mean=float(retrieval.get("itm_rerank", {}).get("r_mean", float("nan"))))
     row["collapsed"] = bool(not math.isfinite(final_lm) or final_lm > collapse.lm_loss
                             or validity < collapse.min_valid)
     row["curve"] = [{"step": r["step"], "train_seconds": stage2_seconds + r["train_seconds"], "CIDEr": r["CIDEr"],
@@ -188,7 +195,8 @@ def run_cell(cfg: AblateConfig, arm_name: str, pairs: int, lr: float, seed: int,
         s2 = load_config(Stage2Config, cfg.stage2_config, common + [
             f"align.weight={arm.w1}", f"optim.max_steps={cfg.stage2_steps}",
             f"optim.warmup_steps={_warmup(cfg.stage2_steps, 5)}", f"logging.output_dir={cell_dir / 'stage2'}",
-            "logging.progress_bar=false", *cfg.stage2_overrides])
+            "logging.progress_bar=false", f"eval.enabled={bool(cfg.retrieval_images)}",
+            f"eval.max_images={cfg.retrieval_images or 1}", *cfg.stage2_overrides])
         run_stage2(s2, resume=True)
     gen = load_config(GenerativeConfig, cfg.generative_config, common + [
         f"align.weight={arm.w2}", f"optim.lr={lr}", f"optim.min_lr={lr / 10}",
@@ -272,6 +280,7 @@ def report_markdown(cfg: AblateConfig, cells: list[dict], groups: list[dict], co
               "METEOR": _pm(g["METEOR"], g["METEOR_std"], g["seeds"]),
               "ROUGE-L": _pm(g["ROUGE_L"], g["ROUGE_L_std"], g["seeds"]),
               "VQA acc": _pm(g["vqa_accuracy"], g["vqa_accuracy_std"], g["seeds"]),
+              "retrieval R̄ (ITC)": _pm(g["retrieval_itc_r_mean"], g["retrieval_itc_r_mean_std"], g["seeds"]),
               "final LM loss": _pm(g["final_lm"], g["final_lm_std"], g["seeds"]),
               "collapse": f"{g['collapse_rate']:.0%}", "train s": f"{g['train_seconds']:.0f}",
               "samples/s": f"{g['samples_per_s']:.1f}", "tokens to LLM": f"{g['prefix_tokens']:g}"} for g in groups]

@@ -121,13 +121,22 @@ def main(argv: list[str] | None = None) -> int:
             from .demo import prepare
 
             prepare()
-    except ConfigError as err:
+    except (ConfigError, FileNotFoundError) as err:  # the input is wrong: one line, no traceback
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except FileNotFoundError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except _run_failures() as err:  # the run stopped on purpose (data, loss, checkpoint, export check)
+        print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _run_failures() -> tuple[type[Exception], ...]:
+    from pformer.records import TooManySkippedRecords
+    from vl_align.export import ExportError
+
+    from .training import NonFiniteLoss, UnsafeCheckpointError
+
+    return TooManySkippedRecords, NonFiniteLoss, UnsafeCheckpointError, ExportError
 
 
 if __name__ == "__main__":

@@ -1,20 +1,30 @@
-"""Evaluation of a generative front on held-out images: captioning (BLEU-4, METEOR, ROUGE-L, CIDEr through our local
-`evaluate` modules) and zero-shot VQA accuracy (VQAv2 normalisation). Writes JSON, a markdown table and the
-predictions for inspection.
+"""Held-out evaluations and their reports.
+
+* Generative front (stage 2b): captioning (BLEU-4, METEOR, ROUGE-L, CIDEr through our local `evaluate` modules) and
+  zero-shot VQA accuracy (VQAv2 normalisation).
+* Representation front (stage 2a, ``qformer`` / ``elip``): image<->text retrieval R@1/5/10, ranked by ITC and then
+  re-ranked by ITM (BLIP-2's protocol, see ``vl_align.retrieval``).
+
+Every evaluation writes the same three files through :func:`write_report`: ``<name>.json`` (a dict of named sections
+of numeric scores), ``<name>.md`` (a markdown table) and the predictions for inspection.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
+import torch
 
 from pformer import zoo
 from pformer.config import Config, param
 from vl_align.generative import generate
 from vl_align.metrics import java_available, load_metric
+from vl_align.retrieval import itc_similarity, recalls, rerank_with_itm, top_k
 from vl_align.vision import vision_feature_cache
 
 from .reports import write_table
@@ -98,10 +108,167 @@ def evaluate_generative(front, llm, tower, cfg: EvalConfig, data, run_dir: Path,
         result["vqa"] = {"num_questions": len(qs), **acc}
         vqa_rows = [{"question": q["question"], "image_path": q["image_path"], "answer": q["answer"],
                      "prediction": a} for q, a in zip(qs, answers)]
-    (run_dir / "eval.json").write_text(json.dumps(result, indent=2))
-    (run_dir / "predictions.json").write_text(json.dumps({"captions": predictions, "vqa": vqa_rows}, indent=2))
     row = {k: v for k, v in result["captioning"].items() if isinstance(v, float)}
     if "vqa" in result:
         row["vqa_accuracy"] = result["vqa"]["accuracy"]
-    write_table(run_dir / "eval.md", [row], title=f"Held-out evaluation ({len(image_ids)} images)")
+    write_report(run_dir, "eval", result, [row], f"Held-out evaluation ({len(image_ids)} images)",
+                 {"captions": predictions, "vqa": vqa_rows})
+    return result
+
+
+def write_report(run_dir: Path, name: str, result: dict[str, dict[str, Any]], rows: list[dict], title: str,
+                 predictions: Any, note: str = "") -> None:
+    """``<name>.json`` (``result``: named sections of numeric scores), ``<name>.md`` (``rows`` as a table, then
+    ``note``) and the predictions (``predictions.json`` for ``eval``, else ``<name>_predictions.json``)."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / f"{name}.json").write_text(json.dumps(result, indent=2))
+    pred_name = "predictions.json" if name == "eval" else f"{name}_predictions.json"
+    (run_dir / pred_name).write_text(json.dumps(predictions, indent=2))
+    text = write_table(run_dir / f"{name}.md", rows, title=title)
+    if note:
+        (run_dir / f"{name}.md").write_text(text + "\n" + note.strip() + "\n")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# image <-> text retrieval (stage 2a)
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class RetrievalEvalConfig(Config):
+    enabled: bool = param(True, help="image-text retrieval on held-out pairs after training (main rank)")
+    source: Optional[str] = param(None, help="held-out pairs (any format of data.source); None: the test split of "
+                                             "an embedded data.source (other sources are then not evaluated)")
+    max_images: Optional[int] = param(200, help="held-out images in the gallery, the first by id (None: all)")
+    k: int = param(16, ge=1, help="ITC candidates per query re-ranked by ITM (BLIP-2/LAVIS: 128 on COCO 5k)")
+    batch_size: int = param(64, ge=1, help="images, texts or ITM pairs per forward")
+
+
+def held_out_pairs(data, eval_cfg: RetrievalEvalConfig, seed: int, reliability) -> list[dict] | None:
+    """The held-out pairs for retrieval: ``eval.source``, else the test split of an embedded ``data.source``;
+    None when neither exists (a custom training source has no held-out split we could know of)."""
+    from .stage2 import load_pairs  # here: stage2 imports this module
+
+    source = eval_cfg.source or (data.source if data.source.startswith("embedded:") else None)
+    if source is None:
+        print(f"retrieval evaluation skipped: data.source={data.source} has no known held-out split; set eval.source",
+              flush=True)
+        return None
+    if eval_cfg.source:
+        data = replace(data, source=source, format="auto", max_pairs=None)
+    split = "test" if source.startswith("embedded:") else "train"  # "train": the given file itself, in full
+    return load_pairs(data, seed, reliability, split=split)[0]
+
+
+@dataclass
+class Gallery:
+    """What retrieval ranks: distinct images and distinct caption strings, and which pairs are correct."""
+    image_ids: list[str]
+    image_paths: list[str]
+    captions: list[list[str]]  # each image's distinct captions
+    texts: list[str]  # the distinct captions of all images, in first-seen order
+    gold: torch.Tensor  # [I, T] bool: text t is one of image i's captions
+
+
+def build_gallery(pairs: list[dict], max_images: int | None = None) -> Gallery:
+    """Group ``pairs`` by image (the first ``max_images`` by id, as the captioning evaluation picks them) and list
+    each caption string once (whitespace-stripped, exact match); ``gold`` is caption equality."""
+    by_image: dict[str, list[str]] = defaultdict(list)
+    paths: dict[str, str] = {}
+    for r in pairs:
+        image_id, caption = str(r["image_id"]), r["caption"].strip()
+        if caption not in by_image[image_id]:
+            by_image[image_id].append(caption)
+        paths[image_id] = r["image_path"]
+    image_ids = sorted(by_image, key=lambda i: (len(i), i))[:max_images or None]
+    texts = list(dict.fromkeys(c for i in image_ids for c in by_image[i]))
+    text_index = {t: j for j, t in enumerate(texts)}
+    gold = torch.zeros(len(image_ids), len(texts), dtype=torch.bool)
+    for i, image_id in enumerate(image_ids):
+        gold[i, [text_index[c] for c in by_image[image_id]]] = True
+    return Gallery(image_ids, [paths[i] for i in image_ids], [by_image[i] for i in image_ids], texts, gold)
+
+
+def _autocast(device, dtype):
+    if dtype in (None, torch.float32):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
+def evaluate_retrieval(front, tower, tokenizer, cfg: RetrievalEvalConfig, pairs: list[dict], run_dir: Path, device,
+                       dtype=None, max_text_length: int = 32) -> dict:
+    """R@1/5/10 image->text and text->image of a representation front on ``pairs`` [{image_path, caption, image_id}].
+
+    Gallery: the first ``cfg.max_images`` distinct images (by id) and the distinct caption strings they own
+    (whitespace-stripped, exact match). Ground truth by caption equality: text t is correct for image i iff t is one of
+    i's captions, so an image->text hit is any of the image's captions and a text->image hit is ANY image having
+    that caption (easy-VQA has 24 distinct captions: many images share one). Listing equal strings once keeps the
+    ITM candidates from being spent on copies that would score the same.
+
+    Ranked by ITC, then each query's top ``cfg.k`` re-ranked by ITM + ITC (``vl_align.retrieval``). The front runs in
+    eval mode (ELIP then does not prune: pruning is for pre-training). Writes ``retrieval.json`` (sections ``itc``,
+    ``itm_rerank``, ``gallery``), ``retrieval.md`` and ``retrieval_predictions.json`` (top 5 per query, both rankings).
+    """
+    gallery = build_gallery(pairs, cfg.max_images)
+    image_ids, texts, gold = gallery.image_ids, gallery.texts, gallery.gold
+    paths = dict(zip(image_ids, gallery.image_paths))
+    by_image = dict(zip(image_ids, gallery.captions))
+
+    start_time = time.perf_counter()
+    was_training = front.training
+    front.eval()
+    with torch.no_grad(), _autocast(device, dtype):
+        tok = tokenizer(texts, padding=True, truncation=True, max_length=max_text_length, return_tensors="pt")
+        text_feats = torch.cat([
+            front("text", input_ids=tok.input_ids[s:s + cfg.batch_size].to(device),
+                  attention_mask=tok.attention_mask[s:s + cfg.batch_size].to(device))["text_feat"].float().cpu()
+            for s in range(0, len(texts), cfg.batch_size)])  # [T, E]
+        inputs_for = _ImageInputs(front, tower, [paths[i] for i in image_ids], device, dtype)
+        image_feats, image_tokens = [], []  # [b, Q, E] each; [b, N, D] each: what the ITM head attends to
+        for s in range(0, len(image_ids), cfg.batch_size):
+            out = front("queries", **inputs_for([paths[i] for i in image_ids[s:s + cfg.batch_size]]))
+            image_feats.append(out["image_feats"].float().cpu())
+            image_tokens.append(out["image_embeds"].float().cpu())
+        image_feats, image_tokens = torch.cat(image_feats), torch.cat(image_tokens)
+
+        def itm_scorer(img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
+            mask = tok.attention_mask[txt]
+            length = int(mask.sum(1).max())  # drop the padding columns no text of this batch needs
+            out = front("match", image_embeds=image_tokens[img].to(device),
+                        input_ids=tok.input_ids[txt, :length].to(device), attention_mask=mask[:, :length].to(device))
+            return out["itm_logits"][:, 1]  # positive-class logit, averaged over the query positions (LAVIS)
+
+        scores = rerank_with_itm(itc_similarity(image_feats, text_feats), itm_scorer, k=cfg.k,
+                                 batch_size=cfg.batch_size)
+    front.train(was_training)
+
+    rec = recalls(scores, gold, ks=(1, 5, 10))
+    result = {"itc": rec["itc"], "itm_rerank": rec["itm"],
+              "gallery": {"num_images": len(image_ids), "num_texts": len(texts), "num_correct_pairs": int(gold.sum()),
+                          "k": cfg.k, "itm_pairs_scored": scores.num_itm_pairs,
+                          "seconds": time.perf_counter() - start_time}}
+    keys = [f"{d}_r{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)] + ["r_mean"]
+    rows = [{"ranking": "ITC", **{k: rec["itc"][k] for k in keys}},
+            {"ranking": f"ITM re-rank of top {cfg.k}", **{k: rec["itm"][k] for k in keys}}]
+    note = (f"{len(texts)} distinct captions; a text counts as correct for every image that has it as a caption "
+            "(caption equality). ITC: max over queries of the query-text cosine. ITM re-rank: each query's top "
+            f"{cfg.k} by ITC scored ITM positive logit + ITC cosine (LAVIS compute_sim_matrix); i2t = image->text, "
+            "t2i = text->image.")
+
+    def listing(ranked, key, names, correct):  # the top 5 of one query: name, score, whether it is correct
+        return [{key: names[j], "score": round(v, 4), "hit": bool(correct[j])} for j, v in ranked]
+
+    itc_i2t, itm_i2t = top_k(scores.itc, 5, dim=1), top_k(scores.i2t, 5, dim=1)
+    itc_t2i, itm_t2i = top_k(scores.itc, 5, dim=0), top_k(scores.t2i, 5, dim=0)
+    predictions = {
+        "image_to_text": [{"image_id": image_id, "image_path": paths[image_id], "captions": by_image[image_id],
+                           "itc_top5": listing(itc_i2t[i], "text", texts, gold[i]),
+                           "itm_top5": listing(itm_i2t[i], "text", texts, gold[i])}
+                          for i, image_id in enumerate(image_ids)],
+        "text_to_image": [{"text": text, "num_correct_images": int(gold[:, t].sum()),
+                           "itc_top5": listing(itc_t2i[t], "image_id", image_ids, gold[:, t]),
+                           "itm_top5": listing(itm_t2i[t], "image_id", image_ids, gold[:, t])}
+                          for t, text in enumerate(texts)],
+    }
+    write_report(run_dir, "retrieval", result, rows, f"Held-out image-text retrieval ({len(image_ids)} images, "
+                                                     f"{len(texts)} texts)", predictions, note)
     return result

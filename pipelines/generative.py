@@ -21,12 +21,12 @@ from pformer.llm import FrozenLLM
 from vl_align.fronts import FrontConfig, build_front
 from vl_align.generative import GenerativeBatch, GenerativeWeights, TomeFront, generative_loss
 from vl_align.objectives import AlignmentConfig
-from vl_align.vision import VisionTowerConfig
+from vl_align.vision import VisionTower, VisionTowerConfig
 
 from . import training
 from .config import DeepSpeedConfig, LoggingConfig, OptimConfig, ReliabilityConfig
 from .evaluate import EvalConfig, evaluate_generative
-from .stage2 import PairDataConfig, prepare_vision_text, save_front
+from .stage2 import PairDataConfig, prepare_vision_text, save_front, within_caption_limit
 
 
 @dataclass
@@ -86,6 +86,8 @@ def run_generative(cfg: GenerativeConfig, resume: bool = False, stop_after: int 
     slots = cfg.front.num_query_tokens if cfg.front.kind != "tome" else None
     setup = prepare_vision_text(cfg, dist, dtype, live_tower, slots)
     llm = FrozenLLM.load(cfg.llm, dtype=dtype).to(dist.device)
+    setup.records = within_caption_limit(setup, lambda caps: llm.tokenize_targets(caps, None)[1].sum(1),
+                                         cfg.front.max_text_length, dist.is_main)  # the LM target's limit
     training.seed_everything(cfg.seed)  # the front's init must not depend on whether the caches existed
     front = build_generative_front(cfg, setup.tower, setup.llm_width, live_tower)
     engine = training.build_engine(front, cfg.optim, cfg.deepspeed, dist)
@@ -112,12 +114,21 @@ def run_generative(cfg: GenerativeConfig, resume: bool = False, stop_after: int 
         return generative_loss(eng, llm, batch, cfg.weights, cfg.align, setup.stats, training.all_gather_with_grad,
                                dist.rank)
 
+    def trained_front():
+        """(front, tower) for use on the main rank outside the engine; call on every rank: under ZeRO-3 the weights
+        are gathered from the ranks' partitions into a fresh front (and a fresh tower where it runs inside)."""
+        tower = setup.tower
+        if live_tower and training.partitions_weights(engine) and dist.is_main:
+            tower = VisionTower.build(cfg.vision).to(dist.device)
+        return training.trained_module(engine, lambda: build_generative_front(cfg, tower, setup.llm_width, live_tower),
+                                       dist.is_main), tower
+
     def curve_point(step: int, train_seconds: float) -> None:
         if not cfg.curve.every or (step % cfg.curve.every and step != cfg.optim.max_steps):
             return
+        trained, tower = trained_front()
         if dist.is_main:
-            _append_curve_point(engine.module, llm, setup.tower, cfg, run_dir, step, train_seconds, dist.device,
-                                dtype)
+            _append_curve_point(trained, llm, tower, cfg, run_dir, step, train_seconds, dist.device, dtype)
         training.barrier()
 
     result = training.train(engine=engine, dist_info=dist, make_batch=make_batch, loss_fn=loss_fn,
@@ -128,13 +139,16 @@ def run_generative(cfg: GenerativeConfig, resume: bool = False, stop_after: int 
                "train_seconds": result.train_seconds, "prefix_tokens": _prefix_tokens(cfg, engine.module, setup),
                "resumed_from": result.resumed_from, "pairs": len(setup.records), "skipped": setup.report.as_dict(),
                "vision_tokens": setup.tower.num_tokens, "last": result.history[-1] if result.history else None}
-    if result.final_step < cfg.optim.max_steps or not dist.is_main:
+    if result.final_step < cfg.optim.max_steps:
         return summary
-    summary["front_dir"] = str(save_front(engine.module, cfg, run_dir))
+    trained, tower = trained_front()
+    if not dist.is_main:
+        return summary
+    summary["front_dir"] = str(save_front(trained, cfg, run_dir))
     if cfg.eval.enabled:
-        engine.module.eval()
+        trained.eval()
         with torch.no_grad(), training.autocast(dist.device, dtype):
-            summary["eval"] = evaluate_generative(engine.module, llm, setup.tower, cfg.eval, cfg.data, run_dir,
+            summary["eval"] = evaluate_generative(trained, llm, tower, cfg.eval, cfg.data, run_dir,
                                                   dist.device, dtype)
     (run_dir / "generative_summary.json").write_text(json.dumps(summary, indent=2))
     return summary

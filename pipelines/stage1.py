@@ -1,8 +1,8 @@
 """Stage 1: text-only pre-training of the P-Former against a frozen LLM, then its reconstruction evaluation.
 
 Outputs in ``logging.output_dir``: ``config.yaml`` (resolved), ``checkpoints/`` (resumable), ``metrics.jsonl`` and
-``tensorboard/`` (loss curve), ``pformer/`` (final weights, safetensors), ``heldout.txt``, ``stage1_eval.json`` and
-``stage1_eval.md`` (held-out reconstruction, trained vs untrained P-Former).
+``tensorboard/`` (loss curve), ``pformer/`` (final weights, safetensors), ``heldout.txt``, ``eval.json``, ``eval.md``
+and ``predictions.json`` (held-out reconstruction, trained vs untrained P-Former; the layout of every evaluation).
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from pformer.llm import FrozenLLM
 from pformer.losses import Stage1LossWeights
 from pformer.model import PFormer, PFormerConfig
 from pformer.objective import Stage1Collator, stage1_loss
-from pformer.records import SkipReport
+from pformer.records import SkipReport, skip_too_long
 from pformer import zoo
 
 from . import training
@@ -60,22 +60,38 @@ def split_holdout(texts: list[str], holdout: int, seed: int) -> tuple[list[str],
     return [t for t in texts if t not in held], sorted(held)
 
 
+def within_text_limit(texts: list[str], tokenizer, llm: FrozenLLM, cfg: Stage1Config, report: SkipReport) -> list[str]:
+    """The sentences that fit ``model.max_text_length`` tokens for the P-Former and as the LLM's target; longer ones
+    are counted skips (then the report's threshold applies to all skips)."""
+    seen, limit = len(texts) + report.total, cfg.model.max_text_length
+    lengths = []
+    for start in range(0, len(texts), 1024):
+        chunk = texts[start:start + 1024]
+        encoder = [len(ids) for ids in tokenizer(chunk).input_ids]
+        _, target_mask = llm.tokenize_targets(chunk, max_length=None)
+        lengths += [max(a, int(b)) for a, b in zip(encoder, target_mask.sum(1))]
+    keep = skip_too_long(lengths, limit, report, lambda i: f"{cfg.data.source}: sentence {i + 1} {texts[i][:40]!r}")
+    report.check(seen)
+    return [texts[i] for i in keep]
+
+
 def run_stage1(cfg: Stage1Config, resume: bool = False, stop_after: int | None = None) -> dict:
     dist, dtype, run_dir = training.start_run(cfg)
 
     report = SkipReport(max_skip_fraction=cfg.reliability.max_skip_fraction, name="stage-1 corpus")
     corpus = load_text_corpus(resolve_text_source(cfg.data.source), fmt=cfg.data.format,
                               text_field=cfg.data.text_field, max_records=cfg.data.max_records, report=report)
-    train_texts, heldout = split_holdout(list(corpus["text"]), cfg.data.holdout, cfg.seed)
+    training.seed_everything(cfg.seed)
+    llm = FrozenLLM.load(cfg.model.llm, dtype=dtype if dtype != torch.float16 else torch.float16,
+                         text_suffix=cfg.model.text_suffix).to(dist.device)
+    tokenizer = zoo.load_tokenizer(cfg.model.text_encoder)
+    texts = within_text_limit(list(corpus["text"]), tokenizer, llm, cfg, report)
+    train_texts, heldout = split_holdout(texts, cfg.data.holdout, cfg.seed)
     if dist.is_main:
         (run_dir / "heldout.txt").write_text("".join(t + "\n" for t in heldout))
         print(f"stage 1: {len(train_texts)} training sentences, {len(heldout)} held out; "
               f"skipped records: {report.total}" + (f"\n{report.summary()}" if report.total else ""), flush=True)
 
-    training.seed_everything(cfg.seed)
-    llm = FrozenLLM.load(cfg.model.llm, dtype=dtype if dtype != torch.float16 else torch.float16,
-                         text_suffix=cfg.model.text_suffix).to(dist.device)
-    tokenizer = zoo.load_tokenizer(cfg.model.text_encoder)
     pformer = PFormer.build(cfg.model, llm_hidden_size=llm.hidden_size)
     untrained_state = {k: v.clone() for k, v in pformer.state_dict().items()} if cfg.eval.compare_untrained else None
 
@@ -95,10 +111,14 @@ def run_stage1(cfg: Stage1Config, resume: bool = False, stop_after: int | None =
                             stop_after=stop_after, record_ids=lambda b: [train_texts[i] for i in b.sample_ids])
     summary = {"steps": result.final_step, "wall_seconds": result.wall_seconds, "resumed_from": result.resumed_from,
                "train_sentences": len(train_texts), "heldout_sentences": len(heldout), "skipped": report.as_dict()}
-    if result.final_step < cfg.optim.max_steps or not dist.is_main:
+    if result.final_step < cfg.optim.max_steps:
+        return summary
+    # every rank: under ZeRO-3 the weights are gathered from the ranks' partitions into a fresh P-Former
+    final = training.trained_module(engine, lambda: PFormer.build(cfg.model, llm_hidden_size=llm.hidden_size),
+                                    keep=dist.is_main)
+    if not dist.is_main:
         return summary
 
-    final = engine.module
     out_dir = run_dir / "pformer"
     tmp = run_dir / ".pformer.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -115,14 +135,15 @@ def run_stage1(cfg: Stage1Config, resume: bool = False, stop_after: int | None =
 
 def evaluate_stage1(cfg: Stage1Config, trained: PFormer, tokenizer, llm: FrozenLLM, sentences: list[str],
                     untrained_state: dict | None, device, dtype, run_dir: Path) -> dict:
-    from .reports import bleu4, write_table
+    from .evaluate import write_report
+    from .reports import bleu4
 
     variants = {"trained": trained}
     if untrained_state is not None:
         untrained = PFormer(cfg.model, type(trained.encoder)(trained.encoder.config), trained.llm_hidden_size)
         untrained.load_state_dict(untrained_state)
         variants = {"untrained": untrained.to(device), **variants}
-    rows, details = [], {}
+    rows, result, predictions = [], {}, {}
     for name, model in variants.items():
         rec = evaluate_reconstruction(model, tokenizer, llm, sentences, batch_size=cfg.eval.batch_size,
                                       max_new_tokens=cfg.eval.max_new_tokens, device=device, dtype=dtype)
@@ -130,9 +151,8 @@ def evaluate_stage1(cfg: Stage1Config, trained: PFormer, tokenizer, llm: FrozenL
         scores["bleu4"] = bleu4([p["prediction"] for p in rec.predictions],
                                 [[p["reference"]] for p in rec.predictions])
         rows.append({"p_former": name, **scores})
-        details[name] = {"scores": scores, "predictions": rec.predictions}
-    report = {"num_sentences": len(sentences), "rows": rows}
-    (run_dir / "stage1_eval.json").write_text(json.dumps({**report, "details": details}, indent=2))
-    write_table(run_dir / "stage1_eval.md", rows, title=f"Stage-1 reconstruction on {len(sentences)} held-out "
-                                                         f"sentences (LLM {cfg.model.llm})")
-    return report
+        result[name] = {"num_sentences": len(sentences), **scores}  # one section per P-Former, as eval.json elsewhere
+        predictions[name] = [{"sentence": p["reference"], "regeneration": p["prediction"]} for p in rec.predictions]
+    write_report(run_dir, "eval", result, rows, f"Stage-1 reconstruction on {len(sentences)} held-out sentences "
+                                                f"(LLM {cfg.model.llm})", predictions)
+    return result

@@ -5,7 +5,8 @@ P(y) comes from the prompt-target cache of a stage-1 P-Former (the P-Former itse
 for the ``qformer`` front, the tower's features come from the vision-feature cache (the tower runs once per image).
 
 Outputs in ``logging.output_dir``: ``config.yaml``, ``checkpoints/``, ``metrics.jsonl``, ``tensorboard/``,
-``front/`` (safetensors weights + config), ``stage2_summary.json`` (losses, step time, tokens per image).
+``front/`` (safetensors weights + config), ``stage2_summary.json`` (losses, step time, tokens per image),
+``retrieval.json`` / ``retrieval.md`` / ``retrieval_predictions.json`` (held-out image<->text retrieval).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from safetensors.torch import save_file
 from pformer import zoo
 from pformer.cache import prompt_target_cache
 from pformer.config import Config, ConfigError, param, to_dict
-from pformer.records import SkipReport
+from pformer.records import SkipReport, skip_too_long
 from vl_align.data import load_image_text_pairs
 from vl_align.fronts import FrontConfig, build_front
 from vl_align.objectives import (AlignmentConfig, AlignmentStats, RepresentationBatch, RepresentationWeights,
@@ -31,6 +32,7 @@ from vl_align.vision import VisionTower, VisionTowerConfig, vision_feature_cache
 
 from . import training
 from .config import DeepSpeedConfig, LoggingConfig, OptimConfig, ReliabilityConfig
+from .evaluate import RetrievalEvalConfig, evaluate_retrieval, held_out_pairs
 from .sources import embedded_files, resolve_text_source
 
 
@@ -59,6 +61,7 @@ class Stage2Config(Config):
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     logging: LoggingConfig = field(default_factory=lambda: LoggingConfig(output_dir="runs/stage2"))
     reliability: ReliabilityConfig = field(default_factory=ReliabilityConfig)
+    eval: RetrievalEvalConfig = field(default_factory=RetrievalEvalConfig)
     seed: int = param(0, help="seed of initialisation, data order and negative sampling")
 
     def check(self) -> None:
@@ -133,6 +136,11 @@ class VisionTextSetup:
 
 def prepare_vision_text(cfg, dist, dtype, live_tower: bool, num_prompt_slots: int | None) -> VisionTextSetup:
     """``cfg`` is a Stage2Config or GenerativeConfig (same vision/data/align/pformer/llm keys)."""
+    with training.main_first(dist):  # the main rank builds the shared caches, the other ranks then open them
+        return _prepare_vision_text(cfg, dist, dtype, live_tower, num_prompt_slots)
+
+
+def _prepare_vision_text(cfg, dist, dtype, live_tower: bool, num_prompt_slots: int | None) -> VisionTextSetup:
     records, report = load_pairs(cfg.data, cfg.seed, cfg.reliability)
     captions = [r["caption"] for r in records]
     caption_index = {c: i for i, c in enumerate(dict.fromkeys(captions))}
@@ -160,6 +168,23 @@ def prepare_vision_text(cfg, dist, dtype, live_tower: bool, num_prompt_slots: in
     return VisionTextSetup(records, report, caption_index, tower, features, targets, stats, llm_width)
 
 
+def within_caption_limit(setup: VisionTextSetup, count_tokens, limit: int, verbose: bool) -> list[dict]:
+    """The pairs whose caption fits ``limit`` tokens as the stage tokenizes it (``count_tokens(captions)`` -> their
+    lengths); longer ones are counted skips (then the report's threshold applies to all skips)."""
+    recs, report = setup.records, setup.report
+    seen, before = len(recs) + report.total, report.total
+    lengths = []
+    for start in range(0, len(recs), 1024):
+        lengths += [int(n) for n in count_tokens([r["caption"] for r in recs[start:start + 1024]])]
+    keep = skip_too_long(lengths, limit, report,
+                         lambda i: f"image_id {recs[i]['image_id']} {recs[i]['caption'][:40]!r}")
+    report.check(seen)
+    if verbose and report.total > before:
+        print(f"{report.total - before} caption(s) longer than front.max_text_length={limit} tokens skipped; "
+              f"{len(keep)} pairs left\n{report.summary()}", flush=True)
+    return [recs[i] for i in keep]
+
+
 def run_stage2(cfg: Stage2Config, resume: bool = False, stop_after: int | None = None) -> dict:
     dist, dtype, run_dir = training.start_run(cfg)
     training.seed_everything(cfg.seed)
@@ -168,7 +193,10 @@ def run_stage2(cfg: Stage2Config, resume: bool = False, stop_after: int | None =
     records, tower, stats = setup.records, setup.tower, setup.stats
 
     tokenizer = zoo.load_tokenizer(cfg.front.init_from)
+    records = setup.records = within_caption_limit(setup, lambda caps: [len(ids) for ids in tokenizer(caps).input_ids],
+                                                   cfg.front.max_text_length, dist.is_main)
     dec_id = decoder_start_id(tokenizer)
+    training.seed_everything(cfg.seed)  # the front's init must not depend on whether the caches existed
     front = build_front(cfg.front, tower.hidden_size, setup.llm_width, vision_tower=tower if live_tower else None)
     engine = training.build_engine(front, cfg.optim, cfg.deepspeed, dist)
 
@@ -197,8 +225,19 @@ def run_stage2(cfg: Stage2Config, resume: bool = False, stop_after: int | None =
     summary = {"front": cfg.front.kind, "steps": result.final_step, "wall_seconds": result.wall_seconds,
                "resumed_from": result.resumed_from, "pairs": len(records), "skipped": setup.report.as_dict(),
                "vision_tokens": tower.num_tokens, "last": result.history[-1] if result.history else None}
+    if result.final_step >= cfg.optim.max_steps:
+        # every rank: under ZeRO-3 the weights (a live tower's too) are gathered from the ranks' partitions into a
+        # fresh front, with a fresh tower where it runs inside the front
+        if live_tower and training.partitions_weights(engine) and dist.is_main:
+            tower = VisionTower.build(cfg.vision).to(dist.device)
+        trained = training.trained_module(engine, lambda: build_front(
+            cfg.front, tower.hidden_size, setup.llm_width, vision_tower=tower if live_tower else None), dist.is_main)
     if result.final_step >= cfg.optim.max_steps and dist.is_main:
-        summary["front_dir"] = str(save_front(engine.module, cfg, run_dir))
+        summary["front_dir"] = str(save_front(trained, cfg, run_dir))
+        pairs = held_out_pairs(cfg.data, cfg.eval, cfg.seed, cfg.reliability) if cfg.eval.enabled else None
+        if pairs:
+            summary["retrieval"] = evaluate_retrieval(trained, tower, tokenizer, cfg.eval, pairs, run_dir,
+                                                      dist.device, dtype, cfg.front.max_text_length)
         (run_dir / "stage2_summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 

@@ -119,15 +119,39 @@ def autocast(device: torch.device, dtype: torch.dtype):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+class _AllGatherWithGrad(torch.autograd.Function):
+    """all_gather along dim 0; backward sums every rank's gradient of the gathered tensor and keeps this rank's rows.
+
+    Not ``torch.distributed.nn.functional.all_gather``: on gloo its backward (an all_to_all into ``empty_like`` of
+    the incoming gradients) returns wrong values when those gradients are not contiguous, as einsum's are.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        parts = [torch.empty_like(x, memory_format=torch.contiguous_format) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        ctx.rows = (dist.get_rank() * x.shape[0], (dist.get_rank() + 1) * x.shape[0])
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad[ctx.rows[0]:ctx.rows[1]]
+
+
 def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """Differentiable all-gather along dim 0 (the ``gather`` the libraries' global-batch losses receive)."""
+    """Differentiable all-gather along dim 0 (the ``gather`` the libraries' global-batch losses receive); every rank
+    must pass the same shape."""
     import torch.distributed as dist
 
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return x
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(x), dim=0)
+    return _AllGatherWithGrad.apply(x)
 
 
 @torch.no_grad()
@@ -167,6 +191,19 @@ def barrier() -> None:
 
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+@contextlib.contextmanager
+def main_first(dist_info: DistInfo):
+    """The block runs on the main rank first, then on the others: for work that leaves shared files behind (the
+    feature and prompt caches), so that one rank builds them and the others open them complete."""
+    if not dist_info.is_main:
+        barrier()
+    try:
+        yield
+    finally:
+        if dist_info.is_main:
+            barrier()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -227,6 +264,33 @@ def build_engine(model: torch.nn.Module, optim: OptimConfig, ds: DeepSpeedConfig
                                            lr_scheduler=scheduler,
                                            config=deepspeed_config(optim, ds, dist_info.world_size))
     return engine
+
+
+def partitions_weights(engine) -> bool:
+    """ZeRO-3: each rank holds only a shard of every parameter (``engine.module``'s tensors are empty outside the
+    engine's forward and backward)."""
+    return bool(engine.zero_optimization_partition_weights())
+
+
+def trained_module(engine, rebuild: Callable[[], torch.nn.Module], keep: bool = True) -> torch.nn.Module | None:
+    """The trained module for use outside the engine: saving its weights, evaluating on one rank.
+
+    Without ZeRO-3 that is ``engine.module``. Under ZeRO-3 its parameters are partitioned across ranks and its forward
+    hooks gather them with collectives, so it cannot run on one rank alone: the full weights are gathered with
+    ``deepspeed.zero.GatheredParameters`` (a collective: call this on every rank) and loaded into ``rebuild()``, a
+    fresh module of the same architecture, on the ranks with ``keep`` (None on the others).
+    """
+    if not partitions_weights(engine):
+        return engine.module
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
+        state = {k: v.detach().cpu().clone() for k, v in engine.module.state_dict().items()} if keep else None
+    if not keep:
+        return None
+    module = rebuild()
+    module.load_state_dict(state)
+    return module.to(engine.device)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -292,23 +356,77 @@ class CheckpointManager:
         staging = self.root / ".staging"
         final = self.root / tag
         if self.dist.is_main:
-            shutil.rmtree(staging / tag, ignore_errors=True)
+            shutil.rmtree(staging, ignore_errors=True)  # also what a save killed earlier left behind
         barrier()
         engine.save_checkpoint(str(staging), tag=tag, save_latest=False)
         barrier()
         if self.dist.is_main:
             _write_json_atomic(staging / tag / STATE_NAME, state)
             if final.exists():  # re-saving the same step (e.g. the NaN guard right after a periodic save)
-                shutil.rmtree(final)
+                _remove_checkpoint(final)
             os.replace(staging / tag, final)
             for old in self.complete()[:-self.keep]:
-                shutil.rmtree(old, ignore_errors=True)
+                _remove_checkpoint(old)
         barrier()
         return final
 
     def load(self, engine, path: Path) -> dict[str, Any]:
-        engine.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=True)
+        with weights_only_loading(engine):
+            engine.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=True)
         return json.loads((path / STATE_NAME).read_text())
+
+
+def _remove_checkpoint(path: Path) -> None:
+    """Mark the folder incomplete first (one atomic unlink), so a crash half-way never leaves a folder that
+    ``complete()`` would take for a whole checkpoint."""
+    (path / STATE_NAME).unlink(missing_ok=True)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+class UnsafeCheckpointError(RuntimeError):
+    """A checkpoint file holds objects other than tensors and plain data; it was not loaded."""
+
+
+def _deepspeed_safe_globals() -> list:
+    """The plain-data DeepSpeed classes its ZeRO checkpoints pickle (found by loading stage 0-3 checkpoints)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+@contextlib.contextmanager
+def weights_only_loading(engine):
+    """Make ``engine.load_checkpoint`` read its files with ``torch.load(weights_only=True)``.
+
+    DeepSpeed's checkpoint engines call ``torch.load(path, weights_only=False)`` (deepspeed 0.19), which runs any
+    code a tampered file carries. While this is active the engine's reader allows tensors, plain containers and
+    only the few DeepSpeed classes of ``_deepspeed_safe_globals``; anything else raises UnsafeCheckpointError
+    naming the file.
+    """
+    import pickle
+    import re
+
+    reader = engine.checkpoint_engine
+    allowed = _deepspeed_safe_globals()
+
+    def load(path, map_location=None):
+        try:
+            with torch.serialization.safe_globals(allowed):
+                return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as err:
+            text = str(err)
+            found = re.search(r"GLOBAL [\w.]+", text) or re.search(r"(?<=WeightsUnpickler error: )[^\n]*", text)
+            reason = found.group(0) if found else (text.splitlines() or [type(err).__name__])[0]
+            raise UnsafeCheckpointError(f"refusing to load checkpoint file {path}: it holds more than tensors and "
+                                        f"plain data ({reason}); it was not unpickled") from None
+
+    reader.load = load  # an instance attribute: shadows the class's weights_only=False reader
+    try:
+        yield
+    finally:
+        del reader.load
 
 
 def _write_json_atomic(path: Path, data: Any) -> None:
@@ -394,9 +512,9 @@ def train(*, engine, dist_info: DistInfo, make_batch: Callable[[list[int], int],
             if not finite and reliability.stop_on_nonfinite:
                 # nothing of this step was applied yet: the engine holds the last good state
                 path = ckpt.save(engine, state_at(step))
-                named = {k: float(v) for k, v in parts.items()}
+                named = {k: float(v.detach()) for k, v in parts.items()}
                 rec = record_ids(batch) if record_ids else ids
-                raise NonFiniteLoss(f"non-finite loss {float(loss)} at step {step} (micro-step {micro}, rank "
+                raise NonFiniteLoss(f"non-finite loss {float(loss.detach())} at step {step} (micro-step {micro}, rank "
                                     f"{dist_info.rank}); loss parts {named}; records {rec[:16]}; last good state "
                                     f"saved to {path}")
             engine.backward(loss)

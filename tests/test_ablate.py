@@ -77,7 +77,7 @@ def test_tiny_grid_end_to_end_and_rerun_skips_finished_cells(tmp_path, tiny_vit_
     overrides = [
         f"output_dir={tmp_path / 'ab'}", "arms=[blip2,pformer,tome]", "pairs=[16]", "lrs=[1e-3]", "seeds=[0,1]",
         "stage1_steps=2", "stage2_steps=2", "generative_steps=4", "curve_every=2", "curve_images=4",
-        "eval_images=6", "eval_questions=4", "gallery_images=3",
+        "eval_images=6", "eval_questions=4", "gallery_images=3", "retrieval_images=4",
         f"stage1_overrides=[model.text_encoder={tiny_bert_dir},model.llm={tiny_llm_dir},model.num_prompts=4,"
         f"data.holdout=4,data.max_records=64,optim.micro_batch_size=8,{','.join(tiny)}]",
         f"stage2_overrides=[{','.join(vl)}]",
@@ -98,6 +98,7 @@ def test_tiny_grid_end_to_end_and_rerun_skips_finished_cells(tmp_path, tiny_vit_
         assert cell["curve"][0]["train_seconds"] < cell["curve"][1]["train_seconds"]
         assert cell["prefix_tokens"] == (4 if cell["arm"] != "tome" else cell["prefix_tokens"])
         assert (cell["arm"] == "tome") == (cell["stage2_seconds"] == 0.0)
+        assert (cell["arm"] == "tome") == math.isnan(cell["retrieval_itc_r_mean"])  # 2a only
     tome = next(c for c in saved["cells"] if c["arm"] == "tome")
     assert tome["prefix_tokens"] < 17  # 16 patches + CLS merged by r=4 per layer
     for name in ("loss_curves.png", "metrics_vs_pairs.png", "quality_vs_time.png"):

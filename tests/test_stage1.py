@@ -37,16 +37,18 @@ def test_stage1_runs_and_writes_outputs(tmp_path, small_corpus, tiny_bert_dir, t
     summary = run_stage1(cfg)
     run = tmp_path / "run"
     assert summary["steps"] == 6
-    for name in ("config.yaml", "metrics.jsonl", "heldout.txt", "pformer/model.safetensors", "stage1_eval.json",
-                 "stage1_eval.md", "stage1_summary.json"):
+    for name in ("config.yaml", "metrics.jsonl", "heldout.txt", "pformer/model.safetensors", "eval.json",
+                 "eval.md", "predictions.json", "stage1_summary.json"):
         assert (run / name).exists(), name
     assert load_config(Stage1Config, run / "config.yaml") == cfg
     rows = _losses(run)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     assert all({"lm", "vq", "contrastive", "lr", "samples_per_s"} <= set(r) for r in rows)
-    report = json.loads((run / "stage1_eval.json").read_text())
-    assert [r["p_former"] for r in report["rows"]] == ["untrained", "trained"]
-    assert len(report["details"]["trained"]["predictions"]) == 4
+    report = json.loads((run / "eval.json").read_text())
+    assert list(report) == ["untrained", "trained"] and report["trained"]["num_sentences"] == 4
+    assert 0.0 <= report["trained"]["token_accuracy"] <= 1.0 and "bleu4" in report["trained"]
+    preds = json.loads((run / "predictions.json").read_text())
+    assert len(preds["trained"]) == 4 and set(preds["trained"][0]) == {"sentence", "regeneration"}
     # only the last keep_checkpoints complete checkpoints remain
     assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_00000004", "step_00000006"]
 

@@ -17,9 +17,9 @@ fmt            source                                                      retur
                the column ``image`` (PIL images on access) *instead of*    on access), caption, image_id; or
                ``image_path``; a string column is treated as paths.        image_path, caption, image_id
 ``webdataset`` tar shards: a brace/glob pattern (``shards/{000..009}.tar``)  ``IterableDataset`` (streaming):
-               or a list, read with ``load_dataset("webdataset",           image (PIL), caption, image_id
-               streaming=True)`` and split over data-parallel ranks with   (the sample key)
-               ``split_dataset_by_node(ds, rank, world_size)``
+               or a list, streamed with ``IterableDataset.from_generator`` image (PIL), caption, image_id
+               (one shard per generator shard) and split over data-      (the sample key)
+               parallel ranks with ``split_dataset_by_node``
 =============  ==========================================================  =====================================
 
 Bad records are counted skips in a ``SkipReport`` (see ``pformer.records``): empty/whitespace or non-string
@@ -29,8 +29,9 @@ JSON without a required key (the error names the file, the key and the record in
 a missing column. For map-style sources the skipped fraction is checked against the report's
 ``max_skip_fraction`` when loading ends; for webdataset the check runs while streaming, once
 ``STREAM_CHECK_AFTER`` samples have been seen, and the skips land in the ``report`` of the process that
-iterates (DataLoader workers hold their own copies; each pass over the stream counts its skips again). A caption ``.txt`` inside a shard that is not valid
-UTF-8 makes ``datasets``' webdataset reader itself raise ``UnicodeDecodeError`` (it decodes before we see it).
+iterates (DataLoader workers hold their own copies; each pass over the stream counts its skips again). The tar
+members are read as bytes by our own reader (``datasets``' webdataset builder decodes ``.txt`` itself, so one
+caption that is not UTF-8 would end the stream): such a caption is a counted ``invalid_utf8`` skip.
 
 ``load_image`` turns a path / PIL image / bytes into a normalised ``[3, size, size]`` float tensor with
 PIL + numpy only (shorter side resized with bicubic, centre crop, scale to [0, 1], normalise).
@@ -43,6 +44,7 @@ import io
 import json
 import os
 import re
+import tarfile
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -508,23 +510,56 @@ class _StreamConvert:
         return {"image": img, "caption": caption, "image_id": ex.get("__key__"), "_ok": True}
 
 
+_WDS_MEMBER = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # webdataset: key = path up to the name's first dot
+
+
+def _tar_samples(shards: Sequence[str]):
+    """The samples of webdataset tar shards, undecoded: ``{"__key__", "__url__", extension: bytes, ...}``."""
+    for shard in shards:
+        with tarfile.open(shard, "r|*") as tf:  # streaming read, any compression
+            sample: dict[str, Any] = {}
+            for member in tf:
+                found = _WDS_MEMBER.match(member.name) if member.isfile() else None
+                if found is None:
+                    continue
+                key, ext = found.group(1), found.group(2).lower()
+                if sample and sample["__key__"] != key:
+                    yield sample
+                    sample = {}
+                sample.update({"__key__": key, "__url__": shard, ext: tf.extractfile(member).read()})
+            if sample:
+                yield sample
+
+
+def _raw_pairs(shards: list[str], ikey: str, ckey: str):
+    """``IterableDataset.from_generator`` body: image bytes and caption bytes, decoded later by _StreamConvert."""
+    for ex in _tar_samples(shards):
+        img = ex.get(ikey)
+        yield {"__key__": ex["__key__"], "__url__": ex["__url__"], "caption": ex.get(ckey),
+               "image": None if img is None else {"bytes": img, "path": f"{ex['__key__']}.{ikey}"}}
+
+
 def _load_webdataset(source, caption_field, image_field, max_records, report, verify_images, rank, world_size):
     shards = expand_shards(source)
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
-    ds = datasets.load_dataset("webdataset", data_files={"train": shards}, split="train", streaming=True)
-    feats = ds.features or {}
-    fields = [k for k in feats if not k.startswith("__")]
-    ikey = image_field if image_field in feats else next((k for k in _WDS_IMAGE_KEYS if k in feats), None)
-    ckey = caption_field if caption_field in feats else next((k for k in _WDS_CAPTION_KEYS if k in feats), None)
-    if ikey is None or not isinstance(feats[ikey], datasets.Image):
+    first = next(_tar_samples(shards[:1]), None)  # the fields, as datasets' reader infers them: from the start
+    if first is None:
+        raise ValueError(f"webdataset shard {shards[0]!r} holds no samples")
+    fields = [k for k in first if not k.startswith("__")]
+    ikey = image_field if image_field in first else next((k for k in _WDS_IMAGE_KEYS if k in first), None)
+    ckey = caption_field if caption_field in first else next((k for k in _WDS_CAPTION_KEYS if k in first), None)
+    if ikey is None:
         raise ValueError(f"webdataset shards {shards[0]!r}...: no image field {image_field!r} (fields: {fields})")
     if ckey is None:
         raise ValueError(f"webdataset shards {shards[0]!r}...: no caption field {caption_field!r} (fields: {fields})")
+    raw = datasets.Features({"__key__": datasets.Value("string"), "__url__": datasets.Value("string"),
+                             "caption": datasets.Value("binary"), "image": datasets.Image(decode=False)})
+    ds = datasets.IterableDataset.from_generator(_raw_pairs, features=raw,
+                                                 gen_kwargs={"shards": list(shards), "ikey": ikey, "ckey": ckey})
     if world_size > 1:
         ds = split_dataset_by_node(ds, rank=rank, world_size=world_size)
-    ds = ds.cast_column(ikey, datasets.Image(decode=False))
-    convert = _StreamConvert(ikey, ckey, verify_images, report)
+    convert = _StreamConvert("image", "caption", verify_images, report)
     out_feats = datasets.Features(
         {
             "image": datasets.Image(decode=False),
@@ -533,7 +568,7 @@ def _load_webdataset(source, caption_field, image_field, max_records, report, ve
             "_ok": datasets.Value("bool"),
         }
     )
-    ds = ds.map(convert, remove_columns=list(feats), features=out_feats)
+    ds = ds.map(convert, remove_columns=list(raw), features=out_feats)
     ds = ds.filter(lambda ex: ex["_ok"]).remove_columns("_ok").cast_column("image", datasets.Image())
     if max_records is not None:
         ds = ds.take(max_records)

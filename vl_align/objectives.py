@@ -53,6 +53,11 @@ class AlignmentStats:
     scale: torch.Tensor
 
 
+def _pad_right(x: torch.Tensor, length: int) -> torch.Tensor:
+    """[B, T] -> [B, length] with zeros appended (token id 0 under attention mask 0: ignored)."""
+    return torch.nn.functional.pad(x, (0, length - x.shape[1]))
+
+
 def representation_loss(front: Callable[..., dict], batch: RepresentationBatch, weights: RepresentationWeights,
                         align: AlignmentConfig, stats: AlignmentStats | None = None, gather: Gather = identity,
                         gather_nograd: Gather = identity, rank: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -78,10 +83,13 @@ def representation_loss(front: Callable[..., dict], batch: RepresentationBatch, 
         neg_text, neg_image = sample_hard_negatives(sim_i2t.detach(), sim_t2i.detach(), rank, positives,
                                                     draws[rank * b:(rank + 1) * b].to(sim_i2t.device))
         all_images = gather_nograd(image_embeds.detach())
-        all_ids, all_mask = gather_nograd(batch.input_ids), gather_nograd(batch.attention_mask)
+        # each rank pads its captions to its own longest: pad to the global longest before gathering
+        length = int(gather_nograd(torch.tensor([batch.input_ids.shape[1]], device=batch.input_ids.device)).max())
+        local_ids, local_mask = _pad_right(batch.input_ids, length), _pad_right(batch.attention_mask, length)
+        all_ids, all_mask = gather_nograd(local_ids), gather_nograd(local_mask)
         images = torch.cat([image_embeds, all_images[neg_image], image_embeds])
-        ids = torch.cat([batch.input_ids, batch.input_ids, all_ids[neg_text]])
-        mask = torch.cat([batch.attention_mask, batch.attention_mask, all_mask[neg_text]])
+        ids = torch.cat([local_ids, local_ids, all_ids[neg_text]])
+        mask = torch.cat([local_mask, local_mask, all_mask[neg_text]])
         logits = front("match", image_embeds=images, input_ids=ids, attention_mask=mask)["itm_logits"]
         parts["itm"] = itm_loss(logits, num_positive=b)
     else:
