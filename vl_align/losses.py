@@ -108,9 +108,10 @@ def alignment_loss(pred: torch.Tensor, target: torch.Tensor, kind: AlignmentKind
     """How far the projected front output W·Z [B, n, d] is from the P-Former prompts P(y) [B, n, d].
 
     * ``mse``: the paper's loss.
-    * ``standardized_mse``: MSE after subtracting the corpus-mean prompt ``center`` [n, d] and dividing by the corpus
-      per-element std ``scale`` [n, d], so the caption-specific part of P(y) carries the weight instead of the
-      component all captions share.
+    * ``standardized_mse``: MSE after subtracting the corpus-mean prompt ``center`` [n, d] and dividing by
+      ``scale`` [n, d] (the pipelines pass the corpus RMS deviation from the mean, one value), so the
+      caption-specific part of P(y) carries the weight instead of the component all captions share; predicting the
+      corpus mean scores 1.
     * ``cosine``: 1 - cosine similarity of the centred prompt vectors, averaged over the n prompts.
     * ``contrastive``: InfoNCE between the flattened centred W·Z and P(y) of the global batch (each prediction
       must be closer to its own caption's prompts than to the other captions').
@@ -123,7 +124,7 @@ def alignment_loss(pred: torch.Tensor, target: torch.Tensor, kind: AlignmentKind
     pred_c, target_c = pred - center, target - center
     if kind == "standardized_mse":
         if scale is None:
-            raise ValueError("alignment kind 'standardized_mse' needs the corpus per-element std (scale)")
+            raise ValueError("alignment kind 'standardized_mse' needs the corpus scale")
         return F.mse_loss(pred_c / scale, target_c / scale)
     if kind == "cosine":
         return (1.0 - F.cosine_similarity(pred_c, target_c, dim=-1)).mean()

@@ -48,7 +48,7 @@ class RepresentationBatch:
 
 @dataclass
 class AlignmentStats:
-    """Corpus statistics of P(y) that the alignment variants need: mean and per-element std [n, d]."""
+    """Corpus statistics of P(y) that the alignment variants need: the mean [n, d] and a scale [n, d]."""
     center: torch.Tensor
     scale: torch.Tensor
 
