@@ -1,0 +1,150 @@
+"""The benchmark's FLOP counter against hand counts and torch's FlopCounterMode, and its measurement units end to
+end on the tiny fixtures (no timing assertions)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from benchmarks import flops as F
+from benchmarks.bench import measure_in_subprocess, plan, run_case
+
+
+def test_linear_layer_hand_count():
+    led = F.FlopLedger()
+    led.linear("x", tokens=15, d_in=8, d_out=4, grad=F.TRAIN)
+    assert (led.forward, led.backward) == (2 * 15 * 8 * 4, 2 * 2 * 15 * 8 * 4)
+    frozen = F.FlopLedger()
+    frozen.linear("x", 15, 8, 4, F.THROUGH)
+    frozen.linear("y", 15, 8, 4, F.NONE)
+    assert (frozen.forward, frozen.backward) == (2 * 960, 960)
+    # torch executes the same forward; its backward skips the input gradient nobody needs
+    lin = torch.nn.Linear(8, 4)
+    with F.flop_counter() as fwd:
+        y = lin(torch.randn(3, 5, 8))
+    with F.flop_counter() as bwd:
+        y.sum().backward()
+    assert fwd.get_total_flops() == 960 and bwd.get_total_flops() == 960
+
+
+def test_attention_matmuls_count_twice_in_backward_even_when_frozen():
+    led = F.FlopLedger()
+    led.attention("a", batch_heads=6, lq=5, lk=7, head_dim=4, grad=F.THROUGH)
+    assert led.forward == 2 * (2 * 6 * 5 * 4 * 7) and led.backward == 2 * led.forward
+
+
+def test_cpu_attention_kernel_is_counted():
+    q = torch.randn(2, 3, 5, 8)
+    with F.flop_counter() as fc:
+        torch.nn.functional.scaled_dot_product_attention(q, q, q, attn_mask=torch.zeros(2, 1, 5, 5))
+    assert fc.get_total_flops() == 2 * (2 * 2 * 3 * 5 * 8 * 5)
+
+
+def _tiny_qformer(queries=4):
+    from vl_align.qformer import QFormer, QFormerConfig
+
+    torch.manual_seed(0)
+    return QFormer(QFormerConfig(vision_width=24, num_query_tokens=queries, hidden_size=32, num_hidden_layers=2,
+                                 num_attention_heads=4, intermediate_size=64, vocab_size=50,
+                                 max_position_embeddings=16, hidden_dropout_prob=0.0,
+                                 attention_probs_dropout_prob=0.0))
+
+
+def test_qformer_queries_pass_hand_count_and_torch():
+    b, q, nv, h, inter, dv = 3, 4, 17, 32, 64, 24
+    # by hand: 2 layers of self-attention (q,k,v,o + scores + values) and query FFN over 4 queries; layer 0 also
+    # cross-attends (q, o over the queries; k, v over the 17 image tokens of width 24)
+    self_attn = 4 * 2 * q * h * h + 2 * (2 * q * q * h)
+    ffn = 2 * (2 * q * h * inter)
+    cross = 2 * (2 * q * h * h) + 2 * (2 * nv * dv * h) + 2 * (2 * q * nv * h)
+    per_sample = 2 * (self_attn + ffn) + cross
+    model = _tiny_qformer(q)
+    dims = F.QFormerDims.from_config(model.hf_config, q)
+    led = F.FlopLedger()
+    F.qformer_pass(led, "qformer", b, q, 0, nv, dims, F.TRAIN)
+    assert led.forward == b * per_sample and led.backward == 2 * led.forward
+    with F.flop_counter() as fc:
+        model.forward_queries(torch.randn(b, nv, dv))
+    assert fc.get_total_flops() == led.forward
+
+
+def test_qformer_joint_pass_and_lm_head_match_torch():
+    b, t, nv = 2, 6, 9
+    model = _tiny_qformer()
+    dims = F.QFormerDims.from_config(model.hf_config, model.num_query_tokens)
+    led = F.FlopLedger()
+    F.qformer_pass(led, "qformer", b, dims.queries, t, nv, dims, F.TRAIN)
+    F.qformer_lm_head(led, "head", b, t, dims, F.TRAIN)
+    ids = torch.randint(1, 50, (b, t))
+    with F.flop_counter() as fc:
+        model.forward_generation(torch.randn(b, nv, 24), None, ids, torch.ones_like(ids))
+    assert fc.get_total_flops() == led.forward
+
+
+def _tiny_overrides(stage, vit, bert, llm):
+    if stage == "stage1":
+        return [f"model.text_encoder={bert}", f"model.llm={llm}", "model.num_prompts=4"]
+    return [f"vision.model={vit}", f"front.init_from={bert}", "front.num_query_tokens=4", f"llm={llm}",
+            f"front.tome.init_from={bert}", "front.tome.r=4"]
+
+
+def _spec(stage, front, vit, bert, llm, **kw):
+    return {"name": f"{stage}/{front}", "kind": "step", "stage": stage, "front": front, "image_size": 16, "batch": 4,
+            "dtype": "float32", "device": "cpu", "warmup": 0, "steps": 1, "count_executed": True,
+            "overrides": _tiny_overrides(stage, vit, bert, llm), **kw}
+
+
+@pytest.mark.parametrize("stage,front", [("stage1", None), ("representation", "qformer"),
+                                         ("representation", "elip"), ("generative", "qformer"),
+                                         ("generative", "tome"), ("generative", "elip")])
+def test_step_units_end_to_end_on_tiny_models(stage, front, tiny_vit_dir, tiny_bert_dir, tiny_llm_dir):
+    r = run_case(_spec(stage, front, tiny_vit_dir, tiny_bert_dir, tiny_llm_dir))
+    assert r["samples_per_s"] > 0 and math.isfinite(r["loss"])
+    fl, ex = r["flops_per_sample"], r["executed_flops_per_sample"]
+    # the analytic forward is exactly what torch executes (tiny models make every small term visible)
+    assert fl["forward"] == pytest.approx(ex["forward"], rel=1e-9)
+    assert 0 < ex["backward"] <= fl["backward"] * 1.3  # torch recomputes attention scores, skips unneeded grads
+    tokens = r["tokens"]
+    if stage == "stage1":
+        assert tokens["prefix_tokens_to_llm"] == 4
+        return
+    assert tokens["vision_tokens"] == 17  # 16 px / 4 px patches + [CLS]
+    if front == "tome":  # r=4 per layer over 2 layers: 17 -> 13 -> 9
+        assert tokens["visual_tokens_to_next_stage"] == 9 and tokens["connector_tokens_per_layer"] == [13, 9]
+    else:
+        assert tokens["visual_tokens_to_next_stage"] == 4
+    if front == "elip":  # keep 14, 10, 6 of 16 patches (+1 fused) after layers 2, 4, 10
+        assert tokens["vision_tokens_into_front"] == 1 + 6 + 1
+        assert tokens["vit_tokens_per_layer"] == [17, 17, 16, 16, 12, 12, 12, 12, 12, 12, 8, 8]
+        assert tokens["vit_mean_tokens_per_layer"] == pytest.approx(154 / 12)
+
+
+@pytest.mark.parametrize("vision_input", ["features", "pixels"])
+def test_blip2_reference_unit(vision_input, tiny_vit_dir, tiny_bert_dir, tiny_llm_dir):
+    spec = _spec("reference", f"blip2_hf_{vision_input}", tiny_vit_dir, tiny_bert_dir, tiny_llm_dir,
+                 vision_input=vision_input)
+    r = run_case(spec)  # raises if the image does not reach the loss
+    sh = r["shapes"]
+    assert sh["loss_own_images"] != sh["loss_other_images"]
+    assert r["tokens"]["visual_tokens_to_next_stage"] == 4
+    assert r["flops_per_sample"]["forward"] == pytest.approx(r["executed_flops_per_sample"]["forward"], rel=1e-9)
+    frozen_vision = 12 * 32 * 32 * 4 if vision_input == "pixels" else 0
+    assert r["frozen_params"] > frozen_vision  # LLM (+ vision tower) frozen; Q-Former, queries, projection train
+
+
+def test_subprocess_measurement_reports_its_own_peak_memory(tmp_path):
+    r = measure_in_subprocess({"name": "peak", "kind": "peak", "device": "cpu", "sizes": [64], "repeats": 1},
+                              tmp_path, timeout_s=300)
+    assert "error" not in r, r.get("log_tail")
+    assert r["peak"]["float32"]["tflops"] > 0 and r["peak_rss_mb"] > 10
+
+
+def test_plan_covers_every_stage_and_front():
+    names = [c["name"] for c in plan(quick=True, device="cpu", dtype="float32")]
+    for part in ("stage1@", "representation/qformer@112", "representation/elip@112", "generative/qformer@112",
+                 "generative/tome@112", "generative/elip@112", "blip2_hf_features", "blip2_hf_pixels",
+                 "generative/qformer@112/bfloat16"):
+        assert any(part in n for n in names), part
+    full = plan(quick=False, device="cpu", dtype="float32")
+    assert {c["image_size"] for c in full if c.get("scaling")} == {112, 224, 448}
