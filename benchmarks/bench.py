@@ -20,7 +20,7 @@ Timing-only shortcuts, each stated in the report: the P-Former targets P(y) of t
 random tensor (the stage reads them from a cache; the loss is one MSE), the generative fronts start from their
 initialisation (no ``init_front``), and every step reuses one batch (token counts and shapes are those of real
 captions and images). DeepSpeed's engine and data loading are not in the step: both ours and the reference use
-plain ``torch.optim.AdamW`` with the stage's parameter groups and gradient clipping.
+the stage's AdamW (``pipelines.training.build_optimizer``: fused on CPU/CUDA) and gradient clipping.
 """
 from __future__ import annotations
 
@@ -42,6 +42,7 @@ MAIN_SIZE = 112
 SCALING_SIZES = (112, 224, 448)
 GENERATIVE_FRONTS = ("qformer", "tome", "elip")
 REPRESENTATION_FRONTS = ("qformer", "elip")
+LIVE_TOWER_QFORMER = "qformer+tower"  # qformer with the frozen tower run in the step: what ELIP's pruning speeds up
 _QUIET_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
               "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
 
@@ -177,9 +178,13 @@ def _setup_representation(spec, device, dtype):
     from vl_align.vision import VisionTower
 
     front_kind, size, b = spec["front"], spec["image_size"], spec["batch"]
+    # ELIP's baseline: the same Q-Former with the unpruned frozen tower running inside the step (no feature cache)
+    unpruned_tower = front_kind == LIVE_TOWER_QFORMER
+    front_kind = "qformer" if unpruned_tower else front_kind
     yaml = "stage2_elip.yaml" if front_kind == "elip" else "stage2.yaml"
     cfg = load_config(Stage2Config, CONFIG_DIR / yaml,
-                      [f"front.kind={front_kind}", f"vision.image_size={size}", *spec["overrides"]])
+                      [f"front.kind={front_kind}", f"vision.image_size={size}",
+                       *(["vision.cache_features=false"] if unpruned_tower else []), *spec["overrides"]])
     tower = VisionTower.build(cfg.vision).to(device)
     live = front_kind == "elip" or not cfg.vision.cache_features
     llm_width = _llm_width(cfg.llm)
@@ -208,7 +213,8 @@ def _setup_representation(spec, device, dtype):
     elip = (size, F.ViTDims.from_config(tower.model.config), front.vision.elip_config) if front_kind == "elip" else None
     ledger, info = F.representation_step(b, tok.input_ids.shape[1], tower.num_tokens, qf, cfg.front.embed_dim,
                                          llm_width, itm=bool(cfg.losses.itm), itg=bool(cfg.losses.itg),
-                                         elip_vision=elip)
+                                         elip_vision=elip, live_vision=(size, F.ViTDims.from_config(
+                                             tower.model.config)) if unpruned_tower else None)
     tokens = {"vision_tokens": tower.num_tokens, "visual_tokens_to_next_stage": q,
               "vision_tokens_into_front": info["vision_tokens_to_front"]}
     if front_kind == "elip":
@@ -460,8 +466,7 @@ def measure_step(spec: dict) -> dict:
     setup = _SETUPS[spec["stage"]]
     model, loss_fn, ledger, tokens, shapes, optim = setup(spec, device, dtype)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(training.param_groups(model, optim.weight_decay), lr=optim.lr,
-                                  betas=optim.betas, eps=optim.eps)
+    optimizer = training.build_optimizer(model, optim, device)
     last = {}
 
     def forward():
@@ -603,7 +608,7 @@ def plan(quick: bool, device: str, dtype: str, batch: int | None = None, steps: 
     cases = [{"name": "matmul_peak", "kind": "peak", "device": device, "sizes": sizes,
               "repeats": 3 if quick else 8}]
     cases.append(step("stage1"))
-    cases += [step("representation", f) for f in REPRESENTATION_FRONTS]
+    cases += [step("representation", f) for f in (*REPRESENTATION_FRONTS, LIVE_TOWER_QFORMER)]
     cases += [step("generative", f) for f in GENERATIVE_FRONTS]
     cases += [step("reference", "blip2_hf_features", vision_input="features"),
               step("reference", "blip2_hf_pixels", vision_input="pixels")]
@@ -617,8 +622,9 @@ def plan(quick: bool, device: str, dtype: str, batch: int | None = None, steps: 
             for f in GENERATIVE_FRONTS:
                 cases.append(step("generative", f, size=size, batch=scaling_batch, steps=2, count_executed=False,
                                   scaling=True))
-            cases.append(step("representation", "elip", size=size, batch=scaling_batch, steps=2,
-                              count_executed=False, scaling=True))
+            for f in ("elip", LIVE_TOWER_QFORMER):
+                cases.append(step("representation", f, size=size, batch=scaling_batch, steps=2,
+                                  count_executed=False, scaling=True))
     return cases
 
 
@@ -690,7 +696,8 @@ def assemble(results: list[dict], machine: dict, args, dtype: str, dtype_rule: s
                  "predicted); its vision tower and Q-Former have random weights, its LLM is the same SmolLM2",
     }
     stage2 = {}
-    for stage, fronts in (("generative", GENERATIVE_FRONTS), ("representation", REPRESENTATION_FRONTS)):
+    for stage, fronts in (("generative", GENERATIVE_FRONTS),
+                          ("representation", (*REPRESENTATION_FRONTS, LIVE_TOWER_QFORMER))):
         stage2[stage] = {}
         for f in fronts:
             r = _find(steps, stage, f, dtype=dtype)
@@ -708,6 +715,15 @@ def assemble(results: list[dict], machine: dict, args, dtype: str, dtype_rule: s
         "visual_tokens_to_next_stage": t["visual_tokens_to_next_stage"] / q["visual_tokens_to_next_stage"],
         "peak_rss_mb": t["peak_rss_mb"] / q["peak_rss_mb"],
         "gflops_per_sample": t["gflops_per_sample"] / q["gflops_per_sample"]}
+    e, u = _find(steps, "representation", "elip", dtype=dtype), _find(steps, "representation", LIVE_TOWER_QFORMER,
+                                                                      dtype=dtype)
+    stage2["ratio_elip_over_unpruned_tower"] = None if not (e and u) else {
+        "samples_per_s": e["samples_per_s"] / u["samples_per_s"], "peak_rss_mb": e["peak_rss_mb"] / u["peak_rss_mb"],
+        "cuda_peak_mb": (e["cuda_peak_mb"] / u["cuda_peak_mb"]) if e.get("cuda_peak_mb") and u.get("cuda_peak_mb")
+        else None,
+        "gflops_per_sample": e["flops_per_sample"]["total"] / u["flops_per_sample"]["total"],
+        "vit_mean_tokens_per_layer": e["tokens"].get("vit_mean_tokens_per_layer"),
+        "vit_tokens_unpruned": u["tokens"]["vision_tokens"]}
     stage2["image_size"] = MAIN_SIZE
     stage2["dtype"] = dtype
     machine = {**machine, "load_average_end": list(os.getloadavg())}
@@ -806,6 +822,12 @@ def write_markdown(report: dict, path: Path) -> None:
         parts.append(f"\ntome / qformer (generative): samples/s {_fmt(ratio['samples_per_s'])}x, visual tokens "
                      f"{_fmt(ratio['visual_tokens_to_next_stage'])}x, peak memory {_fmt(ratio['peak_rss_mb'])}x, "
                      f"FLOPs/sample {_fmt(ratio['gflops_per_sample'])}x.\n")
+    er = s2.get("ratio_elip_over_unpruned_tower")
+    if er:
+        parts.append(f"\nelip / qformer with the unpruned tower in the step (representation): samples/s "
+                     f"{_fmt(er['samples_per_s'])}x, peak memory {_fmt(er['peak_rss_mb'])}x (RSS), FLOPs/sample "
+                     f"{_fmt(er['gflops_per_sample'])}x; ViT mean tokens per layer "
+                     f"{_fmt(er['vit_mean_tokens_per_layer'])} of {er['vit_tokens_unpruned']}.\n")
     parts.append("## Scaling with the image size\n")
     rows = [[r["stage"], r["front"], r["image_size"], r["batch"], r["tokens"].get("vision_tokens"),
              r["tokens"].get("visual_tokens_to_next_stage"), r["tokens"].get("vit_mean_tokens_per_layer"),

@@ -300,10 +300,14 @@ def stage1_step(b: int, t_enc: int, t_llm: int, enc: EncoderDims, num_prompts: i
 
 
 def representation_step(b: int, t: int, nv: int, qf: QFormerDims, embed_dim: int, llm_width: int,
-                        itm: bool = True, itg: bool = True, elip_vision: tuple | None = None) -> tuple[FlopLedger, dict]:
+                        itm: bool = True, itg: bool = True, elip_vision: tuple | None = None,
+                        live_vision: tuple | None = None) -> tuple[FlopLedger, dict]:
     """BLIP-2 stage 1 (ITC + ITM + ITG) + the W·Z projection for the alignment. ``elip_vision`` =
-    (image_size, ViTDims, ElipConfig) when the tower runs inside the step (ELIP); then ``nv`` is ignored."""
+    (image_size, ViTDims, ElipConfig) when the pruned tower runs inside the step (ELIP); then ``nv`` is ignored.
+    ``live_vision`` = (image_size, ViTDims) when the unpruned frozen tower runs inside the step (no feature cache)."""
     led, info = FlopLedger(), {}
+    if live_vision is not None:
+        vit(led, "vision", b, *live_vision, NONE)
     if elip_vision is not None:
         info = elip_vit(led, "vision", b, *elip_vision)
         nv = info["output_tokens"]

@@ -262,6 +262,34 @@ def compare_to_baseline(cells: list[dict], baseline: str, metrics=("CIDEr", "exa
     return out
 
 
+def time_to_baseline_quality(cells: list[dict], baseline: str) -> list[dict]:
+    """SimVLG's claim is time to quality: per (pairs, lr), the training seconds (stage 2a included) at which each
+    arm's seed-averaged curve of held-out CIDEr first reaches the baseline's final curve value, and its ratio to the
+    baseline's total training seconds. Curve points use the same held-out images for every arm; nan when never
+    reached."""
+    out = []
+    for pairs, lr in sorted({(c["pairs"], c["lr"]) for c in cells}):
+        base = [c for c in cells if (c["arm"], c["pairs"], c["lr"]) == (baseline, pairs, lr) and c["curve"]]
+        if not base:
+            continue
+        base_seconds, base_cider = _mean_curve(base, "curve", "train_seconds", "CIDEr")
+        if not base_cider:
+            continue
+        target, base_total = base_cider[-1], base_seconds[-1]
+        for arm in sorted({c["arm"] for c in cells if (c["pairs"], c["lr"]) == (pairs, lr)}):
+            mine = [c for c in cells if (c["arm"], c["pairs"], c["lr"]) == (arm, pairs, lr) and c["curve"]]
+            if not mine:
+                continue
+            seconds, cider = _mean_curve(mine, "curve", "train_seconds", "CIDEr")
+            reached = next((t for t, v in zip(seconds, cider) if v >= target), float("nan"))
+            out.append({"arm": arm, "pairs": pairs, "lr": lr, "target_CIDEr": target,
+                        "seconds_to_target": reached, "baseline_seconds": base_total,
+                        "ratio": reached / base_total if base_total > 0 else float("nan"),
+                        "final_CIDEr": cider[-1] if cider else float("nan"),
+                        "final_seconds": seconds[-1] if seconds else float("nan")})
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # report
 def _pm(mean: float, std: float, seeds: int, digits: int = 3) -> str:
@@ -271,7 +299,7 @@ def _pm(mean: float, std: float, seeds: int, digits: int = 3) -> str:
 
 
 def report_markdown(cfg: AblateConfig, cells: list[dict], groups: list[dict], comparisons: list[dict],
-                    stage1_md: str, wall_seconds: float) -> str:
+                    stage1_md: str, wall_seconds: float, time_to_quality: list[dict] = ()) -> str:
     from .reports import markdown_table
 
     table = [{"arm": g["arm"], "pairs": g["pairs"], "lr": f"{g['lr']:g}", "seeds": g["seeds"],
@@ -287,6 +315,13 @@ def report_markdown(cfg: AblateConfig, cells: list[dict], groups: list[dict], co
     comp = [{"arm": c["arm"], "pairs": c["pairs"], "lr": f"{c['lr']:g}", "metric": c["metric"],
              "Δ vs " + cfg.baseline: f"{c['delta']:+.3f}", "2·SE": f"{2 * c['se']:.3f}" if math.isfinite(c["se"]) else "—",
              "verdict": c["verdict"]} for c in comparisons]
+    speed = [{"arm": t["arm"], "pairs": t["pairs"], "lr": f"{t['lr']:g}",
+              f"{cfg.baseline} final CIDEr": f"{t['target_CIDEr']:.3f}",
+              "s to reach it": f"{t['seconds_to_target']:.0f}" if math.isfinite(t["seconds_to_target"]) else "never",
+              f"{cfg.baseline} total s": f"{t['baseline_seconds']:.0f}",
+              "ratio": f"{t['ratio']:.2f}" if math.isfinite(t["ratio"]) else "—",
+              "own final CIDEr": f"{t['final_CIDEr']:.3f}", "own total s": f"{t['final_seconds']:.0f}"}
+             for t in time_to_quality]
     arms = "\n".join(f"- `{a}`: {ARMS[a].description}" for a in cfg.arms)
     lines = [f"# Ablation: {cfg.dataset}", "",
              f"{len(cells)} runs, wall time {wall_seconds / 60:.1f} min in this invocation (finished cells are "
@@ -296,6 +331,9 @@ def report_markdown(cfg: AblateConfig, cells: list[dict], groups: list[dict], co
              "", arms, "", stage1_md, "## Held-out captioning and zero-shot VQA", "", markdown_table(table), "",
              f"## Differences to `{cfg.baseline}` (beyond seed spread: |Δ| > 2·SE)", "",
              markdown_table(comp) if comp else "(no comparisons)", "",
+             f"## Time to `{cfg.baseline}`'s final quality (seed-mean curve of held-out CIDEr on "
+             f"{cfg.curve_images} images; training seconds, stage 2a included)", "",
+             markdown_table(speed) if speed else "(no curves)", "",
              "Plots: `loss_curves.png`, `metrics_vs_pairs.png`, `quality_vs_time.png`."]
     return "\n".join(lines) + "\n"
 
@@ -449,13 +487,16 @@ def run_ablation(cfg: AblateConfig) -> dict:
                     cells.append(run_cell(cfg, arm, pairs, lr, seed, pformer_dir, checker))
     groups = group_cells(cells)
     comparisons = compare_to_baseline(cells, cfg.baseline)
+    speed = time_to_baseline_quality(cells, cfg.baseline)
     wall = time.perf_counter() - start
-    text = report_markdown(cfg, cells, groups, comparisons, stage1_md, wall)
+    text = report_markdown(cfg, cells, groups, comparisons, stage1_md, wall, speed)
     (out / "results.md").write_text(text)
     write_csv(out / "results.csv", cells)
     (out / "results.json").write_text(json.dumps({"config": cfg.dataset, "wall_seconds": wall, "cells": cells,
-                                                  "groups": groups, "comparisons": comparisons}, indent=2))
+                                                  "groups": groups, "comparisons": comparisons,
+                                                  "time_to_baseline_quality": speed}, indent=2))
     write_plots(out, cfg, cells, groups)
     write_gallery(out, cfg)
     print(text, flush=True)
-    return {"cells": cells, "groups": groups, "comparisons": comparisons, "wall_seconds": wall}
+    return {"cells": cells, "groups": groups, "comparisons": comparisons, "time_to_baseline_quality": speed,
+            "wall_seconds": wall}

@@ -10,7 +10,7 @@ import pytest
 from pformer.config import ConfigError, load_config
 from pipelines import ablate
 from pipelines.ablate import (AblateConfig, CaptionChecker, CollapseConfig, compare_to_baseline, group_cells,
-                              mean_std, run_ablation)
+                              mean_std, run_ablation, time_to_baseline_quality)
 
 
 def _cell(arm, seed, cider, pairs=50, lr=1e-4, **extra):
@@ -49,6 +49,25 @@ def test_groups_report_collapse_rate_per_cell_group():
     assert groups[("blip2", 50)]["collapse_rate"] == 0.5 and groups[("blip2", 50)]["seeds"] == 2
     assert groups[("blip2", 50)]["CIDEr"] == pytest.approx(1.1)
     assert groups[("blip2", 500)]["CIDEr_std"] == 0.0
+
+
+def _curve(points):
+    return [{"step": i, "train_seconds": t, "CIDEr": c} for i, (t, c) in enumerate(points)]
+
+
+def test_time_to_baseline_quality_uses_seed_mean_curves():
+    # baseline: seed-mean curve (50 s, 0.2), (100 s, 0.6); target 0.6 reached at 100 s
+    cells = [_cell("blip2", 0, 0.0, curve=_curve([(40, 0.2), (90, 0.5)])),
+             _cell("blip2", 1, 0.0, curve=_curve([(60, 0.2), (110, 0.7)])),
+             # tome: mean (10, 0.3), (30, 0.65), (50, 0.9): first reaches 0.6 at 30 s, ratio 0.3
+             _cell("tome", 0, 0.0, curve=_curve([(10, 0.5), (30, 0.6), (50, 1.0)])),
+             _cell("tome", 1, 0.0, curve=_curve([(10, 0.1), (30, 0.7), (50, 0.8)])),
+             _cell("control", 0, 0.0, curve=_curve([(70, 0.1), (140, 0.2)]))]  # never reaches it
+    by = {r["arm"]: r for r in time_to_baseline_quality(cells, "blip2")}
+    assert by["blip2"]["target_CIDEr"] == pytest.approx(0.6) and by["blip2"]["ratio"] == pytest.approx(1.0)
+    assert by["tome"]["seconds_to_target"] == pytest.approx(30) and by["tome"]["ratio"] == pytest.approx(0.3)
+    assert by["tome"]["final_CIDEr"] == pytest.approx(0.9)
+    assert math.isnan(by["control"]["seconds_to_target"]) and math.isnan(by["control"]["ratio"])
 
 
 def test_caption_checker_flags_degenerate_outputs():

@@ -96,7 +96,8 @@ def _spec(stage, front, vit, bert, llm, **kw):
 
 
 @pytest.mark.parametrize("stage,front", [("stage1", None), ("representation", "qformer"),
-                                         ("representation", "elip"), ("generative", "qformer"),
+                                         ("representation", "elip"), ("representation", "qformer+tower"),
+                                         ("generative", "qformer"),
                                          ("generative", "tome"), ("generative", "elip")])
 def test_step_units_end_to_end_on_tiny_models(stage, front, tiny_vit_dir, tiny_bert_dir, tiny_llm_dir):
     r = run_case(_spec(stage, front, tiny_vit_dir, tiny_bert_dir, tiny_llm_dir))
@@ -114,6 +115,8 @@ def test_step_units_end_to_end_on_tiny_models(stage, front, tiny_vit_dir, tiny_b
         assert tokens["visual_tokens_to_next_stage"] == 9 and tokens["connector_tokens_per_layer"] == [13, 9]
     else:
         assert tokens["visual_tokens_to_next_stage"] == 4
+    if front == "qformer+tower":  # the frozen tower's forward is in the step and in the count
+        assert fl["by_component"]["vision"] > 0 and tokens["vision_tokens_into_front"] == 17
     if front == "elip":  # keep 14, 10, 6 of 16 patches (+1 fused) after layers 2, 4, 10
         assert tokens["vision_tokens_into_front"] == 1 + 6 + 1
         assert tokens["vit_tokens_per_layer"] == [17, 17, 16, 16, 12, 12, 12, 12, 12, 12, 8, 8]
@@ -142,7 +145,8 @@ def test_subprocess_measurement_reports_its_own_peak_memory(tmp_path):
 
 def test_plan_covers_every_stage_and_front():
     names = [c["name"] for c in plan(quick=True, device="cpu", dtype="float32")]
-    for part in ("stage1@", "representation/qformer@112", "representation/elip@112", "generative/qformer@112",
+    for part in ("stage1@", "representation/qformer@112", "representation/elip@112", "representation/qformer+tower@112",
+                 "generative/qformer@112",
                  "generative/tome@112", "generative/elip@112", "blip2_hf_features", "blip2_hf_pixels",
                  "generative/qformer@112/bfloat16"):
         assert any(part in n for n in names), part
