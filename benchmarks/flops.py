@@ -295,7 +295,7 @@ def stage1_step(b: int, t_enc: int, t_llm: int, enc: EncoderDims, num_prompts: i
     if vq:
         led.matmul("losses", 1, b * num_prompts, llm.hidden, llm.vocab, NONE)  # L_vq nearest-embedding search
     if lm:
-        llm_prefix_lm(led, "llm", b, num_prompts + t_llm, t_llm + 1, llm)
+        llm_prefix_lm(led, "llm", b, num_prompts + t_llm, t_llm, llm)
     return led
 
 
@@ -351,7 +351,7 @@ def generative_step(front: str, b: int, t_llm: int, nv: int, llm: LlamaDims, qf:
         led.linear("heads", b * qf.queries, qf.hidden, llm.hidden, TRAIN)
         prefix = qf.queries
     if lm:
-        llm_prefix_lm(led, "llm", b, prefix + t_prompt + t_llm, t_llm + 1, llm)
+        llm_prefix_lm(led, "llm", b, prefix + t_prompt + t_llm, t_llm, llm)
     return led, {**info, "vision_tokens_to_front": nv, "tokens_to_llm": prefix}
 
 
