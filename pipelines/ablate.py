@@ -91,6 +91,9 @@ class AblateConfig(Config):
     generative_overrides: list[str] = param(default_factory=list, help="extra overrides of every generative stage")
     collapse: CollapseConfig = field(default_factory=CollapseConfig)
     gallery_images: int = param(8, ge=0, help="held-out images shown with every arm's caption in captions.md")
+    report_only: bool = param(False, help="write the report from the finished cells of the grid and run nothing "
+                                          "(for a grid that is still running or was stopped); missing cells are "
+                                          "listed")
 
     def check(self) -> None:
         for arm in self.arms:
@@ -266,7 +269,7 @@ def time_to_baseline_quality(cells: list[dict], baseline: str) -> list[dict]:
     """SimVLG's claim is time to quality: per (pairs, lr), the training seconds (stage 2a included) at which each
     arm's seed-averaged curve of held-out CIDEr first reaches the baseline's final curve value, and its ratio to the
     baseline's total training seconds. Curve points use the same held-out images for every arm; nan when never
-    reached."""
+    reached, or when the baseline ends at CIDEr 0 (a collapsed baseline sets no target)."""
     out = []
     for pairs, lr in sorted({(c["pairs"], c["lr"]) for c in cells}):
         base = [c for c in cells if (c["arm"], c["pairs"], c["lr"]) == (baseline, pairs, lr) and c["curve"]]
@@ -281,7 +284,8 @@ def time_to_baseline_quality(cells: list[dict], baseline: str) -> list[dict]:
             if not mine:
                 continue
             seconds, cider = _mean_curve(mine, "curve", "train_seconds", "CIDEr")
-            reached = next((t for t, v in zip(seconds, cider) if v >= target), float("nan"))
+            reached = next((t for t, v in zip(seconds, cider) if v >= target), float("nan")) if target > 0 \
+                else float("nan")
             out.append({"arm": arm, "pairs": pairs, "lr": lr, "target_CIDEr": target,
                         "seconds_to_target": reached, "baseline_seconds": base_total,
                         "ratio": reached / base_total if base_total > 0 else float("nan"),
@@ -475,28 +479,39 @@ def run_ablation(cfg: AblateConfig) -> dict:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "ablate_config.yaml")
+    if cfg.report_only and not (cfg.pformer or (out / "stage1" / "pformer").exists()):
+        raise ConfigError("report_only", f"no finished stage 1 in {out / 'stage1'} (and no pformer=DIR)")
     pformer_dir, stage1_md = run_stage1_once(cfg, out)
     checker = caption_checker(cfg.dataset)
-    cells = []
+    cells, missing = [], []
     # seeds outermost: an interrupted run has compared every arm on the first seeds
     for seed in cfg.seeds:
         for pairs in cfg.pairs:
             for lr in cfg.lrs:
                 for arm in cfg.arms:
-                    print(f"== cell {cell_name(arm, pairs, lr, seed)}", flush=True)
+                    name = cell_name(arm, pairs, lr, seed)
+                    if cfg.report_only and not (out / "cells" / name / "cell.json").exists():
+                        missing.append(name)
+                        continue
+                    print(f"== cell {name}", flush=True)
                     cells.append(run_cell(cfg, arm, pairs, lr, seed, pformer_dir, checker))
+    if not cells:
+        raise ConfigError("report_only", f"no finished cell of this grid in {out / 'cells'}")
     groups = group_cells(cells)
     comparisons = compare_to_baseline(cells, cfg.baseline)
     speed = time_to_baseline_quality(cells, cfg.baseline)
     wall = time.perf_counter() - start
     text = report_markdown(cfg, cells, groups, comparisons, stage1_md, wall, speed)
+    if missing:
+        text += f"\nNot finished (left out of this report): {len(missing)} cells: {', '.join(missing)}.\n"
     (out / "results.md").write_text(text)
     write_csv(out / "results.csv", cells)
     (out / "results.json").write_text(json.dumps({"config": cfg.dataset, "wall_seconds": wall, "cells": cells,
                                                   "groups": groups, "comparisons": comparisons,
-                                                  "time_to_baseline_quality": speed}, indent=2))
+                                                  "time_to_baseline_quality": speed,
+                                                  "missing_cells": missing}, indent=2))
     write_plots(out, cfg, cells, groups)
     write_gallery(out, cfg)
     print(text, flush=True)
     return {"cells": cells, "groups": groups, "comparisons": comparisons, "time_to_baseline_quality": speed,
-            "wall_seconds": wall}
+            "missing_cells": missing, "wall_seconds": wall}

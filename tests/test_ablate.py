@@ -68,6 +68,9 @@ def test_time_to_baseline_quality_uses_seed_mean_curves():
     assert by["tome"]["seconds_to_target"] == pytest.approx(30) and by["tome"]["ratio"] == pytest.approx(0.3)
     assert by["tome"]["final_CIDEr"] == pytest.approx(0.9)
     assert math.isnan(by["control"]["seconds_to_target"]) and math.isnan(by["control"]["ratio"])
+    collapsed = [_cell("blip2", 0, 0.0, curve=_curve([(40, 0.0), (90, 0.0)])),
+                 _cell("tome", 0, 0.0, curve=_curve([(10, 0.0), (30, 0.4)]))]
+    assert all(math.isnan(r["ratio"]) for r in time_to_baseline_quality(collapsed, "blip2"))
 
 
 def test_caption_checker_flags_degenerate_outputs():
@@ -135,3 +138,7 @@ def test_tiny_grid_end_to_end_and_rerun_skips_finished_cells(tmp_path, tiny_vit_
     monkeypatch.setattr("pipelines.stage1.run_stage1", must_not_run)
     again = run_ablation(cfg)
     assert [c["CIDEr"] for c in again["cells"]] == [c["CIDEr"] for c in result["cells"]]
+    # report_only on a larger grid: the finished cells, the missing ones listed, nothing run
+    partial = run_ablation(load_config(AblateConfig, None, [*overrides, "seeds=[0,1,2]", "report_only=true"]))
+    assert len(partial["cells"]) == 6 and len(partial["missing_cells"]) == 3
+    assert "Not finished (left out of this report): 3 cells" in (out / "results.md").read_text()
