@@ -20,7 +20,7 @@ Timing-only shortcuts, each stated in the report: the P-Former targets P(y) of t
 random tensor (the stage reads them from a cache; the loss is one MSE), the generative fronts start from their
 initialisation (no ``init_front``), and every step reuses one batch (token counts and shapes are those of real
 captions and images). DeepSpeed's engine and data loading are not in the step: both ours and the reference use
-the stage's AdamW (``pipelines.training.build_optimizer``: fused on CPU/CUDA) and gradient clipping.
+the stage's AdamW (``pipelines.training.build_optimizer``) and gradient clipping.
 """
 from __future__ import annotations
 
@@ -466,7 +466,7 @@ def measure_step(spec: dict) -> dict:
     setup = _SETUPS[spec["stage"]]
     model, loss_fn, ledger, tokens, shapes, optim = setup(spec, device, dtype)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = training.build_optimizer(model, optim, device)
+    optimizer = training.build_optimizer(model, optim)
     last = {}
 
     def forward():
