@@ -55,6 +55,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from pformer.atomic import replace_folder
 from pformer.llm import FrozenLLM
 
 from .qformer import _ARCH_KEYS, _FREE_KEYS, _hf_to_ours
@@ -398,18 +399,7 @@ def export_blip2(front: nn.Module, tower: VisionTower, llm: FrozenLLM, out_dir: 
         (tmp / "dvlp_export.json").write_text(json.dumps(meta, indent=2))
         if verify is not None:
             verify(tmp)
-        if out.exists():  # overwrite: move the old folder aside, put it back if the new one cannot go in
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / out.name)
-            try:
-                os.replace(tmp, out)
-            except OSError:
-                os.replace(old / out.name, out)
-                raise
-            finally:
-                shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        replace_folder(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out

