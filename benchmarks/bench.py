@@ -142,7 +142,8 @@ def _setup_stage1(spec, device, dtype):
 
     cfg = load_config(Stage1Config, CONFIG_DIR / "stage1.yaml", spec["overrides"])
     b = spec["batch"]
-    llm = FrozenLLM.load(cfg.model.llm, dtype=dtype, text_suffix=cfg.model.text_suffix).to(device)
+    llm = FrozenLLM.load(cfg.model.llm, dtype=dtype, text_suffix=cfg.model.text_suffix,
+                         bos_before_prefix=cfg.model.bos_before_prefix).to(device)
     tokenizer = zoo.load_tokenizer(cfg.model.text_encoder)
     model = PFormer.build(cfg.model, llm_hidden_size=llm.hidden_size).to(device)
     texts = list(dict.fromkeys(load_text_corpus(resolve_text_source(cfg.data.source))["text"]))
@@ -158,6 +159,7 @@ def _setup_stage1(spec, device, dtype):
                            F.EncoderDims.from_config(model.encoder.config), cfg.model.num_prompts,
                            F.LlamaDims.from_config(llm.model.config), cfg.model.contrastive_dim,
                            pooler=getattr(model.encoder, "pooler", None) is not None, lm=bool(w.lm), vq=bool(w.vq),
+                           lead=int(llm.lead_token_id is not None),
                            contrastive=bool(w.contrastive))
     tokens = {"prefix_tokens_to_llm": cfg.model.num_prompts, "visual_tokens_to_next_stage": None}
     shapes = {"encoder_text_tokens": batch.input_ids.shape[1], "llm_caption_tokens": batch.target_ids.shape[1]}
@@ -255,7 +257,7 @@ def _setup_generative(spec, device, dtype):
                        *spec["overrides"]])
     tower = VisionTower.build(cfg.vision).to(device)
     live = front_kind == "elip" or not cfg.vision.cache_features
-    llm = FrozenLLM.load(cfg.llm, dtype=dtype).to(device)
+    llm = FrozenLLM.load(cfg.llm, dtype=dtype, bos_before_prefix=cfg.bos_before_prefix).to(device)
     front = build_generative_front(cfg, tower, llm.hidden_size, live).to(device)
     recs = _records(cfg.data, cfg.seed, cfg.reliability, b)
     caps = [r["caption"] for r in recs]
@@ -294,7 +296,7 @@ def _setup_generative(spec, device, dtype):
         kwargs["elip_vision"] = (size, F.ViTDims.from_config(tower.model.config), front.vision.elip_config)
     ledger, info = F.generative_step(front_kind, b, target_ids.shape[1], nv, llm_dims, t_text=t_text,
                                      t_prompt=t_prompt, lm=bool(cfg.weights.lm), embed_dim=cfg.front.embed_dim,
-                                     **kwargs)
+                                     lead=int(llm.lead_token_id is not None), **kwargs)
     tokens = {"vision_tokens": nv, "visual_tokens_to_next_stage": info["tokens_to_llm"],
               "vision_tokens_into_front": info["vision_tokens_to_front"]}
     if front_kind == "tome":  # the real forward's count, not the schedule's

@@ -277,9 +277,10 @@ def tome_connector(led: FlopLedger, part: str, b: int, n_in: int, schedule: list
 # training steps
 def stage1_step(b: int, t_enc: int, t_llm: int, enc: EncoderDims, num_prompts: int, llm: LlamaDims,
                 contrastive_dim: int, pooler: bool = True, lm: bool = True, vq: bool = True,
-                contrastive: bool = True) -> FlopLedger:
+                contrastive: bool = True, lead: int = 1) -> FlopLedger:
     """P-Former (trainable) on two masked views, frozen LLM reconstructing the sentence from view A's prompts
-    (``lm``, ``vq``, ``contrastive``: which loss terms have a non-zero weight)."""
+    (``lm``, ``vq``, ``contrastive``: which loss terms have a non-zero weight; ``lead``: tokens before the
+    prompts, 1 for the BOS of ``bos_before_prefix``)."""
     led = FlopLedger()
     rows, d = 2 * b, enc.hidden
     for _ in range(enc.layers):
@@ -295,7 +296,7 @@ def stage1_step(b: int, t_enc: int, t_llm: int, enc: EncoderDims, num_prompts: i
     if vq:
         led.matmul("losses", 1, b * num_prompts, llm.hidden, llm.vocab, NONE)  # L_vq nearest-embedding search
     if lm:
-        llm_prefix_lm(led, "llm", b, num_prompts + t_llm, t_llm, llm)
+        llm_prefix_lm(led, "llm", b, lead + num_prompts + t_llm, t_llm, llm)
     return led
 
 
@@ -329,12 +330,12 @@ def representation_step(b: int, t: int, nv: int, qf: QFormerDims, embed_dim: int
 
 def generative_step(front: str, b: int, t_llm: int, nv: int, llm: LlamaDims, qf: QFormerDims | None = None,
                     t_text: int = 0, elip_vision: tuple | None = None, tome: tuple | None = None,
-                    t_prompt: int = 0, lm: bool = True, embed_dim: int = 0) -> tuple[FlopLedger, dict]:
+                    t_prompt: int = 0, lm: bool = True, embed_dim: int = 0, lead: int = 1) -> tuple[FlopLedger, dict]:
     """Front (trainable) -> W -> frozen LLM (LM loss on the caption, after ``t_prompt`` training-prompt tokens).
     ``tome`` = (connector EncoderDims, schedule, vision_width) for the SimVLG front; ``elip_vision`` as in
     :func:`representation_step` (ELIP also runs the Q-Former's text pass for the guidance, detached).
     ``lm=False``: the MSE-only variant (no LLM). ``embed_dim``: width of the Q-Former front's ITC projections,
-    which its forward also computes here, unused (no backward)."""
+    which its forward also computes here, unused (no backward). ``lead``: LLM tokens before the prefix (BOS)."""
     led, info = FlopLedger(), {}
     if front == "tome":
         enc, schedule, vision_width = tome
@@ -351,7 +352,7 @@ def generative_step(front: str, b: int, t_llm: int, nv: int, llm: LlamaDims, qf:
         led.linear("heads", b * qf.queries, qf.hidden, llm.hidden, TRAIN)
         prefix = qf.queries
     if lm:
-        llm_prefix_lm(led, "llm", b, prefix + t_prompt + t_llm, t_llm, llm)
+        llm_prefix_lm(led, "llm", b, lead + prefix + t_prompt + t_llm, t_llm, llm)
     return led, {**info, "vision_tokens_to_front": nv, "tokens_to_llm": prefix}
 
 

@@ -36,6 +36,8 @@ class PFormerConfig(Config):
     temperature_init: float = param(0.07, gt=0.0, help="initial contrastive temperature (learnable)")
     label_smoothing: float = param(0.1, ge=0.0, lt=1.0, help="label smoothing of the contrastive loss")
     text_suffix: str = param("\n", help="appended to every LLM target; generation stops there")
+    bos_before_prefix: bool = param(True, help="decoder-only LLMs: the tokenizer's BOS goes before the prompts (the "
+                                               "LLM keeps its usual first token); false: prompts first, as BLIP-2")
 
 
 class PFormer(nn.Module):
@@ -121,6 +123,14 @@ def load_pformer_tokenizer(directory: str | Path):
         return AutoTokenizer.from_pretrained(directory / "tokenizer")
     meta = json.loads((directory / CONFIG_NAME).read_text())
     return zoo.load_tokenizer(meta["pformer"]["text_encoder"])
+
+
+def read_pformer_config(directory: str | Path) -> PFormerConfig:
+    """The config a saved P-Former was trained with, without loading its weights."""
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory} is not a P-Former checkpoint: {CONFIG_NAME} is missing")
+    return build(PFormerConfig, json.loads(path.read_text())["pformer"], f"{path}: pformer")
 
 
 def mask_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, mask_token_id: int, cls_token_id: int | None,

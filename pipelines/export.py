@@ -53,7 +53,7 @@ def load_front_dir(front_dir: str | Path) -> tuple[QFormerFront, VisionTower, Fr
         raise ConfigError("front", f"{folder} holds a '{front_cfg.kind}' front; only Q-Former fronts ('qformer', "
                                    "'elip') have a BLIP-2 counterpart")
     tower = VisionTower.build(build(VisionTowerConfig, meta["vision"], "front_config.vision"))
-    llm = FrozenLLM.load(meta["llm"])
+    llm = FrozenLLM.load(meta["llm"], bos_before_prefix=meta.get("bos_before_prefix", True))
     # ELIP differs from 'qformer' only while pre-training (pruning); its saved weights are a QFormerFront's
     front = QFormerFront(front_cfg, tower.hidden_size, llm.hidden_size)
     missing, unexpected = front.load_state_dict(load_file(str(folder / "model.safetensors")), strict=False)

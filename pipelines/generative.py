@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from pformer import zoo
 from pformer.config import Config, ConfigError, param
 from pformer.llm import FrozenLLM
+from pformer.model import read_pformer_config
 from vl_align.fronts import FrontConfig, build_front
 from vl_align.generative import GenerativeBatch, GenerativeWeights, TomeFront, generative_loss
 from vl_align.objectives import AlignmentConfig
@@ -43,6 +44,9 @@ class GenerativeConfig(Config):
     init_front: Optional[str] = param(None, help="front/ folder of a representation-stage run to start from")
     pformer: str = param("runs/stage1/pformer", help="stage-1 P-Former folder whose P(y) are the targets")
     llm: str = param("smollm2-135m", help="the frozen LLM the prefix is for (the P-Former's LLM)")
+    bos_before_prefix: bool = param(True, help="decoder-only LLMs: the tokenizer's BOS before the visual prefix "
+                                               "(LLaVA-style); false: the prefix first, as BLIP-2. Must match the "
+                                               "P-Former's when aligning to its prompts")
     weights: GenerativeWeights = field(default_factory=GenerativeWeights)
     align: AlignmentConfig = field(default_factory=lambda: AlignmentConfig(weight=100.0))
     align_stats_source: str = param("embedded:easy-vqa", help="text corpus for the corpus-mean/std statistics")
@@ -85,7 +89,13 @@ def run_generative(cfg: GenerativeConfig, resume: bool = False, stop_after: int 
     live_tower = cfg.front.kind == "elip" or not cfg.vision.cache_features
     slots = cfg.front.num_query_tokens if cfg.front.kind != "tome" else None
     setup = prepare_vision_text(cfg, dist, dtype, live_tower, slots)
-    llm = FrozenLLM.load(cfg.llm, dtype=dtype).to(dist.device)
+    if cfg.align.weight:
+        trained_with = read_pformer_config(cfg.pformer).bos_before_prefix
+        if trained_with != cfg.bos_before_prefix:
+            raise ConfigError("bos_before_prefix", f"is {cfg.bos_before_prefix} but the P-Former in {cfg.pformer} "
+                                                   f"was trained with {trained_with}: its P(y) are prompts for the "
+                                                   "other layout")
+    llm = FrozenLLM.load(cfg.llm, dtype=dtype, bos_before_prefix=cfg.bos_before_prefix).to(dist.device)
     setup.records = within_caption_limit(setup, lambda caps: llm.tokenize_targets(caps, None)[1].sum(1),
                                          cfg.front.max_text_length, dist.is_main)  # the LM target's limit
     training.seed_everything(cfg.seed)  # the front's init must not depend on whether the caches existed

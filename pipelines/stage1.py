@@ -83,7 +83,8 @@ def run_stage1(cfg: Stage1Config, resume: bool = False, stop_after: int | None =
                               text_field=cfg.data.text_field, max_records=cfg.data.max_records, report=report)
     training.seed_everything(cfg.seed)
     llm = FrozenLLM.load(cfg.model.llm, dtype=dtype if dtype != torch.float16 else torch.float16,
-                         text_suffix=cfg.model.text_suffix).to(dist.device)
+                         text_suffix=cfg.model.text_suffix, bos_before_prefix=cfg.model.bos_before_prefix
+                         ).to(dist.device)
     tokenizer = zoo.load_tokenizer(cfg.model.text_encoder)
     texts = within_text_limit(list(corpus["text"]), tokenizer, llm, cfg, report)
     train_texts, heldout = split_holdout(texts, cfg.data.holdout, cfg.seed)

@@ -246,6 +246,19 @@ def run_stage2(cfg: Stage2Config, resume: bool = False, stop_after: int | None =
     return summary
 
 
+def _bos_before_prefix(cfg) -> bool:
+    """The LLM layout the front's projection W was trained for: the generative stage's own setting; for the
+    representation stage, that of the P-Former whose prompts W is aligned to (default layout without one)."""
+    if hasattr(cfg, "bos_before_prefix"):
+        return cfg.bos_before_prefix
+    align, pformer = getattr(cfg, "align", None), getattr(cfg, "pformer", None)
+    if align is not None and align.weight and pformer and Path(pformer).is_dir():
+        from pformer.model import read_pformer_config
+
+        return read_pformer_config(pformer).bos_before_prefix
+    return True
+
+
 def save_front(front: torch.nn.Module, cfg: Stage2Config, run_dir: Path) -> Path:
     """The trained front (the ELIP tower's frozen weights excluded) as safetensors + the config that built it."""
     out, tmp = run_dir / "front", run_dir / ".front.tmp"
@@ -254,7 +267,8 @@ def save_front(front: torch.nn.Module, cfg: Stage2Config, run_dir: Path) -> Path
     state = {k: v.detach().contiguous().cpu() for k, v in front.state_dict().items() if not k.startswith("vision.")}
     save_file(state, str(tmp / "model.safetensors"))
     (tmp / "front_config.json").write_text(json.dumps({"front": to_dict(cfg.front), "vision": to_dict(cfg.vision),
-                                                       "llm": cfg.llm}, indent=2))
+                                                       "llm": cfg.llm,
+                                                       "bos_before_prefix": _bos_before_prefix(cfg)}, indent=2))
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return out

@@ -17,7 +17,7 @@ from transformers import AutoProcessor, Blip2ForConditionalGeneration, Blip2Proc
 
 from pformer.llm import FrozenLLM  # noqa: E402
 from vl_align.export import (IMAGE_TOKEN, ExportError, build_blip2, convert_dinov2_tower,  # noqa: E402
-                             export_blip2, hf_generate, tower_image_processor)
+                             export_blip2, hf_generate, tower_image_processor, with_lead_token)
 from vl_align.fronts import FrontConfig, QFormerFront  # noqa: E402
 from vl_align.generative import generate  # noqa: E402
 from vl_align.vision import VisionTower, VisionTowerConfig  # noqa: E402
@@ -97,7 +97,8 @@ def tiny_front(tiny_tower, tiny_llm, tiny_bert_dir):
 def exported(tmp_path_factory, tiny_front, tiny_tower, tiny_llm):
     out = export_blip2(tiny_front, tiny_tower, tiny_llm, tmp_path_factory.mktemp("export") / "blip2")
     model = Blip2ForConditionalGeneration.from_pretrained(out).eval()
-    return SimpleNamespace(path=out, model=model, processor=AutoProcessor.from_pretrained(out))
+    lead = json.loads((out / "dvlp_export.json").read_text())["lead_token_id"]  # what a user of the folder reads
+    return SimpleNamespace(path=out, model=model, processor=AutoProcessor.from_pretrained(out), lead_token_id=lead)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -168,6 +169,7 @@ def test_export_folder_is_a_plain_blip2(exported, tiny_llm):
     assert inputs["input_ids"].tolist() == [[image_id] * Q] * 2  # the prefix slots, no BOS
     meta = json.loads((exported.path / "dvlp_export.json").read_text())
     assert meta["image_token_id"] == image_id and meta["vision_check_max_abs"] < 1e-5
+    assert meta["lead_token_id"] == tiny_llm.lead_token_id == tiny_llm.tokenizer.bos_token_id  # the default layout
 
 
 @pytest.mark.parametrize("prompts", [None, ["a photo of", "Question: what shape is it? Short answer:", "x"]],
@@ -176,7 +178,7 @@ def test_exported_model_generates_our_tokens(exported, tiny_front, tiny_tower, t
     images = _easy_vqa_images(3)
     ours, our_ids = _our_generation(tiny_front, tiny_tower, tiny_llm, images, prompts)
     theirs, their_ids = hf_generate(exported.model, exported.processor, images, prompts,
-                                    max_new_tokens=NEW_TOKENS)
+                                    lead_token_id=exported.lead_token_id, max_new_tokens=NEW_TOKENS)
     print("ours:", ours, "\nexported:", theirs)
     assert torch.equal(their_ids, our_ids)
     assert theirs == ours
@@ -186,7 +188,7 @@ def test_exported_logits_match_and_see_the_image(exported, tiny_front, tiny_towe
     images = _easy_vqa_images(3)
     prompt, caption = "a photo of", ["a red circle", "a blue square", "a green triangle"]
     proc = exported.processor
-    inputs = proc(images=images, text=[prompt] * 3, return_tensors="pt")
+    inputs = with_lead_token(proc(images=images, text=[prompt] * 3, return_tensors="pt"), exported.lead_token_id)
     target_ids, target_mask = tiny_llm.tokenize_targets(caption, 16)
     prompt_ids = tiny_llm.tokenizer([prompt] * 3, add_special_tokens=False, return_tensors="pt").input_ids
     with torch.no_grad():
@@ -316,6 +318,20 @@ def test_export_real_models_generate_our_captions(tmp_path):
                       "Question: is there a circle? Short answer:"]]
     for p in prompts:
         ours, our_ids = _our_generation(front, tower, llm, images, p, max_new_tokens=6)
-        theirs, their_ids = hf_generate(model, processor, images, p, max_new_tokens=6)
+        theirs, their_ids = hf_generate(model, processor, images, p, lead_token_id=llm.lead_token_id,
+                                        max_new_tokens=6)
         print("ours:", ours, "\nexported:", theirs)
         assert torch.equal(their_ids, our_ids) and theirs == ours
+
+
+def test_readme_snippet_of_the_export_reproduces_our_captions(exported, tiny_front, tiny_tower, tiny_llm):
+    """The folder's README is what users run: its code, executed as written, gives our captions (the lead BOS
+    that Blip2Processor cannot write included)."""
+    readme = (exported.path / "README.md").read_text()
+    code = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    images = _easy_vqa_images(3)
+    scope = {"PATH": str(exported.path), "images": images, "torch": torch}
+    exec(code, scope)  # noqa: S102 - the README's own code
+    ours, _ = _our_generation(tiny_front, tiny_tower, tiny_llm, images, None,
+                              max_new_tokens=exported.model.generation_config.max_new_tokens)
+    assert [c.strip() for c in scope["captions"]] == ours

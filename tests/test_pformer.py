@@ -83,22 +83,30 @@ def test_contrastive_loss_matches_manual_and_gather():
     assert torch.isclose(sum(halves) / 2, manual, atol=1e-6)
 
 
-def test_prefix_lm_decoder_only_matches_hf_labels(tiny_llm_dir):
-    llm = FrozenLLM.load(tiny_llm_dir)
+@pytest.mark.parametrize("bos_before_prefix", [True, False], ids=["bos-first", "prefix-first"])
+def test_prefix_lm_decoder_only_matches_hf_labels(tiny_llm_dir, bos_before_prefix):
+    llm = FrozenLLM.load(tiny_llm_dir, bos_before_prefix=bos_before_prefix)
     assert not any(p.requires_grad for p in llm.parameters())
+    assert llm.lead_token_id == (llm.tokenizer.bos_token_id if bos_before_prefix else None)
     torch.manual_seed(0)
     prefix = torch.randn(2, 3, llm.hidden_size, requires_grad=True)
     ids, mask = llm.tokenize_targets(["a red circle", "a blue square shape"], 16)
     out = llm.prefix_lm(prefix, ids, mask)
-    # reference: HF's own shifted loss with -100 on the prefix and on padding
-    inputs = torch.cat([prefix, llm.embed(ids)], dim=1)
-    labels = torch.cat([torch.full((2, 3), -100), ids.masked_fill(mask == 0, -100)], dim=1)
-    ref = llm.model(inputs_embeds=inputs, attention_mask=torch.cat([torch.ones(2, 3, dtype=torch.long), mask], 1),
+    # reference: HF's own shifted loss on [BOS?, prefix, text] with -100 on BOS, the prefix and padding
+    lead = [llm.embed(torch.full((2, 1), llm.tokenizer.bos_token_id))] if bos_before_prefix else []
+    inputs = torch.cat([*lead, prefix, llm.embed(ids)], dim=1)
+    n = inputs.shape[1] - ids.shape[1]
+    labels = torch.cat([torch.full((2, n), -100), ids.masked_fill(mask == 0, -100)], dim=1)
+    ref = llm.model(inputs_embeds=inputs, attention_mask=torch.cat([torch.ones(2, n, dtype=torch.long), mask], 1),
                     labels=labels).loss
     assert torch.isclose(out.loss, ref, atol=1e-5)
     out.loss.backward()
     assert prefix.grad is not None and prefix.grad.abs().sum() > 0
     assert ids[0, -1].item() in llm.stop_token_ids() or mask[0, -1] == 0  # the suffix "\n" ends every target
+    # generation continues the same sequence: its first greedy token is the argmax of the loss's first logit
+    first = llm.tokenizer.decode([int(out.logits[0, 0].argmax())], skip_special_tokens=True).strip()
+    generated = llm.generate(prefix.detach()[:1], max_new_tokens=1)[0]
+    assert generated == first
 
 
 def test_prefix_lm_and_generation_encoder_decoder(tiny_t5_dir):

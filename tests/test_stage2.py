@@ -68,3 +68,18 @@ def test_generative_stage_trains_and_evaluates(tmp_path, kind, tiny_vit_dir, tin
     assert scores["vqa"]["num_questions"] == 6 and 0.0 <= scores["vqa"]["accuracy"] <= 1.0
     preds = json.loads((tmp_path / kind / "predictions.json").read_text())
     assert len(preds["captions"]) == 6 and len(preds["vqa"]) == 6
+
+
+def test_generative_layout_must_match_the_pformers(tmp_path, tiny_vit_dir, tiny_bert_dir, tiny_llm_dir,
+                                                   tiny_pformer_dir):
+    """P(y) are prompts for one LLM input layout (BOS before the prefix or not); aligning a prefix meant for the
+    other layout to them is an error, not a silently weaker target. Without alignment either layout runs."""
+    common = _common(tmp_path, "layout", tiny_vit_dir, tiny_bert_dir, tiny_llm_dir, tiny_pformer_dir)
+    cfg = load_config(GenerativeConfig, None, common + ["bos_before_prefix=false"])
+    with pytest.raises(ConfigError, match="bos_before_prefix.*trained with True"):
+        run_generative(cfg)
+    cfg = load_config(GenerativeConfig, None, common + ["bos_before_prefix=false", "align.weight=0",
+                                                        "eval.enabled=false"])
+    run_generative(cfg)
+    meta = json.loads((tmp_path / "layout" / "front" / "front_config.json").read_text())
+    assert meta["bos_before_prefix"] is False  # export-hf rebuilds the LLM with the layout the front was trained for

@@ -24,8 +24,10 @@ DINOv2 -> Blip2VisionModel, exactly:
   Only ``feature_layer = -1`` (``last_hidden_state``) is expressible. Register tokens, SwiGLU FFNs, non-RGB
   input or any parameter the conversion does not know raise :class:`ExportError`.
 
-Prompting (what makes the captions equal). Our ``FrozenLLM.generate`` feeds ``[pad..., prefix, prompt]`` with no
-BOS, the prompt tokenised without special tokens, and stops at EOS or the text suffix ("\\n"). In BLIP-2 (v5) the
+Prompting (what makes the captions equal). Our ``FrozenLLM.generate`` feeds ``[pad..., lead, prefix, prompt]``
+(``lead``: the BOS of ``bos_before_prefix``, absent when off), the prompt tokenised without special tokens, and
+stops at EOS or the text suffix ("\\n"). ``Blip2Processor`` cannot write a token before the image tokens, so
+:func:`with_lead_token` (and the exported README) puts it into ``input_ids``. In BLIP-2 (v5) the
 prefix enters at ``num_query_tokens`` image placeholder tokens of ``input_ids``; ``Blip2Processor`` puts them
 before the tokenised text, which gives the same sequence when the tokenizer adds no special tokens (checked, and
 switched off where the tokenizer allows). Batches are left-padded (``[image tokens, pad..., prompt]``); decoder-only
@@ -62,7 +64,7 @@ from .qformer import _ARCH_KEYS, _FREE_KEYS, _hf_to_ours
 from .vision import VisionTower
 
 __all__ = ["ExportError", "Blip2Export", "IMAGE_TOKEN", "convert_dinov2_tower", "tower_image_processor",
-           "build_blip2", "export_blip2", "verify_export", "hf_generate"]
+           "build_blip2", "export_blip2", "verify_export", "hf_generate", "with_lead_token"]
 
 IMAGE_TOKEN = "<image>"  # Blip2Processor's placeholder token (it adds this one when the tokenizer has none)
 _DEFAULT_MAX_NEW_TOKENS = 30  # FrozenLLM.generate's default
@@ -187,6 +189,7 @@ class Blip2Export:
     added_vocab_rows: int  # zero rows appended to the LLM's embedding table for the image token
     vision_check_max_abs: float  # converted vision model vs our tower on random pixels (float32)
     notes: list[str] = field(default_factory=list)
+    lead_token_id: int | None = None  # the token our LLM saw before the image tokens (FrozenLLM.lead_token_id)
 
 
 def _front_parts(front: nn.Module) -> tuple[nn.Module, nn.Linear]:
@@ -324,7 +327,8 @@ def build_blip2(front: nn.Module, tower: VisionTower, llm: FrozenLLM, *,
     if err > tol * max(1.0, ref.abs().max().item()):
         raise ExportError(f"the converted vision model differs from the tower by {err:.3e} (max abs)")
     return Blip2Export(model=model, processor=processor, image_token_id=image_token_id, stop_token_ids=stops,
-                       added_vocab_rows=new_vocab - vocab, vision_check_max_abs=err, notes=notes)
+                       added_vocab_rows=new_vocab - vocab, vision_check_max_abs=err, notes=notes,
+                       lead_token_id=llm.lead_token_id)
 
 
 _README = """# {name}
@@ -336,13 +340,14 @@ A BLIP-2 model (`Blip2ForConditionalGeneration`) exported by `dvlp export-hf` fr
 - image placeholder `{image_token}` = id {image_token_id} ({added} row(s) added to the LLM's embeddings)
 
 ```python
+import torch
 from transformers import AutoProcessor, Blip2ForConditionalGeneration
 
 model = Blip2ForConditionalGeneration.from_pretrained(PATH).eval()
 processor = AutoProcessor.from_pretrained(PATH)
 # always pass text ("" for captioning): without input ids BLIP-2 appends a BOS this model was not trained with
 inputs = processor(images=images, text=[""] * len(images), return_tensors="pt", padding=True)
-out = model.generate(**inputs, generation_config=model.generation_config)
+{lead}out = model.generate(**inputs, generation_config=model.generation_config)
 {decode}
 ```
 
@@ -391,10 +396,11 @@ def export_blip2(front: nn.Module, tower: VisionTower, llm: FrozenLLM, out_dir: 
             name=out.name, vision=getattr(tower.config, "model", "?"), size=tower.image_size,
             tokens=tower.num_tokens, num_query=exp.model.config.num_query_tokens, llm=type(llm.model).__name__,
             image_token=IMAGE_TOKEN, image_token_id=exp.image_token_id, added=exp.added_vocab_rows,
-            decode=decode, stops=exp.stop_token_ids, extra=extra))
+            decode=decode, stops=exp.stop_token_ids, extra=extra, lead=_lead_code(exp.lead_token_id)))
         meta = {"format": "dvlp-blip2-export/1", "transformers": transformers.__version__, "dtype": str(dtype),
                 "image_token_id": exp.image_token_id, "stop_token_ids": exp.stop_token_ids,
                 "added_vocab_rows": exp.added_vocab_rows, "vision_check_max_abs": exp.vision_check_max_abs,
+                "lead_token_id": exp.lead_token_id,
                 "notes": exp.notes, "source": provenance or {}}
         (tmp / "dvlp_export.json").write_text(json.dumps(meta, indent=2))
         if verify is not None:
@@ -408,14 +414,37 @@ def export_blip2(front: nn.Module, tower: VisionTower, llm: FrozenLLM, out_dir: 
 # ---------------------------------------------------------------------------------------------------------------
 # using and checking an export
 # ---------------------------------------------------------------------------------------------------------------
+def _lead_code(lead_token_id: int | None) -> str:
+    if lead_token_id is None:
+        return ""
+    return ("# trained with BOS before the image tokens, which Blip2Processor cannot write: put it there\n"
+            f"lead = torch.full((len(images), 1), {lead_token_id})\n"
+            "inputs[\"input_ids\"] = torch.cat([lead, inputs[\"input_ids\"]], 1)\n"
+            "inputs[\"attention_mask\"] = torch.cat([torch.ones_like(lead), inputs[\"attention_mask\"]], 1)\n")
+
+
+def with_lead_token(inputs, lead_token_id: int | None):
+    """Put ``lead_token_id`` before the image tokens of a processor's output (the layout of a model trained with
+    ``bos_before_prefix``; ``dvlp_export.json`` names the id). BLIP-2 finds the image tokens wherever they are."""
+    if lead_token_id is None:
+        return inputs
+    ids = inputs["input_ids"]
+    lead = torch.full((ids.shape[0], 1), lead_token_id, dtype=ids.dtype)
+    inputs["input_ids"] = torch.cat([lead, ids], 1)
+    inputs["attention_mask"] = torch.cat([torch.ones_like(lead), inputs["attention_mask"]], 1)
+    return inputs
+
+
 @torch.no_grad()
 def hf_generate(model, processor, images: Sequence[Any], prompts: Sequence[str] | None = None,
-                **generate_kwargs) -> tuple[list[str], torch.Tensor]:
+                lead_token_id: int | None = None, **generate_kwargs) -> tuple[list[str], torch.Tensor]:
     """Captions with the exported model the way its README says: ``(texts, generated ids [B, T])`` (decoder-only:
     the new tokens; encoder-decoder: the decoder's output, starting with its start token). ``prompts`` default to
-    ``""``; do not mix empty and non-empty prompts (``Blip2Processor`` pads between image tokens and text)."""
+    ``""``; do not mix empty and non-empty prompts (``Blip2Processor`` pads between image tokens and text).
+    ``lead_token_id``: the export's (``dvlp_export.json``), put before the image tokens."""
     prompts = list(prompts) if prompts is not None else [""] * len(images)
-    inputs = processor(images=list(images), text=prompts, return_tensors="pt", padding=True)
+    inputs = with_lead_token(processor(images=list(images), text=prompts, return_tensors="pt", padding=True),
+                             lead_token_id)
     gen = copy.deepcopy(model.generation_config)
     gen.update(**generate_kwargs)  # (generation_config plus loose arguments is deprecated in transformers 5)
     out = model.generate(**inputs, generation_config=gen)
@@ -445,7 +474,8 @@ def verify_export(out_dir: str | os.PathLike, front: nn.Module, tower: VisionTow
     prefix = front("queries", **kw)["prompt_pred"].float().cpu()
     hf_prefix = model.get_image_features(pixel_values=ours_pixels).pooler_output
     ours = generate(front, llm, prompts=list(prompts) if prompts else None, max_new_tokens=max_new_tokens, **kw)
-    theirs, _ = hf_generate(model, processor, pil, prompts, max_new_tokens=max_new_tokens)
+    theirs, _ = hf_generate(model, processor, pil, prompts, lead_token_id=llm.lead_token_id,
+                            max_new_tokens=max_new_tokens)
     return {"images": len(pil),
             "pixel_max_abs": (theirs_pixels - ours_pixels).abs().max().item(),
             "vision_max_abs": (hf_feats - feats).abs().max().item(),
