@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -18,6 +17,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
+
+from .atomic import replace_folder
 
 FORMAT_VERSION = 1
 
@@ -113,9 +114,7 @@ class KeyedArrayCache:
             (tmp / "keys.json").write_text(json.dumps(all_keys))
             (tmp / "meta.json").write_text(json.dumps({"producer": producer, "version": FORMAT_VERSION,
                                                        "num_keys": len(all_keys), **producer_info}, indent=2))
-            if folder.exists():
-                shutil.rmtree(folder)
-            os.replace(tmp, folder)
+            replace_folder(tmp, folder)  # the old cache stays readable until the new one is in place
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return cls(folder)

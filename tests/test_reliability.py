@@ -590,3 +590,27 @@ def test_cli_stage2_bad_records_are_counted_reported_and_thresholded(tmp_path, c
     err = capsys.readouterr().err
     assert re.search(r"error: TooManySkippedRecords: .*skipped 6 of 19 records.*max_skip_fraction=5\.0%", err)
     assert f"{source}:13" in err and "missing_image: 1" in err
+
+
+def test_replace_folder_puts_the_old_folder_back_when_the_new_one_cannot_go_in(tmp_path, monkeypatch):
+    """Used by the feature/prompt caches, the model zoo, export-hf and the DINOv2 conversion."""
+    from pformer import atomic
+
+    out, new = tmp_path / "cache", tmp_path / "new"
+    for folder, text in ((out, "old"), (new, "new")):
+        folder.mkdir()
+        (folder / "v").write_text(text)
+    real = os.replace
+
+    def failing(src, dst):
+        if Path(src) == new:
+            raise OSError("disk full")
+        return real(src, dst)
+
+    monkeypatch.setattr(atomic.os, "replace", failing)
+    with pytest.raises(OSError, match="disk full"):
+        atomic.replace_folder(new, out)
+    assert (out / "v").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["cache", "new"]
+    monkeypatch.setattr(atomic.os, "replace", real)
+    atomic.replace_folder(new, out)
+    assert (out / "v").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["cache"]

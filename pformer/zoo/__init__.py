@@ -27,6 +27,8 @@ from typing import Callable
 
 import torch
 
+from ..atomic import replace_folder
+
 # Bump when a builder's output changes so stale converted folders are rebuilt, never reused.
 _BUILD_VERSION = "1"
 
@@ -117,9 +119,7 @@ def _built_folder(preset: Preset) -> Path:
         try:
             preset.build(tmp)
             (tmp / ".complete").write_text(_BUILD_VERSION)
-            if out.exists():  # an incomplete folder left by a crash
-                shutil.rmtree(out)
-            os.replace(tmp, out)
+            replace_folder(tmp, out)  # over an incomplete folder a crash may have left
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return out
