@@ -259,7 +259,9 @@ def build_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.A
     on a 32M-parameter Q-Former, but in one generative run from the same checkpoint and seed its LM loss climbed
     (7.2 -> 9.6 by step 24) where this one's descended (7.2 -> 5.9). In the first Adam steps a rounding-level
     difference can flip the sign of a tiny gradient and so the direction of a full-size update, so one pair of runs
-    cannot tell a kernel difference from chaos; the default stays until a seeded comparison settles it."""
+    cannot tell a kernel difference from chaos; the default stays until a seeded comparison settles it. (That run
+    had the prefix at the LLM's first position; the erratic training it showed was traced to that, see
+    ``pformer.llm``, so the comparison should be redone with the BOS lead token.)"""
     return torch.optim.AdamW(param_groups(model, optim.weight_decay), lr=optim.lr, betas=optim.betas, eps=optim.eps)
 
 
