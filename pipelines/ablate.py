@@ -8,7 +8,9 @@ resumes unfinished stages from their checkpoints.
 
 Per group of seeds the report gives mean ± std of every metric and the collapse rate (runs whose final LM loss is
 above ``collapse.lm_loss`` or whose held-out outputs are mostly not captions), and says, per metric, which
-differences to the baseline arm exceed the seed spread (|Δ| > 2 standard errors). Outputs in ``output_dir``:
+differences to the baseline arm exceed the seed spread: unpaired (|Δ| > 2 standard errors) and paired by seed
+(|mean per-seed Δ| > t_{0.975} standard errors; a seed shares data subset, init and order across arms). Outputs in
+``output_dir``:
 ``results.md``, ``results.csv`` (one row per cell), ``results.json`` (cells, groups, comparisons) and PNG plots.
 """
 from __future__ import annotations
@@ -243,9 +245,26 @@ def group_cells(cells: list[dict]) -> list[dict]:
     return groups
 
 
+# two-sided 95% critical values of Student's t by degrees of freedom (beyond 30: the normal's 1.96)
+_T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+          12: 2.179, 15: 2.131, 20: 2.086, 25: 2.060, 30: 2.042}
+
+
+def t_critical(df: int) -> float:
+    """t_{0.975, df}, conservative between tabulated values (the next smaller df's)."""
+    if df < 1:
+        return float("nan")
+    return 1.96 if df > 30 else _T_975[max(k for k in _T_975 if k <= df)]
+
+
 def compare_to_baseline(cells: list[dict], baseline: str, metrics=("CIDEr", "exact_match", "vqa_accuracy")) -> list[dict]:
-    """Δ(arm − baseline) per (pairs, lr) and metric, and whether it exceeds the seed spread: |Δ| > 2·SE with
-    SE = sqrt(s_a²/n_a + s_b²/n_b) (needs ≥ 2 seeds per side)."""
+    """Δ(arm − baseline) per (pairs, lr) and metric, and whether it exceeds the seed spread.
+
+    Unpaired: |Δ| > 2·SE with SE = sqrt(s_a²/n_a + s_b²/n_b) (needs ≥ 2 seeds per side). Paired: a seed fixes the
+    pair subset, the initialisation and the data order for every arm, so most of the seed-to-seed spread is shared
+    and cancels in the per-seed difference d_s = arm_s − baseline_s; the paired test is |mean d| > t_{0.975, n−1} ·
+    sd(d)/√n over the n seeds both arms finished (needs n ≥ 2). The paired verdict is the one to read when seeds
+    are shared; the unpaired one stays for grids whose arms ran different seeds."""
     out = []
     for arm, pairs, lr in sorted({(c["arm"], c["pairs"], c["lr"]) for c in cells if c["arm"] != baseline},
                                  key=lambda k: (k[1], k[2], k[0])):
@@ -253,6 +272,7 @@ def compare_to_baseline(cells: list[dict], baseline: str, metrics=("CIDEr", "exa
         base = [c for c in cells if (c["arm"], c["pairs"], c["lr"]) == (baseline, pairs, lr)]
         if not base:
             continue
+        base_by_seed = {c["seed"]: c for c in base}
         for metric in metrics:
             ma, sa, na = mean_std([c[metric] for c in mine])
             mb, sb, nb = mean_std([c[metric] for c in base])
@@ -260,8 +280,16 @@ def compare_to_baseline(cells: list[dict], baseline: str, metrics=("CIDEr", "exa
             delta = ma - mb
             verdict = ("one seed: no test" if not math.isfinite(se) else
                        "beyond seed spread" if abs(delta) > 2 * se else "within seed spread")
+            diffs = [c[metric] - base_by_seed[c["seed"]][metric] for c in mine if c["seed"] in base_by_seed]
+            d_mean, d_std, n = mean_std(diffs)
+            if n >= 2:
+                p_se, t = d_std / math.sqrt(n), t_critical(n - 1)
+                paired = "beyond seed spread" if abs(d_mean) > t * p_se else "within seed spread"
+            else:
+                p_se, t, paired = float("nan"), float("nan"), "under 2 shared seeds: no test"
             out.append({"arm": arm, "pairs": pairs, "lr": lr, "metric": metric, "delta": delta, "se": se,
-                        "verdict": verdict})
+                        "verdict": verdict, "paired_delta": d_mean, "paired_se": p_se, "paired_seeds": n,
+                        "paired_t_crit": t, "paired_verdict": paired})
     return out
 
 
@@ -318,7 +346,10 @@ def report_markdown(cfg: AblateConfig, cells: list[dict], groups: list[dict], co
               "samples/s": f"{g['samples_per_s']:.1f}", "tokens to LLM": f"{g['prefix_tokens']:g}"} for g in groups]
     comp = [{"arm": c["arm"], "pairs": c["pairs"], "lr": f"{c['lr']:g}", "metric": c["metric"],
              "Δ vs " + cfg.baseline: f"{c['delta']:+.3f}", "2·SE": f"{2 * c['se']:.3f}" if math.isfinite(c["se"]) else "—",
-             "verdict": c["verdict"]} for c in comparisons]
+             "verdict": c["verdict"], "paired Δ": f"{c['paired_delta']:+.3f}" if c["paired_seeds"] else "—",
+             "t·SE (paired)": (f"{c['paired_t_crit'] * c['paired_se']:.3f}" if math.isfinite(c["paired_se"])
+                               else "—"),
+             "paired verdict": c["paired_verdict"]} for c in comparisons]
     speed = [{"arm": t["arm"], "pairs": t["pairs"], "lr": f"{t['lr']:g}",
               f"{cfg.baseline} final CIDEr": f"{t['target_CIDEr']:.3f}",
               "s to reach it": f"{t['seconds_to_target']:.0f}" if math.isfinite(t["seconds_to_target"]) else "never",
@@ -333,7 +364,7 @@ def report_markdown(cfg: AblateConfig, cells: list[dict], groups: list[dict], co
              f"generative steps; mean ± std over seeds {cfg.seeds}; collapse = final LM loss > "
              f"{cfg.collapse.lm_loss:g} or fewer than {cfg.collapse.min_valid:.0%} of held-out outputs are captions.",
              "", arms, "", stage1_md, "## Held-out captioning and zero-shot VQA", "", markdown_table(table), "",
-             f"## Differences to `{cfg.baseline}` (beyond seed spread: |Δ| > 2·SE)", "",
+             f"## Differences to `{cfg.baseline}` (unpaired: |Δ| > 2·SE; paired by seed: |mean Δ_seed| > t·SE)", "",
              markdown_table(comp) if comp else "(no comparisons)", "",
              f"## Time to `{cfg.baseline}`'s final quality (seed-mean curve of held-out CIDEr on "
              f"{cfg.curve_images} images; training seconds, stage 2a included)", "",

@@ -41,6 +41,27 @@ def test_comparison_separates_a_real_gap_from_seed_noise():
     assert by[("pformer", "vqa_accuracy")]["verdict"] == "within seed spread"  # equal means, zero spread
     one_seed = compare_to_baseline([_cell("blip2", 0, 1.0), _cell("pformer", 0, 3.0)], "blip2")
     assert one_seed[0]["verdict"] == "one seed: no test"
+    assert one_seed[0]["paired_verdict"] == "under 2 shared seeds: no test"
+
+
+def test_paired_comparison_sees_a_consistent_gap_that_seed_noise_hides():
+    """Seeds move every arm together (shared pair subset, init, order): 2.0/0.9/1.4 for the baseline. An arm
+    0.3 lower on every seed is lost in the unpaired spread but beyond it per seed; a gap that flips sign is not."""
+    base = [2.0, 0.9, 1.4]
+    cells = [_cell("blip2", s, c) for s, c in enumerate(base)]
+    cells += [_cell("pformer_std", s, c - d) for s, (c, d) in enumerate(zip(base, [0.25, 0.30, 0.35]))]
+    cells += [_cell("control", s, c + d) for s, (c, d) in enumerate(zip(base, [0.3, -0.3, 0.1]))]
+    cells += [_cell("pformer", 0, 2.5), _cell("pformer", 5, 1.0)]  # only seed 0 shared with the baseline
+    by = {(c["arm"], c["metric"]): c for c in compare_to_baseline(cells, "blip2")}
+    std = by[("pformer_std", "CIDEr")]
+    assert std["verdict"] == "within seed spread" and std["paired_verdict"] == "beyond seed spread"
+    assert std["paired_delta"] == pytest.approx(-0.30) and std["paired_seeds"] == 3
+    assert std["paired_se"] == pytest.approx(0.05 / math.sqrt(3)) and std["paired_t_crit"] == pytest.approx(4.303)
+    assert by[("control", "CIDEr")]["paired_verdict"] == "within seed spread"
+    assert by[("pformer", "CIDEr")]["paired_seeds"] == 1
+    assert by[("pformer", "CIDEr")]["paired_verdict"] == "under 2 shared seeds: no test"
+    assert ablate.t_critical(2) == pytest.approx(4.303) and ablate.t_critical(11) == pytest.approx(2.228)
+    assert ablate.t_critical(100) == pytest.approx(1.96)
 
 
 def test_groups_report_collapse_rate_per_cell_group():
@@ -115,6 +136,7 @@ def test_tiny_grid_end_to_end_and_rerun_skips_finished_cells(tmp_path, tiny_vit_
     saved = json.loads((out / "results.json").read_text())
     assert {g["arm"] for g in saved["groups"]} == {"blip2", "pformer", "tome"}
     assert {c["verdict"] for c in saved["comparisons"]} <= {"beyond seed spread", "within seed spread"}
+    assert {c["paired_verdict"] for c in saved["comparisons"]} <= {"beyond seed spread", "within seed spread"}
     for cell in saved["cells"]:
         assert [p["step"] for p in cell["curve"]] == [2, 4]  # the curve points, training time increasing
         assert cell["curve"][0]["train_seconds"] < cell["curve"][1]["train_seconds"]
