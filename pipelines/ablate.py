@@ -19,6 +19,7 @@ import csv
 import json
 import math
 import re
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,6 +93,9 @@ class AblateConfig(Config):
     stage2_overrides: list[str] = param(default_factory=list, help="extra overrides of every representation stage")
     generative_overrides: list[str] = param(default_factory=list, help="extra overrides of every generative stage")
     collapse: CollapseConfig = field(default_factory=CollapseConfig)
+    keep_cell_checkpoints: bool = param(False, help="keep a finished cell's training checkpoints (weights + AdamW "
+                                                     "state, ~0.4 GB per stage at the default sizes: hundreds of "
+                                                     "GB over a grid); its trained front/ and results stay anyway")
     gallery_images: int = param(8, ge=0, help="held-out images shown with every arm's caption in captions.md")
     report_only: bool = param(False, help="write the report from the finished cells of the grid and run nothing "
                                           "(for a grid that is still running or was stopped); missing cells are "
@@ -215,6 +219,9 @@ def run_cell(cfg: AblateConfig, arm_name: str, pairs: int, lr: float, seed: int,
            **summarize_cell(cell_dir, has_stage2, checker, cfg.collapse),
            "wall_seconds": time.perf_counter() - started}
     done.write_text(json.dumps(row, indent=2))
+    if not cfg.keep_cell_checkpoints:  # only an unfinished cell resumes from them
+        for stage in ("stage2", "generative"):
+            shutil.rmtree(cell_dir / stage / "checkpoints", ignore_errors=True)
     return row
 
 

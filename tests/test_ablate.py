@@ -143,6 +143,9 @@ def test_tiny_grid_end_to_end_and_rerun_skips_finished_cells(tmp_path, tiny_vit_
         assert cell["prefix_tokens"] == (4 if cell["arm"] != "tome" else cell["prefix_tokens"])
         assert (cell["arm"] == "tome") == (cell["stage2_seconds"] == 0.0)
         assert (cell["arm"] == "tome") == math.isnan(cell["retrieval_itc_r_mean"])  # 2a only
+    # a finished cell keeps its fronts and results, not its checkpoints (a grid would fill the disk)
+    cells_dir = out / "cells"
+    assert not list(cells_dir.rglob("checkpoints")) and len(list(cells_dir.rglob("front/model.safetensors"))) == 10
     tome = next(c for c in saved["cells"] if c["arm"] == "tome")
     assert tome["prefix_tokens"] < 17  # 16 patches + CLS merged by r=4 per layer
     for name in ("loss_curves.png", "metrics_vs_pairs.png", "quality_vs_time.png"):
