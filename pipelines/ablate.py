@@ -399,6 +399,13 @@ def _mean_curve(members: list[dict], key: str, x: str, y: str) -> tuple[list[flo
     return xs, ys
 
 
+def _title(fig, title: str, width_inches: float) -> None:
+    """A figure title wrapped to the figure's width (a long dataset name otherwise runs off both edges)."""
+    import textwrap
+
+    fig.suptitle("\n".join(textwrap.wrap(title, width=int(width_inches * 10))), fontsize=10)
+
+
 def write_plots(out: Path, cfg: AblateConfig, cells: list[dict], groups: list[dict]) -> list[Path]:
     import matplotlib
 
@@ -410,9 +417,9 @@ def write_plots(out: Path, cfg: AblateConfig, cells: list[dict], groups: list[di
     arms = [a for a in cfg.arms if any(c["arm"] == a for c in cells)]
 
     def grid(title: str):
-        fig, axes = plt.subplots(len(lrs), len(pairs_values), squeeze=False,
-                                 figsize=(4.2 * len(pairs_values), 3.2 * len(lrs)))
-        fig.suptitle(title)
+        width = max(6.0, 4.2 * len(pairs_values))
+        fig, axes = plt.subplots(len(lrs), len(pairs_values), squeeze=False, figsize=(width, 3.2 * len(lrs) + 0.4))
+        _title(fig, title, width)
         return fig, axes
 
     for name, key, x, y, xlabel, ylabel in (
@@ -438,8 +445,9 @@ def write_plots(out: Path, cfg: AblateConfig, cells: list[dict], groups: list[di
         paths.append(out / name)
 
     shown = [("CIDEr", "held-out CIDEr"), ("exact_match", "exact match"), ("vqa_accuracy", "zero-shot VQA acc")]
-    fig, axes = plt.subplots(len(lrs), len(shown), squeeze=False, figsize=(4.2 * len(shown), 3.2 * len(lrs)))
-    fig.suptitle(f"{cfg.dataset}: metrics against the number of pairs (mean ± std over seeds)")
+    width = max(6.0, 4.2 * len(shown))
+    fig, axes = plt.subplots(len(lrs), len(shown), squeeze=False, figsize=(width, 3.2 * len(lrs) + 0.4))
+    _title(fig, f"{cfg.dataset}: metrics against the number of pairs (mean ± std over seeds)", width)
     for i, lr in enumerate(lrs):
         for j, (metric, label) in enumerate(shown):
             ax = axes[i][j]
