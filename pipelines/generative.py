@@ -154,7 +154,7 @@ def run_generative(cfg: GenerativeConfig, resume: bool = False, stop_after: int 
     trained, tower = trained_front()
     if not dist.is_main:
         return summary
-    summary["front_dir"] = str(save_front(trained, cfg, run_dir))
+    summary["front_dir"] = str(save_front(trained, cfg, run_dir, cfg.bos_before_prefix))
     if cfg.eval.enabled:
         trained.eval()
         with torch.no_grad(), training.autocast(dist.device, dtype):

@@ -22,7 +22,9 @@ from safetensors.torch import save_file
 
 from pformer import zoo
 from pformer.cache import prompt_target_cache
+from pformer.atomic import replace_folder
 from pformer.config import Config, ConfigError, param, to_dict
+from pformer.model import read_pformer_config
 from pformer.records import SkipReport, skip_too_long
 from vl_align.data import load_image_text_pairs
 from vl_align.fronts import FrontConfig, build_front
@@ -237,7 +239,9 @@ def run_stage2(cfg: Stage2Config, resume: bool = False, stop_after: int | None =
         trained = training.trained_module(engine, lambda: build_front(
             cfg.front, tower.hidden_size, setup.llm_width, vision_tower=tower if live_tower else None), dist.is_main)
     if result.final_step >= cfg.optim.max_steps and dist.is_main:
-        summary["front_dir"] = str(save_front(trained, cfg, run_dir))
+        # W is trained toward the P-Former's prompts, so it is meant for the P-Former's layout (default without)
+        layout = read_pformer_config(cfg.pformer).bos_before_prefix if cfg.align.weight else True
+        summary["front_dir"] = str(save_front(trained, cfg, run_dir, layout))
         pairs = held_out_pairs(cfg.data, cfg.eval, cfg.seed, cfg.reliability) if cfg.eval.enabled else None
         if pairs:
             summary["retrieval"] = evaluate_retrieval(trained, tower, tokenizer, cfg.eval, pairs, run_dir,
@@ -246,29 +250,16 @@ def run_stage2(cfg: Stage2Config, resume: bool = False, stop_after: int | None =
     return summary
 
 
-def _bos_before_prefix(cfg) -> bool:
-    """The LLM layout the front's projection W was trained for: the generative stage's own setting; for the
-    representation stage, that of the P-Former whose prompts W is aligned to (default layout without one)."""
-    if hasattr(cfg, "bos_before_prefix"):
-        return cfg.bos_before_prefix
-    align, pformer = getattr(cfg, "align", None), getattr(cfg, "pformer", None)
-    if align is not None and align.weight and pformer and Path(pformer).is_dir():
-        from pformer.model import read_pformer_config
-
-        return read_pformer_config(pformer).bos_before_prefix
-    return True
-
-
-def save_front(front: torch.nn.Module, cfg: Stage2Config, run_dir: Path) -> Path:
-    """The trained front (the ELIP tower's frozen weights excluded) as safetensors + the config that built it."""
+def save_front(front: torch.nn.Module, cfg: Stage2Config, run_dir: Path, bos_before_prefix: bool) -> Path:
+    """The trained front (the ELIP tower's frozen weights excluded) as safetensors + the config that built it, and
+    the LLM input layout its projection W was trained for (``FrozenLLM``'s ``bos_before_prefix``)."""
     out, tmp = run_dir / "front", run_dir / ".front.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     state = {k: v.detach().contiguous().cpu() for k, v in front.state_dict().items() if not k.startswith("vision.")}
     save_file(state, str(tmp / "model.safetensors"))
     (tmp / "front_config.json").write_text(json.dumps({"front": to_dict(cfg.front), "vision": to_dict(cfg.vision),
-                                                       "llm": cfg.llm,
-                                                       "bos_before_prefix": _bos_before_prefix(cfg)}, indent=2))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+                                                       "llm": cfg.llm, "bos_before_prefix": bos_before_prefix},
+                                                      indent=2))
+    replace_folder(tmp, out)
     return out

@@ -279,7 +279,8 @@ def test_cli_export_hf_from_a_saved_front(tmp_path, tiny_vit_dir, tiny_llm_dir, 
     torch.manual_seed(3)
     front = QFormerFront(front_cfg, 32, llm.hidden_size)
     _perturb(front, 0.3, 3)
-    front_dir = save_front(front, SimpleNamespace(front=front_cfg, vision=vision, llm=tiny_llm_dir), tmp_path)
+    front_dir = save_front(front, SimpleNamespace(front=front_cfg, vision=vision, llm=tiny_llm_dir), tmp_path,
+                           bos_before_prefix=True)
     out = tmp_path / "hf"
     args = ["export-hf", f"front={front_dir}", f"output_dir={out}", "verify_images=3", "max_new_tokens=8"]
     assert main(args) == 0
