@@ -248,42 +248,40 @@ def stage2_reference(tmp_path_factory, pairs, tiny_vit_dir, tiny_bert_dir, tiny_
     return run
 
 
+def _kill9_resume_and_compare(command: str, args: list[str], run: Path, reference_run: Path, keys, final: str,
+                              cache_dir: Path) -> None:
+    """SIGKILL ``command`` at a random step, resume it, and require the reference run's losses and final weights
+    (``final``: the folder the finished run writes, absent while it is unfinished)."""
+    target, at_kill = _kill_at_random_step(command, args, run, cache_dir)
+    reference = _rows(reference_run)
+    context = f"(killed at step {target})"
+    _assert_same_losses(at_kill, reference[:len(at_kill)], keys, context)  # a fresh run is reproducible
+    latest = _checkpoint_steps(run)[-1]
+    assert SAVE_EVERY <= latest < MAX_STEPS and not (run / final).exists(), context
+
+    proc = _cli([command, "--resume", *args], cache_dir)
+    assert _resumed_from(proc.stdout) == latest, context
+    _assert_same_losses(_rows(run), reference, keys, context)
+    _assert_same_weights(run / final / "model.safetensors", reference_run / final / "model.safetensors")
+    # final weights are safetensors only: nothing a later load would have to unpickle
+    assert sorted(p.name for p in (run / final).rglob("*") if p.suffix in (".pt", ".bin", ".pkl", ".pth")) == []
+
+
 @pytest.mark.slow
 def test_stage1_kill9_then_resume_matches_uninterrupted(tmp_path, stage1_reference, corpus, tiny_bert_dir,
                                                         tiny_llm_dir, cache_dir):
     run = tmp_path / "run"
-    args = _stage1_args(corpus, tiny_bert_dir, tiny_llm_dir, run)
-    target, at_kill = _kill_at_random_step("stage1", args, run, cache_dir)
-    reference = _rows(stage1_reference)
-    context = f"(killed at step {target})"
-    _assert_same_losses(at_kill, reference[:len(at_kill)], STAGE1_KEYS, context)  # a fresh run is reproducible
-    latest = _checkpoint_steps(run)[-1]
-    assert SAVE_EVERY <= latest < MAX_STEPS and not (run / "pformer").exists(), context
-
-    proc = _cli(["stage1", "--resume", *args], cache_dir)
-    assert _resumed_from(proc.stdout) == latest, context
-    _assert_same_losses(_rows(run), reference, STAGE1_KEYS, context)
-    _assert_same_weights(run / "pformer" / "model.safetensors", stage1_reference / "pformer" / "model.safetensors")
-    # final weights are safetensors only: nothing a later load would have to unpickle
-    assert sorted(p.name for p in (run / "pformer").rglob("*") if p.suffix in (".pt", ".bin", ".pkl", ".pth")) == []
+    _kill9_resume_and_compare("stage1", _stage1_args(corpus, tiny_bert_dir, tiny_llm_dir, run), run,
+                              stage1_reference, STAGE1_KEYS, "pformer", cache_dir)
 
 
 @pytest.mark.slow
 def test_stage2_kill9_then_resume_matches_uninterrupted(tmp_path, stage2_reference, pairs, tiny_vit_dir,
                                                         tiny_bert_dir, tiny_llm_dir, tiny_pformer_dir, cache_dir):
     run = tmp_path / "run"
-    args = _stage2_args(pairs, tiny_vit_dir, tiny_bert_dir, tiny_llm_dir, tiny_pformer_dir, run)
-    target, at_kill = _kill_at_random_step("stage2", args, run, cache_dir)
-    reference = _rows(stage2_reference)
-    context = f"(killed at step {target})"
-    _assert_same_losses(at_kill, reference[:len(at_kill)], STAGE2_KEYS, context)
-    latest = _checkpoint_steps(run)[-1]
-    assert SAVE_EVERY <= latest < MAX_STEPS and not (run / "front").exists(), context
-
-    proc = _cli(["stage2", "--resume", *args], cache_dir)
-    assert _resumed_from(proc.stdout) == latest, context
-    _assert_same_losses(_rows(run), reference, STAGE2_KEYS, context)
-    _assert_same_weights(run / "front" / "model.safetensors", stage2_reference / "front" / "model.safetensors")
+    _kill9_resume_and_compare("stage2", _stage2_args(pairs, tiny_vit_dir, tiny_bert_dir, tiny_llm_dir,
+                                                     tiny_pformer_dir, run), run,
+                              stage2_reference, STAGE2_KEYS, "front", cache_dir)
 
 
 # ---------------------------------------------------------------------------------------------------------------
