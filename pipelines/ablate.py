@@ -300,6 +300,19 @@ def compare_to_baseline(cells: list[dict], baseline: str, metrics=("CIDEr", "exa
     return out
 
 
+def multiplicity_note(comparisons: list[dict]) -> str:
+    """Each paired test has a 5% false-positive rate, so a grid of many arms x metrics crosses the seed spread by
+    chance about 0.05·N times even when no arm differs; say so next to the verdicts, with the Bonferroni count."""
+    tested = [c for c in comparisons if c["paired_verdict"] in ("beyond seed spread", "within seed spread")]
+    if not tested:
+        return ""
+    beyond = sum(c["paired_verdict"] == "beyond seed spread" for c in tested)
+    n = len(tested)
+    return (f"{beyond} of {n} paired tests are beyond the seed spread. At the 5% level each, about "
+            f"{0.05 * n:.2f} would be by chance if no arm differed; read single verdicts with that in mind "
+            f"(for a family-wise 5%, Bonferroni: test each at 0.05/{n}).")
+
+
 def time_to_baseline_quality(cells: list[dict], baseline: str) -> list[dict]:
     """SimVLG's claim is time to quality: per (pairs, lr), the training seconds (stage 2a included) at which each
     arm's seed-averaged curve of held-out CIDEr first reaches the baseline's final curve value, and its ratio to the
@@ -372,7 +385,7 @@ def report_markdown(cfg: AblateConfig, cells: list[dict], groups: list[dict], co
              f"{cfg.collapse.lm_loss:g} or fewer than {cfg.collapse.min_valid:.0%} of held-out outputs are captions.",
              "", arms, "", stage1_md, "## Held-out captioning and zero-shot VQA", "", markdown_table(table), "",
              f"## Differences to `{cfg.baseline}` (unpaired: |Δ| > 2·SE; paired by seed: |mean Δ_seed| > t·SE)", "",
-             markdown_table(comp) if comp else "(no comparisons)", "",
+             markdown_table(comp) if comp else "(no comparisons)", "", multiplicity_note(comparisons), "",
              f"## Time to `{cfg.baseline}`'s final quality (seed-mean curve of held-out CIDEr on "
              f"{cfg.curve_images} images; training seconds, stage 2a included)", "",
              markdown_table(speed) if speed else "(no curves)", "",

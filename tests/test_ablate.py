@@ -64,6 +64,17 @@ def test_paired_comparison_sees_a_consistent_gap_that_seed_noise_hides():
     assert ablate.t_critical(100) == pytest.approx(1.96)
 
 
+def test_multiplicity_note_counts_paired_tests_and_chance_crossings():
+    base = [2.0, 0.9, 1.4]
+    cells = [_cell("blip2", s, c) for s, c in enumerate(base)]
+    cells += [_cell("pformer_std", s, c - d) for s, (c, d) in enumerate(zip(base, [0.25, 0.30, 0.35]))]
+    cells += [_cell("pformer", 0, 2.5)]  # one shared seed: no paired test, not counted
+    note = ablate.multiplicity_note(compare_to_baseline(cells, "blip2"))
+    # pformer_std: CIDEr and exact_match (CIDEr / 2) lower on every seed; VQA identical -> 2 of 3 beyond
+    assert note.startswith("2 of 3 paired tests are beyond the seed spread") and "about 0.15 would" in note
+    assert ablate.multiplicity_note(compare_to_baseline(cells[-1:] + cells[:1], "blip2")) == ""
+
+
 def test_groups_report_collapse_rate_per_cell_group():
     cells = [_cell("blip2", 0, 1.0, collapsed=True), _cell("blip2", 1, 1.2), _cell("blip2", 0, 0.4, pairs=500)]
     groups = {(g["arm"], g["pairs"]): g for g in group_cells(cells)}
