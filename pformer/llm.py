@@ -130,8 +130,10 @@ class FrozenLLM(nn.Module):
     @torch.no_grad()
     def generate(self, prefix: torch.Tensor, prefix_mask: torch.Tensor | None = None,
                  prompts: list[str] | None = None, max_new_tokens: int = 30, num_beams: int = 1,
-                 do_sample: bool = False, top_p: float = 0.9, temperature: float = 1.0) -> list[str]:
+                 do_sample: bool = False, top_p: float = 0.9, temperature: float = 1.0,
+                 min_new_tokens: int = 0) -> list[str]:
         """Batched generation from a prefix [B, P, d_llm], optionally followed by a text prompt per sample.
+        ``min_new_tokens``: the stop tokens (EOS, the target suffix) are suppressed until this many new tokens.
 
         Prompts of different lengths are left-padded as a block ``[pad, lead token, prefix, prompt]`` so every
         sequence ends where generation starts.
@@ -160,7 +162,7 @@ class FrozenLLM(nn.Module):
         out = self.model.generate(inputs_embeds=inputs, attention_mask=mask, max_new_tokens=max_new_tokens,
                                   num_beams=num_beams, do_sample=do_sample, top_p=top_p if do_sample else None,
                                   temperature=temperature if do_sample else None, eos_token_id=stop,
-                                  pad_token_id=pad_id)
+                                  pad_token_id=pad_id, min_new_tokens=min_new_tokens or None)
         # with inputs_embeds, decoder-only generate returns only the new tokens
         return [self.tokenizer.decode(seq, skip_special_tokens=True).strip() for seq in out]
 

@@ -3,6 +3,7 @@
     dvlp stage1|stage2|generate-stage [--config FILE] [--resume] [key.sub=value ...]
     dvlp demo|ablate [--config FILE] [key.sub=value ...]
     dvlp prepare
+    dvlp evaluate [--config FILE] front=RUN/generative/front output_dir=DIR [eval.key=value ...]
     dvlp export-hf [--config FILE] front=RUN/front output_dir=DIR [key.sub=value ...]
 
 Overrides are ``key.sub=value`` words after the options; values are read as YAML (``optim.lr=3e-4``,
@@ -35,7 +36,7 @@ STAGES = {
 # A YAML under configs/ belongs to the stage its file name starts with.
 CONFIG_CLASSES = {"stage1": STAGES["stage1"][0], "stage2": STAGES["stage2"][0],
                   "generative": STAGES["generate-stage"][0], "demo": "pipelines.ablate:AblateConfig",
-                  "ablate": "pipelines.ablate:AblateConfig"}
+                  "ablate": "pipelines.ablate:AblateConfig", "evaluate": "pipelines.evaluate:EvaluateConfig"}
 
 
 def _load(target: str):
@@ -83,7 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
                  "P-Former, caption-free control) stage 2a, stage 2b and the held-out evaluation; table, plots, "
                  "captions", "demo.yaml"),
         "ablate": ("Ablation against BLIP-2: stage 1 once, then arms x pairs x learning rates x seeds through "
-                   "stages 2a/2b and evaluation; mean ± std, collapse rate, significance, plots", "ablate.yaml")}
+                   "stages 2a/2b and evaluation; mean ± std, collapse rate, significance, plots", "ablate.yaml"),
+        "evaluate": ("Held-out captioning and zero-shot VQA of a saved generative front (any kind), e.g. under "
+                     "another generation protocol", "evaluate.yaml")}
     for name, (help_text, default_yaml) in runners.items():
         p = sub.add_parser(name, help=help_text, description=help_text,
                            epilog=_keys_help(_load(CONFIG_CLASSES[name])),
@@ -113,6 +116,10 @@ def main(argv: list[str] | None = None) -> int:
             from .ablate import AblateConfig, run_ablation
 
             run_ablation(load_config(AblateConfig, args.config, args.overrides))
+        elif args.command == "evaluate":
+            from .evaluate import EvaluateConfig, run_evaluate
+
+            print(json.dumps(run_evaluate(load_config(EvaluateConfig, args.config, args.overrides)), indent=2))
         elif args.command == "export-hf":
             from .export import ExportConfig, run_export
 

@@ -14,14 +14,14 @@ import contextlib
 import json
 import time
 from collections import defaultdict
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import torch
 
 from pformer import zoo
-from pformer.config import Config, param
+from pformer.config import Config, ConfigError, param
 from vl_align.generative import generate
 from vl_align.metrics import java_available, load_metric
 from vl_align.retrieval import itc_similarity, recalls, rerank_with_itm, top_k
@@ -40,19 +40,74 @@ class EvalConfig(Config):
     vqa_prompt: str = param("Question: {} Short answer:", help="VQA prompt; {} is the question")
     batch_size: int = param(32, ge=1, help="images per generation batch")
     max_new_tokens: int = param(20, ge=1, help="generation length limit")
+    min_new_tokens: int = param(1, ge=0, help="the stop tokens (EOS, newline) are suppressed until this many new "
+                                              "tokens, so an answer or caption is never empty (BLIP-2's LAVIS "
+                                              "protocol: min_len=1 with newline as EOS); 0: a model may answer "
+                                              "nothing, which scores as wrong")
     num_beams: int = param(1, ge=1, help="beam search width (1: greedy)")
     do_sample: bool = param(False, help="nucleus sampling instead of greedy/beam")
     top_p: float = param(0.9, gt=0.0, le=1.0, help="nucleus mass when sampling")
     meteor: bool = param(True, help="compute METEOR (needs Java)")
+    captions_source: Optional[str] = param(None, help="held-out image-caption pairs with image paths (COCO caption "
+                                                      "JSON or JSONL, as data.source; all captions of an image are "
+                                                      "its references); None: the test split of an embedded "
+                                                      "data.source")
+    questions_source: Optional[str] = param(None, help="held-out VQA questions: JSONL of {image_path, question, "
+                                                       "answer | answers: [...]}, paths relative to the file; "
+                                                       "None: those of an embedded data.source")
+
+    def check(self) -> None:
+        if self.min_new_tokens > self.max_new_tokens:
+            raise ConfigError("min_new_tokens", f"{self.min_new_tokens} is above max_new_tokens "
+                                                f"{self.max_new_tokens}")
 
 
-def _test_records(data_source: str) -> tuple[list[dict], list[dict]]:
-    if not data_source.startswith("embedded:"):
-        raise ValueError("held-out evaluation data: only embedded sources are wired here; pass eval files at scale")
-    files = embedded_files(data_source.split(":", 1)[1])
-    pairs = [json.loads(line) for line in files["pairs_test"].read_text().splitlines()]
-    vqa = [json.loads(line) for line in files["vqa_test"].read_text().splitlines()]
-    return pairs, vqa
+def _test_records(cfg: EvalConfig, data_source: str) -> tuple[list[dict], list[dict]] | None:
+    """Held-out (pairs, questions): ``cfg.captions_source`` / ``cfg.questions_source``, else the test split of an
+    embedded ``data_source``; None when there is no held-out caption set to evaluate on."""
+    files = embedded_files(data_source.split(":", 1)[1]) if data_source.startswith("embedded:") else {}
+    if cfg.captions_source:
+        from vl_align.data import load_image_text_pairs
+
+        dataset = load_image_text_pairs(cfg.captions_source)
+        if "image_path" not in dataset.column_names:
+            raise ConfigError("eval.captions_source", f"{cfg.captions_source} has no image paths (columns "
+                                                      f"{dataset.column_names}); use a COCO caption JSON or JSONL")
+        pairs = [{"image_id": str(r["image_id"]), "image_path": r["image_path"], "caption": r["caption"]}
+                 for r in dataset]
+    elif files:
+        pairs = _read_jsonl_records(files["pairs_test"], ("image_id", "image_path", "caption"))
+    else:
+        return None
+    if cfg.questions_source:
+        questions = _read_jsonl_records(Path(cfg.questions_source), ("image_path", "question"))
+        root = Path(cfg.questions_source).resolve().parent
+        for q in questions:
+            q["image_path"] = str(root / q["image_path"])  # an absolute path stays as it is
+    else:
+        questions = _read_jsonl_records(files["vqa_test"], ("image_path", "question")) if files else []
+    for i, q in enumerate(questions):
+        if "answer" not in q and "answers" not in q:
+            raise ConfigError("eval.questions_source", f"question {i + 1} has neither 'answer' nor 'answers'")
+    return pairs, questions
+
+
+def _read_jsonl_records(path: Path, required: tuple[str, ...]) -> list[dict]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found")
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ConfigError(str(path), f"line {number} is not JSON: {err}") from None
+        missing = [k for k in required if k not in record]
+        if missing:
+            raise ConfigError(str(path), f"line {number} lacks {', '.join(missing)}")
+        records.append(record)
+    return records
 
 
 class _ImageInputs:
@@ -69,8 +124,16 @@ class _ImageInputs:
         return {"image_embeds": self.store.get(paths).to(self.device)}
 
 
-def evaluate_generative(front, llm, tower, cfg: EvalConfig, data, run_dir: Path, device, dtype) -> dict:
-    pairs, questions = _test_records(data.source)
+def evaluate_generative(front, llm, tower, cfg: EvalConfig, data_source: str, run_dir: Path, device,
+                        dtype) -> dict | None:
+    """Held-out captioning (BLEU, METEOR, ROUGE-L, CIDEr, exact match) and zero-shot VQA; eval.json, eval.md and
+    predictions.json in ``run_dir``. None, with a message, when there is no held-out set (see ``_test_records``)."""
+    records = _test_records(cfg, data_source)
+    if records is None:
+        print(f"caption/VQA evaluation skipped: data.source={data_source} has no known held-out split; set "
+              "eval.captions_source (and eval.questions_source)", flush=True)
+        return None
+    pairs, questions = records
     by_image: dict[str, list[str]] = defaultdict(list)
     paths: dict[str, str] = {}
     for r in pairs:
@@ -78,7 +141,7 @@ def evaluate_generative(front, llm, tower, cfg: EvalConfig, data, run_dir: Path,
         paths[r["image_id"]] = r["image_path"]
     image_ids = sorted(by_image, key=lambda i: (len(i), i))[:cfg.max_images or None]
     gen_kwargs = dict(max_new_tokens=cfg.max_new_tokens, num_beams=cfg.num_beams, do_sample=cfg.do_sample,
-                      top_p=cfg.top_p)
+                      top_p=cfg.top_p, min_new_tokens=cfg.min_new_tokens)
     qs = questions[:cfg.max_questions or None] if cfg.max_questions != 0 else []
     inputs_for = _ImageInputs(front, tower, [paths[i] for i in image_ids] + [q["image_path"] for q in qs], device,
                               dtype)
@@ -103,11 +166,13 @@ def evaluate_generative(front, llm, tower, cfg: EvalConfig, data, run_dir: Path,
             chunk = qs[start:start + cfg.batch_size]
             inputs = inputs_for([q["image_path"] for q in chunk])
             answers += generate(front, llm, prompts=[cfg.vqa_prompt.format(q["question"]) for q in chunk],
-                                **inputs, **{**gen_kwargs, "max_new_tokens": min(cfg.max_new_tokens, 8)})
-        acc = load_metric("vqa_accuracy").compute(predictions=answers, references=[[q["answer"]] for q in qs])
+                                **inputs, **{**gen_kwargs, "max_new_tokens": max(min(cfg.max_new_tokens, 8), cfg.min_new_tokens)})
+        acc = load_metric("vqa_accuracy").compute(predictions=answers,
+                                                  references=[q.get("answers") or [q["answer"]] for q in qs])
         result["vqa"] = {"num_questions": len(qs), **acc}
-        vqa_rows = [{"question": q["question"], "image_path": q["image_path"], "answer": q["answer"],
-                     "prediction": a} for q, a in zip(qs, answers)]
+        vqa_rows = [{"question": q["question"], "image_path": q["image_path"],
+                     "answer": q.get("answer", (q.get("answers") or [None])[0]), "prediction": a}
+                    for q, a in zip(qs, answers)]
     row = {k: v for k, v in result["captioning"].items() if isinstance(v, float)}
     if "vqa" in result:
         row["vqa_accuracy"] = result["vqa"]["accuracy"]
@@ -128,6 +193,70 @@ def write_report(run_dir: Path, name: str, result: dict[str, dict[str, Any]], ro
     text = write_table(run_dir / f"{name}.md", rows, title=title)
     if note:
         (run_dir / f"{name}.md").write_text(text + "\n" + note.strip() + "\n")
+
+
+def load_saved_front(front_dir: str | Path):
+    """A ``front/`` folder written by ``save_front`` (any kind), with the frozen tower and LLM it was trained with:
+    ``(front in eval mode, tower, llm, front_config.json)``. An ELIP front loads as the Q-Former front it is
+    outside pre-training (pruning runs only in training), over the tower's features."""
+    from safetensors.torch import load_file
+
+    from pformer.config import build
+    from pformer.llm import FrozenLLM
+    from vl_align.fronts import FrontConfig, QFormerFront
+    from vl_align.generative import TomeFront
+    from vl_align.vision import VisionTower, VisionTowerConfig
+
+    folder = Path(front_dir)
+    for name in ("model.safetensors", "front_config.json"):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"{folder / name} not found; give the front/ folder of a stage-2a or 2b run")
+    meta = json.loads((folder / "front_config.json").read_text())
+    front_cfg = build(FrontConfig, meta["front"], "front_config.front")
+    tower = VisionTower.build(build(VisionTowerConfig, meta["vision"], "front_config.vision"))
+    llm = FrozenLLM.load(meta["llm"], bos_before_prefix=meta.get("bos_before_prefix", True))
+    if front_cfg.kind == "tome":
+        from vl_align.connector import TomeConnector
+
+        connector = TomeConnector.build(front_cfg.tome, tower.hidden_size)
+        front = TomeFront(connector, connector.hidden_size, llm.hidden_size)
+    else:
+        front = QFormerFront(front_cfg, tower.hidden_size, llm.hidden_size)
+    missing, unexpected = front.load_state_dict(load_file(str(folder / "model.safetensors")), strict=False)
+    missing = [k for k in missing if not k.startswith("vision.")]
+    if missing or unexpected:
+        raise ConfigError("front", f"{folder} does not fit the front its config describes: missing {missing[:5]}, "
+                                   f"unexpected {unexpected[:5]}")
+    return front.eval(), tower, llm, meta
+
+
+@dataclass
+class EvaluateConfig(Config):
+    front: str = param("runs/generative/front", help="front/ folder of a generative (2b) run")
+    output_dir: str = param("runs/evaluate", help="eval.json, eval.md and predictions.json are written here")
+    data_source: str = param("embedded:easy-vqa", help="an embedded dataset whose test split is evaluated on "
+                                                       "(else set eval.captions_source / eval.questions_source)")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = param("auto", help="as the stages' deepspeed.precision")
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def run_evaluate(cfg: EvaluateConfig) -> dict:
+    """``dvlp evaluate``: held-out captioning and VQA of a saved front, e.g. again under another protocol."""
+    from .config import DeepSpeedConfig
+    from .training import autocast, compute_dtype
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = compute_dtype(DeepSpeedConfig(precision=cfg.precision), device)
+    front, tower, llm, _ = load_saved_front(cfg.front)
+    front, tower, llm = front.to(device), tower.to(device), llm.to(device)
+    started = time.perf_counter()
+    with torch.no_grad(), autocast(device, dtype):
+        result = evaluate_generative(front, llm, tower, cfg.eval, cfg.data_source, Path(cfg.output_dir), device,
+                                     dtype)
+    if result is None:
+        raise ConfigError("eval.captions_source", f"no held-out set for data_source={cfg.data_source}")
+    print(f"evaluated in {time.perf_counter() - started:.0f} s -> {cfg.output_dir}/eval.json", flush=True)
+    return result
 
 
 # ----------------------------------------------------------------------------------------------------------------

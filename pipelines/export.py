@@ -13,13 +13,14 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from safetensors.torch import load_file
 
-from pformer.config import Config, ConfigError, build, param
+from pformer.config import Config, ConfigError, param
 from pformer.llm import FrozenLLM
 from vl_align.export import ExportError, export_blip2, verify_export
-from vl_align.fronts import FrontConfig, QFormerFront
-from vl_align.vision import VisionTower, VisionTowerConfig
+from vl_align.fronts import QFormerFront
+from vl_align.vision import VisionTower
+
+from .evaluate import load_saved_front
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -42,26 +43,11 @@ class ExportConfig(Config):
 
 def load_front_dir(front_dir: str | Path) -> tuple[QFormerFront, VisionTower, FrozenLLM, dict]:
     """Rebuild a saved Q-Former front with its frozen tower and LLM: ``(front, tower, llm, front_config)``."""
-    folder = Path(front_dir)
-    for name in ("model.safetensors", "front_config.json"):
-        if not (folder / name).is_file():
-            raise FileNotFoundError(f"{folder / name} not found; export.front must be the front/ folder of a "
-                                    "stage-2a or 2b run")
-    meta = json.loads((folder / "front_config.json").read_text())
-    front_cfg = build(FrontConfig, meta["front"], "front_config.front")
-    if front_cfg.kind not in ("qformer", "elip"):
-        raise ConfigError("front", f"{folder} holds a '{front_cfg.kind}' front; only Q-Former fronts ('qformer', "
-                                   "'elip') have a BLIP-2 counterpart")
-    tower = VisionTower.build(build(VisionTowerConfig, meta["vision"], "front_config.vision"))
-    llm = FrozenLLM.load(meta["llm"], bos_before_prefix=meta.get("bos_before_prefix", True))
-    # ELIP differs from 'qformer' only while pre-training (pruning); its saved weights are a QFormerFront's
-    front = QFormerFront(front_cfg, tower.hidden_size, llm.hidden_size)
-    missing, unexpected = front.load_state_dict(load_file(str(folder / "model.safetensors")), strict=False)
-    missing = [k for k in missing if not k.startswith("vision.")]
-    if missing or unexpected:
-        raise ConfigError("front", f"{folder} does not fit the front its config describes: missing {missing[:5]}, "
-                                   f"unexpected {unexpected[:5]}")
-    return front.eval(), tower, llm, meta
+    front, tower, llm, meta = load_saved_front(front_dir)
+    if not isinstance(front, QFormerFront):
+        raise ConfigError("front", f"{front_dir} holds a '{meta['front']['kind']}' front; only Q-Former fronts "
+                                   "('qformer', 'elip') have a BLIP-2 counterpart")
+    return front, tower, llm, meta
 
 
 def _verification_images(cfg: ExportConfig) -> list[str]:

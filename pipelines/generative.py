@@ -158,7 +158,7 @@ def run_generative(cfg: GenerativeConfig, resume: bool = False, stop_after: int 
     if cfg.eval.enabled:
         trained.eval()
         with torch.no_grad(), training.autocast(dist.device, dtype):
-            summary["eval"] = evaluate_generative(trained, llm, tower, cfg.eval, cfg.data, run_dir,
+            summary["eval"] = evaluate_generative(trained, llm, tower, cfg.eval, cfg.data.source, run_dir,
                                                   dist.device, dtype)
     (run_dir / "generative_summary.json").write_text(json.dumps(summary, indent=2))
     return summary
@@ -182,8 +182,11 @@ def _append_curve_point(front, llm, tower, cfg: GenerativeConfig, run_dir: Path,
     was_training = front.training
     front.eval()
     with torch.no_grad(), training.autocast(device, dtype):
-        scores = evaluate_generative(front, llm, tower, eval_cfg, cfg.data, point_dir, device, dtype)["captioning"]
+        result = evaluate_generative(front, llm, tower, eval_cfg, cfg.data.source, point_dir, device, dtype)
     front.train(was_training)
+    if result is None:  # no held-out set: no curve
+        return
+    scores = result["captioning"]
     path = run_dir / "eval_curve.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
     rows = [r for r in rows if r["step"] < step]  # a resumed run replaces the points after its checkpoint

@@ -129,3 +129,27 @@ def test_generation_with_prompts_of_different_lengths(tiny_llm_dir):
                            max_new_tokens=5)
     single = llm.generate(prefix[1:], prompts=["a photo of"], max_new_tokens=5)
     assert batched[1] == single[0]  # left padding does not change a sample's greedy output
+
+
+def test_min_new_tokens_suppresses_an_immediate_stop(tiny_llm_dir):
+    """A model that wants to stop at once answers nothing, unless min_new_tokens holds the stop tokens back
+    (LAVIS's min_len=1); the answer is then the best non-stop token, and the stop follows."""
+    llm = FrozenLLM.load(tiny_llm_dir)
+    word = llm.tokenizer("red", add_special_tokens=False).input_ids[0]
+    stops = llm.stop_token_ids()
+
+    def bias(module, inputs, logits):  # stop tokens first, "red" second, at every position
+        logits = logits.clone()
+        logits[..., word] += 50.0
+        logits[..., stops] += 100.0
+        return logits
+
+    handle = llm.model.get_output_embeddings().register_forward_hook(bias)
+    prefix = torch.randn(2, 3, llm.hidden_size)
+    try:
+        assert llm.generate(prefix, prompts=["Question: what colour? Short answer:"] * 2, max_new_tokens=5) == ["", ""]
+        answers = llm.generate(prefix, prompts=["Question: what colour? Short answer:"] * 2, max_new_tokens=5,
+                               min_new_tokens=1)
+    finally:
+        handle.remove()
+    assert answers == [llm.tokenizer.decode([word]).strip()] * 2

@@ -6,6 +6,7 @@ import json
 import pytest
 
 from pformer.config import ConfigError, load_config
+from pipelines.evaluate import EvaluateConfig, run_evaluate
 from pipelines.generative import GenerativeConfig, run_generative
 from pipelines.stage2 import Stage2Config, run_stage2
 
@@ -68,6 +69,40 @@ def test_generative_stage_trains_and_evaluates(tmp_path, kind, tiny_vit_dir, tin
     assert scores["vqa"]["num_questions"] == 6 and 0.0 <= scores["vqa"]["accuracy"] <= 1.0
     preds = json.loads((tmp_path / kind / "predictions.json").read_text())
     assert len(preds["captions"]) == 6 and len(preds["vqa"]) == 6
+
+    # `dvlp evaluate` rebuilds the saved front (tome included) from its folder alone: the same outputs
+    again = load_config(EvaluateConfig, None, [f"front={tmp_path / kind / 'front'}", "precision=fp32",
+                                               f"output_dir={tmp_path / 'again'}", *extra[1:5]])
+    run_evaluate(again)
+    assert json.loads((tmp_path / "again" / "predictions.json").read_text()) == preds
+    assert json.loads((tmp_path / "again" / "eval.json").read_text()) == scores
+
+
+def test_evaluation_on_given_held_out_files(tmp_path, tiny_vit_dir, tiny_bert_dir, tiny_llm_dir, tiny_pformer_dir):
+    """At scale the held-out captions and questions are files; a bad question line is named."""
+    from pipelines.sources import embedded_files
+
+    files = embedded_files("easy-vqa")
+    pairs = [json.loads(line) for line in files["pairs_test"].read_text().splitlines()[:5]]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps({"image_path": p["image_path"], "caption": p["caption"],
+                                                              "image_id": p["image_id"]}) + "\n" for p in pairs))
+    questions = [{"image_path": p["image_path"], "question": "what shape is in the image?",
+                  "answers": [p["caption"].split()[-1]] * 3} for p in pairs[:3]]
+    (tmp_path / "questions.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions))
+    cfg = load_config(GenerativeConfig, None, _common(tmp_path, "files", tiny_vit_dir, tiny_bert_dir, tiny_llm_dir,
+                                                      tiny_pformer_dir) + [
+        "eval.max_new_tokens=3", "eval.meteor=false", f"eval.captions_source={tmp_path / 'pairs.jsonl'}",
+        f"eval.questions_source={tmp_path / 'questions.jsonl'}"])
+    run_generative(cfg)
+    scores = json.loads((tmp_path / "files" / "eval.json").read_text())
+    assert scores["captioning"]["num_images"] == 5 and scores["vqa"]["num_questions"] == 3
+
+    (tmp_path / "questions.jsonl").write_text(json.dumps(questions[0]) + "\n" + json.dumps({"question": "q"}) + "\n")
+    again = load_config(EvaluateConfig, None, [f"front={tmp_path / 'files' / 'front'}", "precision=fp32",
+                                               f"output_dir={tmp_path / 'again'}", "eval.meteor=false",
+                                               f"eval.questions_source={tmp_path / 'questions.jsonl'}"])
+    with pytest.raises(ConfigError, match="questions.jsonl.*line 2 lacks image_path"):
+        run_evaluate(again)
 
 
 def test_generative_layout_must_match_the_pformers(tmp_path, tiny_vit_dir, tiny_bert_dir, tiny_llm_dir,
