@@ -79,6 +79,30 @@ class FrozenLLM(nn.Module):
         return (torch.cat([lead.to(prefix.dtype), prefix], dim=1),
                 torch.cat([prefix_mask.new_ones(prefix.shape[0], 1), prefix_mask], dim=1))
 
+    def _blank_tokens(self) -> torch.Tensor:
+        """[V] bool: the tokens that decode to no visible text (whitespace, special tokens)."""
+        if getattr(self, "_blank", None) is None:
+            texts = self.tokenizer.batch_decode([[i] for i in range(len(self.tokenizer))], skip_special_tokens=True)
+            self._blank = torch.tensor([not t.strip() for t in texts])
+        return self._blank
+
+    def _text_before_stop(self, min_text_tokens: int):
+        from transformers import LogitsProcessor, LogitsProcessorList
+
+        if min_text_tokens <= 0:
+            return LogitsProcessorList()
+        blank, stops = self._blank_tokens(), self.stop_token_ids()
+
+        class StopOnlyAfterText(LogitsProcessor):
+            def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+                # input_ids: [rows, generated so far] (inputs_embeds: only the new tokens; T5: decoder ids)
+                known = input_ids.clamp(max=len(blank) - 1)
+                visible = (~blank.to(input_ids.device)[known] | (input_ids >= len(blank))).sum(dim=1)
+                scores[(visible < min_text_tokens).nonzero(as_tuple=True)[0][:, None], stops] = float("-inf")
+                return scores
+
+        return LogitsProcessorList([StopOnlyAfterText()])
+
     def stop_token_ids(self) -> list[int]:
         """Tokens that end a generated text: EOS, and the suffix the targets end with (a newline by default)."""
         ids = {self.tokenizer.eos_token_id}
@@ -133,7 +157,8 @@ class FrozenLLM(nn.Module):
                  do_sample: bool = False, top_p: float = 0.9, temperature: float = 1.0,
                  min_new_tokens: int = 0) -> list[str]:
         """Batched generation from a prefix [B, P, d_llm], optionally followed by a text prompt per sample.
-        ``min_new_tokens``: the stop tokens (EOS, the target suffix) are suppressed until this many new tokens.
+        ``min_new_tokens``: the stop tokens (EOS, the target suffix) are suppressed until this many new tokens with
+        visible text (a lone space before the newline is no answer).
 
         Prompts of different lengths are left-padded as a block ``[pad, lead token, prefix, prompt]`` so every
         sequence ends where generation starts.
@@ -162,7 +187,7 @@ class FrozenLLM(nn.Module):
         out = self.model.generate(inputs_embeds=inputs, attention_mask=mask, max_new_tokens=max_new_tokens,
                                   num_beams=num_beams, do_sample=do_sample, top_p=top_p if do_sample else None,
                                   temperature=temperature if do_sample else None, eos_token_id=stop,
-                                  pad_token_id=pad_id, min_new_tokens=min_new_tokens or None)
+                                  pad_token_id=pad_id, logits_processor=self._text_before_stop(min_new_tokens))
         # with inputs_embeds, decoder-only generate returns only the new tokens
         return [self.tokenizer.decode(seq, skip_special_tokens=True).strip() for seq in out]
 

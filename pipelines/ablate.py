@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 
-from pformer.config import Config, ConfigError, load_config, param, save_config
+from pformer.config import Config, ConfigError, load_config, param, save_config, to_dict
 
 from .cli import CONFIG_DIR
 
@@ -97,6 +97,9 @@ class AblateConfig(Config):
                                                      "state, ~0.4 GB per stage at the default sizes: hundreds of "
                                                      "GB over a grid); its trained front/ and results stay anyway")
     gallery_images: int = param(8, ge=0, help="held-out images shown with every arm's caption in captions.md")
+    re_evaluate: bool = param(False, help="re-run the final held-out evaluation of finished cells whose eval "
+                                          "settings differ from the current ones (a protocol change), without "
+                                          "retraining; the curve points keep their settings")
     report_only: bool = param(False, help="write the report from the finished cells of the grid and run nothing "
                                           "(for a grid that is still running or was stopped); missing cells are "
                                           "listed")
@@ -117,6 +120,8 @@ class AblateConfig(Config):
             raise ConfigError("pairs", f"must be positive, got {self.pairs}")
         if any(lr <= 0 for lr in self.lrs):
             raise ConfigError("lrs", f"must be positive, got {self.lrs}")
+        if self.re_evaluate and self.report_only:
+            raise ConfigError("re_evaluate", "runs evaluations; report_only runs nothing: set one of them")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -193,20 +198,10 @@ def run_cell(cfg: AblateConfig, arm_name: str, pairs: int, lr: float, seed: int,
     arm = ARMS[arm_name]
     cell_dir = Path(cfg.output_dir) / "cells" / cell_name(arm_name, pairs, lr, seed)
     done = cell_dir / "cell.json"
-    if done.exists():
-        return json.loads(done.read_text())
     common = [f"seed={seed}", f"data.source={cfg.dataset}", f"align_stats_source={cfg.dataset}",
               f"pformer={pformer_dir}", f"data.max_pairs={pairs}", f"front.kind={arm.front}",
               f"align.kind={arm.kind}", f"align.target={arm.target}"]
-    started = time.perf_counter()
     has_stage2 = arm.front != "tome"
-    if has_stage2:
-        s2 = load_config(Stage2Config, cfg.stage2_config, common + [
-            f"align.weight={arm.w1}", f"optim.max_steps={cfg.stage2_steps}",
-            f"optim.warmup_steps={_warmup(cfg.stage2_steps, 5)}", f"logging.output_dir={cell_dir / 'stage2'}",
-            "logging.progress_bar=false", f"eval.enabled={bool(cfg.retrieval_images)}",
-            f"eval.max_images={cfg.retrieval_images or 1}", *cfg.stage2_overrides])
-        run_stage2(s2, resume=True)
     gen = load_config(GenerativeConfig, cfg.generative_config, common + [
         f"align.weight={arm.w2}", f"optim.lr={lr}", f"optim.min_lr={lr / 10}",
         f"optim.max_steps={cfg.generative_steps}", f"optim.warmup_steps={_warmup(cfg.generative_steps, 10)}",
@@ -214,14 +209,42 @@ def run_cell(cfg: AblateConfig, arm_name: str, pairs: int, lr: float, seed: int,
         f"logging.output_dir={cell_dir / 'generative'}", "logging.progress_bar=false",
         f"eval.max_images={cfg.eval_images}", f"eval.max_questions={cfg.eval_questions}",
         f"curve.every={cfg.curve_every}", f"curve.images={cfg.curve_images}", *cfg.generative_overrides])
+    protocol = to_dict(gen.eval)
+    if done.exists():
+        row = json.loads(done.read_text())
+        if cfg.re_evaluate and row.get("eval_protocol") != protocol:
+            return _re_evaluate_cell(cfg, row, cell_dir, gen, has_stage2, checker)
+        return row
+    started = time.perf_counter()
+    if has_stage2:
+        s2 = load_config(Stage2Config, cfg.stage2_config, common + [
+            f"align.weight={arm.w1}", f"optim.max_steps={cfg.stage2_steps}",
+            f"optim.warmup_steps={_warmup(cfg.stage2_steps, 5)}", f"logging.output_dir={cell_dir / 'stage2'}",
+            "logging.progress_bar=false", f"eval.enabled={bool(cfg.retrieval_images)}",
+            f"eval.max_images={cfg.retrieval_images or 1}", *cfg.stage2_overrides])
+        run_stage2(s2, resume=True)
     run_generative(gen, resume=True)
     row = {"arm": arm_name, "front": arm.front, "pairs": pairs, "lr": lr, "seed": seed,
            **summarize_cell(cell_dir, has_stage2, checker, cfg.collapse),
-           "wall_seconds": time.perf_counter() - started}
+           "wall_seconds": time.perf_counter() - started, "eval_protocol": protocol}
     done.write_text(json.dumps(row, indent=2))
     if not cfg.keep_cell_checkpoints:  # only an unfinished cell resumes from them
         for stage in ("stage2", "generative"):
             shutil.rmtree(cell_dir / stage / "checkpoints", ignore_errors=True)
+    return row
+
+
+def _re_evaluate_cell(cfg: AblateConfig, row: dict, cell_dir: Path, gen, has_stage2: bool,
+                      checker: CaptionChecker) -> dict:
+    """The final held-out evaluation of a finished cell's trained front again, under the current eval settings
+    (e.g. a changed generation protocol); training and the curve points are not repeated."""
+    from .evaluate import EvaluateConfig, run_evaluate
+
+    print(f"   re-evaluating {cell_dir.name} of {row['arm']} under the current eval settings", flush=True)
+    run_evaluate(EvaluateConfig(front=str(cell_dir / "generative" / "front"), output_dir=str(cell_dir / "generative"),
+                                data_source=cfg.dataset, precision=gen.deepspeed.precision, eval=gen.eval))
+    row = {**row, **summarize_cell(cell_dir, has_stage2, checker, cfg.collapse), "eval_protocol": to_dict(gen.eval)}
+    (cell_dir / "cell.json").write_text(json.dumps(row, indent=2))
     return row
 
 

@@ -178,3 +178,21 @@ def test_tiny_grid_end_to_end_and_rerun_skips_finished_cells(tmp_path, tiny_vit_
     partial = run_ablation(load_config(AblateConfig, None, [*overrides, "seeds=[0,1,2]", "report_only=true"]))
     assert len(partial["cells"]) == 6 and len(partial["missing_cells"]) == 3
     assert "Not finished (left out of this report): 3 cells" in (out / "results.md").read_text()
+
+    # re_evaluate under another protocol: the trained fronts are evaluated again (nothing trains), once
+    evaluated = []
+    from pipelines import evaluate as evaluate_module
+
+    real_run_evaluate = evaluate_module.run_evaluate
+    monkeypatch.setattr(evaluate_module, "run_evaluate", lambda c: evaluated.append(c.front) or real_run_evaluate(c))
+    first_cell = out / "cells" / "blip2" / "pairs16_lr0.001_seed0"
+    (first_cell / "generative" / "eval.json").unlink()  # proves eval.json is written anew
+    changed = [*overrides[:-1], overrides[-1][:-1] + ",eval.min_new_tokens=0]", "re_evaluate=true"]
+    redone = run_ablation(load_config(AblateConfig, None, changed))
+    assert len(evaluated) == 6 and (first_cell / "generative" / "eval.json").is_file()
+    assert all(c["eval_protocol"]["min_new_tokens"] == 0 for c in redone["cells"])
+    assert [c["curve"] for c in redone["cells"]] == [c["curve"] for c in result["cells"]]
+    run_ablation(load_config(AblateConfig, None, changed))
+    assert len(evaluated) == 6  # already under these settings: not evaluated again
+    with pytest.raises(ConfigError, match="re_evaluate"):
+        load_config(AblateConfig, None, [*overrides, "re_evaluate=true", "report_only=true"])

@@ -131,25 +131,34 @@ def test_generation_with_prompts_of_different_lengths(tiny_llm_dir):
     assert batched[1] == single[0]  # left padding does not change a sample's greedy output
 
 
-def test_min_new_tokens_suppresses_an_immediate_stop(tiny_llm_dir):
-    """A model that wants to stop at once answers nothing, unless min_new_tokens holds the stop tokens back
-    (LAVIS's min_len=1); the answer is then the best non-stop token, and the stop follows."""
+def test_min_new_tokens_holds_the_stop_back_until_there_is_text(tiny_llm_dir):
+    """A model that wants to stop at once answers nothing, unless min_new_tokens holds the stop tokens back (LAVIS's
+    min_len=1); a lone space does not count as the answer (measured: SmolLM2 answers " " then the newline)."""
     llm = FrozenLLM.load(tiny_llm_dir)
     word = llm.tokenizer("red", add_special_tokens=False).input_ids[0]
+    space = llm.tokenizer(" ", add_special_tokens=False).input_ids[-1]
     stops = llm.stop_token_ids()
+    assert bool(llm._blank_tokens()[space]) and not bool(llm._blank_tokens()[word])
+    ranking, first_step = {}, {}
 
-    def bias(module, inputs, logits):  # stop tokens first, "red" second, at every position
+    def bias(module, inputs, logits):  # stop tokens first, then "red"; on the first new token a space before both
         logits = logits.clone()
-        logits[..., word] += 50.0
+        for token, value in [*ranking.items(), *first_step.items()]:
+            logits[..., token] += value
         logits[..., stops] += 100.0
+        first_step.clear()
         return logits
 
     handle = llm.model.get_output_embeddings().register_forward_hook(bias)
     prefix = torch.randn(2, 3, llm.hidden_size)
+    prompts = ["Question: what colour? Short answer:"] * 2
     try:
-        assert llm.generate(prefix, prompts=["Question: what colour? Short answer:"] * 2, max_new_tokens=5) == ["", ""]
-        answers = llm.generate(prefix, prompts=["Question: what colour? Short answer:"] * 2, max_new_tokens=5,
-                               min_new_tokens=1)
+        ranking[word] = 50.0
+        assert llm.generate(prefix, prompts=prompts, max_new_tokens=5) == ["", ""]
+        assert llm.generate(prefix, prompts=prompts, max_new_tokens=5, min_new_tokens=1) == ["red", "red"]
+        first_step[space] = 80.0
+        assert llm.generate(prefix, prompts=prompts, max_new_tokens=5) == ["", ""]  # " " then the stop
+        first_step[space] = 80.0
+        assert llm.generate(prefix, prompts=prompts, max_new_tokens=5, min_new_tokens=1, num_beams=2) == ["red"] * 2
     finally:
         handle.remove()
-    assert answers == [llm.tokenizer.decode([word]).strip()] * 2
