@@ -447,6 +447,7 @@ def write_plots(out: Path, cfg: AblateConfig, cells: list[dict], groups: list[di
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     paths = []
     pairs_values, lrs = sorted({c["pairs"] for c in cells}), sorted({c["lr"] for c in cells})
@@ -487,12 +488,16 @@ def write_plots(out: Path, cfg: AblateConfig, cells: list[dict], groups: list[di
     for i, lr in enumerate(lrs):
         for j, (metric, label) in enumerate(shown):
             ax = axes[i][j]
-            for arm in arms:
+            for k, arm in enumerate(arms):
                 rows = sorted((g for g in groups if g["arm"] == arm and g["lr"] == lr), key=lambda g: g["pairs"])
+                dodge = 1.0 + 0.04 * (k - (len(arms) - 1) / 2)  # arms side by side at one pair count (log axis)
                 if rows:
-                    ax.errorbar([g["pairs"] for g in rows], [g[metric] for g in rows],
+                    ax.errorbar([g["pairs"] * dodge for g in rows], [g[metric] for g in rows],
                                 yerr=[g[f"{metric}_std"] for g in rows], marker="o", capsize=3, label=arm)
             ax.set_xscale("log")
+            ax.set_xticks(pairs_values, [str(n) for n in pairs_values])
+            ax.set_xlim(pairs_values[0] / 1.5, pairs_values[-1] * 1.5)  # room for the dodged arms
+            ax.xaxis.set_minor_formatter(NullFormatter())
             ax.set_title(f"{label}, lr {lr:g}", fontsize=9)
             ax.set_xlabel("training pairs", fontsize=8)
             ax.legend(fontsize=7)
