@@ -286,9 +286,9 @@ def test_pipeline_loaders_read_embedded_scenes(tmp_path, monkeypatch):
     pairs = load_image_text_pairs(files["pairs_test"], extra_fields=("relation", "seen_in_train"))
     assert set(pairs["relation"]) <= {"left of", "right of", "above", "below"} and set(pairs["seen_in_train"]) <= {"yes", "no"}
 
-    from pipelines.evaluate import _test_records
+    from pipelines.evaluate import EvalConfig, _test_records
 
-    pairs_test, vqa_test = _test_records("embedded:scenes")
+    pairs_test, vqa_test = _test_records(EvalConfig(), "embedded:scenes")
     assert len(pairs_test) == 80 and len(vqa_test) == 640
 
 
