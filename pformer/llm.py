@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from . import zoo
 
@@ -29,6 +30,24 @@ class PrefixLMOutput:
     loss: torch.Tensor  # scalar, mean over target tokens
     logits: torch.Tensor  # [B, T, V] logits that predict each target token
     target_ids: torch.Tensor  # [B, T], -100 where padded
+
+
+class _StopOnlyAfterText(LogitsProcessor):
+    """A logits processor: the stop tokens are -inf for every row that has generated fewer than
+    ``min_text_tokens`` tokens with visible text (``blank``: [V] bool, True for whitespace and special tokens)."""
+
+    def __init__(self, blank: torch.Tensor, stops: list[int], min_text_tokens: int):
+        self.blank, self.stops, self.min_text_tokens = blank, stops, min_text_tokens
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        # input_ids: [rows, generated so far] (inputs_embeds: only the new tokens; T5: the decoder ids)
+        if self.blank.device != input_ids.device:
+            self.blank = self.blank.to(input_ids.device)  # once per generation, not per step
+        vocab = len(self.blank)
+        visible = (~self.blank[input_ids.clamp(max=vocab - 1)] | (input_ids >= vocab)).sum(dim=1)
+        rows = (visible < self.min_text_tokens).nonzero(as_tuple=True)[0]
+        scores[rows[:, None], self.stops] = float("-inf")
+        return scores
 
 
 class FrozenLLM(nn.Module):
@@ -86,22 +105,10 @@ class FrozenLLM(nn.Module):
             self._blank = torch.tensor([not t.strip() for t in texts])
         return self._blank
 
-    def _text_before_stop(self, min_text_tokens: int):
-        from transformers import LogitsProcessor, LogitsProcessorList
-
+    def _text_before_stop(self, min_text_tokens: int) -> LogitsProcessorList:
         if min_text_tokens <= 0:
             return LogitsProcessorList()
-        blank, stops = self._blank_tokens(), self.stop_token_ids()
-
-        class StopOnlyAfterText(LogitsProcessor):
-            def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-                # input_ids: [rows, generated so far] (inputs_embeds: only the new tokens; T5: decoder ids)
-                known = input_ids.clamp(max=len(blank) - 1)
-                visible = (~blank.to(input_ids.device)[known] | (input_ids >= len(blank))).sum(dim=1)
-                scores[(visible < min_text_tokens).nonzero(as_tuple=True)[0][:, None], stops] = float("-inf")
-                return scores
-
-        return LogitsProcessorList([StopOnlyAfterText()])
+        return LogitsProcessorList([_StopOnlyAfterText(self._blank_tokens(), self.stop_token_ids(), min_text_tokens)])
 
     def stop_token_ids(self) -> list[int]:
         """Tokens that end a generated text: EOS, and the suffix the targets end with (a newline by default)."""

@@ -213,7 +213,7 @@ def run_cell(cfg: AblateConfig, arm_name: str, pairs: int, lr: float, seed: int,
     if done.exists():
         row = json.loads(done.read_text())
         if cfg.re_evaluate and row.get("eval_protocol") != protocol:
-            return _re_evaluate_cell(cfg, row, cell_dir, gen, has_stage2, checker)
+            return _re_evaluate_cell(cfg, row, cell_dir, gen, protocol, has_stage2, checker)
         return row
     started = time.perf_counter()
     if has_stage2:
@@ -234,7 +234,7 @@ def run_cell(cfg: AblateConfig, arm_name: str, pairs: int, lr: float, seed: int,
     return row
 
 
-def _re_evaluate_cell(cfg: AblateConfig, row: dict, cell_dir: Path, gen, has_stage2: bool,
+def _re_evaluate_cell(cfg: AblateConfig, row: dict, cell_dir: Path, gen, protocol: dict, has_stage2: bool,
                       checker: CaptionChecker) -> dict:
     """The final held-out evaluation of a finished cell's trained front again, under the current eval settings
     (e.g. a changed generation protocol); training and the curve points are not repeated."""
@@ -243,7 +243,7 @@ def _re_evaluate_cell(cfg: AblateConfig, row: dict, cell_dir: Path, gen, has_sta
     print(f"   re-evaluating {cell_dir.name} of {row['arm']} under the current eval settings", flush=True)
     run_evaluate(EvaluateConfig(front=str(cell_dir / "generative" / "front"), output_dir=str(cell_dir / "generative"),
                                 data_source=cfg.dataset, precision=gen.deepspeed.precision, eval=gen.eval))
-    row = {**row, **summarize_cell(cell_dir, has_stage2, checker, cfg.collapse), "eval_protocol": to_dict(gen.eval)}
+    row = {**row, **summarize_cell(cell_dir, has_stage2, checker, cfg.collapse), "eval_protocol": protocol}
     (cell_dir / "cell.json").write_text(json.dumps(row, indent=2))
     return row
 

@@ -41,9 +41,10 @@ class EvalConfig(Config):
     batch_size: int = param(32, ge=1, help="images per generation batch")
     max_new_tokens: int = param(20, ge=1, help="generation length limit")
     min_new_tokens: int = param(1, ge=0, help="the stop tokens (EOS, newline) are suppressed until this many new "
-                                              "tokens, so an answer or caption is never empty (BLIP-2's LAVIS "
-                                              "protocol: min_len=1 with newline as EOS); 0: a model may answer "
-                                              "nothing, which scores as wrong")
+                                              "tokens with visible text, so an answer or caption is never empty "
+                                              "(BLIP-2's LAVIS protocol, min_len=1 with newline as EOS, except that "
+                                              "whitespace does not count); 0: a model may answer nothing, which "
+                                              "scores as wrong")
     num_beams: int = param(1, ge=1, help="beam search width (1: greedy)")
     do_sample: bool = param(False, help="nucleus sampling instead of greedy/beam")
     top_p: float = param(0.9, gt=0.0, le=1.0, help="nucleus mass when sampling")
@@ -161,12 +162,13 @@ def evaluate_generative(front, llm, tower, cfg: EvalConfig, data_source: str, ru
 
     vqa_rows = []
     if qs:
+        vqa_kwargs = {**gen_kwargs, "max_new_tokens": max(min(cfg.max_new_tokens, 8), cfg.min_new_tokens)}
         answers = []
         for start in range(0, len(qs), cfg.batch_size):
             chunk = qs[start:start + cfg.batch_size]
             inputs = inputs_for([q["image_path"] for q in chunk])
             answers += generate(front, llm, prompts=[cfg.vqa_prompt.format(q["question"]) for q in chunk],
-                                **inputs, **{**gen_kwargs, "max_new_tokens": max(min(cfg.max_new_tokens, 8), cfg.min_new_tokens)})
+                                **inputs, **vqa_kwargs)
         acc = load_metric("vqa_accuracy").compute(predictions=answers,
                                                   references=[q.get("answers") or [q["answer"]] for q in qs])
         result["vqa"] = {"num_questions": len(qs), **acc}
