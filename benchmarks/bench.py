@@ -10,7 +10,7 @@ What is measured, each in a fresh subprocess (so that its peak memory is its own
 * one training step (forward + backward + gradient clipping + AdamW, after warm-up; median of N) of stage 1,
   the representation stage (fronts ``qformer``, ``elip``) and the generative stage (``qformer``, ``tome``, ``elip``),
   built from the pipeline pieces and the shipped configs (``configs/*.yaml``) on embedded easy-VQA data, in the
-  compute dtype ``pipelines.training.compute_dtype`` picks (and bf16 autocast for comparison);
+  compute dtype ``pipelines.precision.compute_dtype`` picks (and bf16 autocast for comparison);
 * transformers' ``Blip2ForConditionalGeneration`` with the same vision-tower, Q-Former and LLM sizes, the same batch
   and captions, trained the same way (Q-Former + queries + projection), with its vision tower running and fed the
   precomputed features that our stage reads from its cache;
@@ -20,7 +20,7 @@ Timing-only shortcuts, each stated in the report: the P-Former targets P(y) of t
 random tensor (the stage reads them from a cache; the loss is one MSE), the generative fronts start from their
 initialisation (no ``init_front``), and every step reuses one batch (token counts and shapes are those of real
 captions and images). DeepSpeed's engine and data loading are not in the step: both ours and the reference use
-the stage's AdamW (``pipelines.training.build_optimizer``) and gradient clipping.
+the stage's AdamW (``pipelines.optim.build_optimizer``) and gradient clipping.
 """
 from __future__ import annotations
 
@@ -116,14 +116,14 @@ def _features(tower, pixels, device, dtype, chunk: int = 4):
     A few images at a time, so that this one-off pass does not set the process's peak memory."""
     import torch
 
-    from pipelines import training
+    from dvlp_common import precision
 
-    with torch.no_grad(), training.autocast(device, dtype):
+    with torch.no_grad(), precision.autocast(device, dtype):
         return torch.cat([tower(pixels[i:i + chunk].to(device)).float() for i in range(0, len(pixels), chunk)])
 
 
 def _llm_width(ref: str) -> int:
-    from pformer import zoo
+    from dvlp_common import zoo
 
     c = zoo.load_config(ref)
     return getattr(c, "hidden_size", None) or c.d_model
@@ -131,8 +131,8 @@ def _llm_width(ref: str) -> int:
 
 def _setup_stage1(spec, device, dtype):
     from benchmarks import flops as F
-    from pformer import zoo
-    from pformer.config import load_config
+    from dvlp_common import zoo
+    from dvlp_common.config import load_config
     from pformer.data import load_text_corpus
     from pformer.llm import FrozenLLM
     from pformer.model import PFormer
@@ -171,8 +171,8 @@ def _setup_representation(spec, device, dtype):
     import torch
 
     from benchmarks import flops as F
-    from pformer import zoo
-    from pformer.config import load_config
+    from dvlp_common import zoo
+    from dvlp_common.config import load_config
     from pipelines import training
     from pipelines.stage2 import Stage2Config, decoder_start_id
     from vl_align.fronts import build_front
@@ -242,8 +242,8 @@ def _setup_generative(spec, device, dtype):
     import torch
 
     from benchmarks import flops as F
-    from pformer import zoo
-    from pformer.config import load_config
+    from dvlp_common import zoo
+    from dvlp_common.config import load_config
     from pformer.llm import FrozenLLM
     from pipelines.generative import GenerativeConfig, build_generative_front
     from vl_align.generative import GenerativeBatch, generative_loss
@@ -354,7 +354,7 @@ def build_blip2_reference(cfg, image_size: int, vision_input: str, device, dtype
     from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2VisionConfig
 
     from benchmarks import flops as F
-    from pformer import zoo
+    from dvlp_common import zoo
     from vl_align.qformer import QFormerConfig
 
     vit = zoo.load_config(cfg.vision.model)
@@ -396,8 +396,8 @@ def _setup_reference(spec, device, dtype):
     import torch
 
     from benchmarks import flops as F
-    from pformer import zoo
-    from pformer.config import load_config
+    from dvlp_common import zoo
+    from dvlp_common.config import load_config
     from pformer.llm import FrozenLLM
     from pipelines.generative import GenerativeConfig
     from vl_align.vision import VisionTower
@@ -461,19 +461,20 @@ def measure_step(spec: dict) -> dict:
     import torch
 
     from benchmarks import flops as F
-    from pipelines import training
+    from dvlp_common import precision
+    from pipelines import optim, training
 
     device, dtype = torch.device(spec["device"]), _torch_dtype(spec["dtype"])
     training.seed_everything(0)
     setup = _SETUPS[spec["stage"]]
-    model, loss_fn, ledger, tokens, shapes, optim = setup(spec, device, dtype)
+    model, loss_fn, ledger, tokens, shapes, optim_cfg = setup(spec, device, dtype)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = training.build_optimizer(model, optim)
+    optimizer = optim.build_optimizer(model, optim_cfg)
     last = {}
 
     def forward():
         optimizer.zero_grad(set_to_none=True)
-        with training.autocast(device, dtype):
+        with precision.autocast(device, dtype):
             loss, _parts = loss_fn()
         return loss
 
@@ -868,12 +869,11 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from pipelines import training
-    from pipelines.config import DeepSpeedConfig
+    from dvlp_common import precision
 
     start = time.perf_counter()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = str(training.compute_dtype(DeepSpeedConfig(precision=args.precision), torch.device(device))
+    dtype = str(precision.compute_dtype(args.precision, torch.device(device))
                 ).replace("torch.", "")
     if args.precision == "auto":
         rule = ("precision=auto: bf16 on GPUs that support it, else fp16; on CPU bf16 only where a 768x768 matmul "

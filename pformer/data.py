@@ -20,7 +20,7 @@ from pathlib import Path
 
 import datasets
 
-from pformer.records import SkipReport, iter_decoded_lines, iter_json_objects
+from dvlp_common.records import SkipReport, iter_decoded_lines, iter_json_objects
 
 __all__ = ["load_text_corpus", "detect_text_format", "TEXT_FORMATS"]
 

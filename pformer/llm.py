@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from . import zoo
+from dvlp_common import zoo
 
 
 @dataclass

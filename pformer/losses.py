@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .config import Config, param
+from dvlp_common.config import Config, param
 
 Gather = Callable[[torch.Tensor], torch.Tensor]
 

@@ -18,8 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from . import zoo
-from .config import Config, ConfigError, build, param, to_dict
+from dvlp_common import zoo
+from dvlp_common.config import Config, ConfigError, build, param, to_dict
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "pformer_config.json"

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 
-from pformer.config import Config, ConfigError, load_config, param, save_config, to_dict
+from dvlp_common.config import Config, ConfigError, load_config, param, save_config, to_dict
 
 from .cli import CONFIG_DIR
 

@@ -17,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-from pformer.config import ConfigError, describe, load_config
+from dvlp_common.config import ConfigError, describe, load_config
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 # subcommand -> (config class, runner, help, default YAML)
@@ -138,10 +138,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run_failures() -> tuple[type[Exception], ...]:
-    from pformer.records import TooManySkippedRecords
+    from dvlp_common.records import TooManySkippedRecords
     from vl_align.export import ExportError
 
-    from .training import NonFiniteLoss, UnsafeCheckpointError
+    from .checkpoint import UnsafeCheckpointError
+    from .training import NonFiniteLoss
 
     return TooManySkippedRecords, NonFiniteLoss, UnsafeCheckpointError, ExportError
 

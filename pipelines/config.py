@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
-from pformer.config import Config, ConfigError, param
+from dvlp_common.config import Config, ConfigError, param
 
 
 @dataclass

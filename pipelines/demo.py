@@ -9,7 +9,7 @@ offline presets and embedded data (``dvlp prepare``).
 """
 from __future__ import annotations
 
-from pformer import zoo
+from dvlp_common import zoo
 
 
 def prepare() -> None:

@@ -20,8 +20,8 @@ from typing import Any, Literal, Optional
 
 import torch
 
-from pformer import zoo
-from pformer.config import Config, ConfigError, param
+from dvlp_common import zoo
+from dvlp_common.config import Config, ConfigError, param
 from vl_align.generative import generate
 from vl_align.metrics import java_available, load_metric
 from vl_align.retrieval import itc_similarity, recalls, rerank_with_itm, top_k
@@ -203,7 +203,7 @@ def load_saved_front(front_dir: str | Path):
     outside pre-training (pruning runs only in training), over the tower's features."""
     from safetensors.torch import load_file
 
-    from pformer.config import build
+    from dvlp_common.config import build
     from pformer.llm import FrozenLLM
     from vl_align.fronts import FrontConfig, QFormerFront
     from vl_align.generative import TomeFront
@@ -244,11 +244,10 @@ class EvaluateConfig(Config):
 
 def run_evaluate(cfg: EvaluateConfig) -> dict:
     """``dvlp evaluate``: held-out captioning and VQA of a saved front, e.g. again under another protocol."""
-    from .config import DeepSpeedConfig
-    from .training import autocast, compute_dtype
+    from dvlp_common.precision import autocast, compute_dtype
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = compute_dtype(DeepSpeedConfig(precision=cfg.precision), device)
+    dtype = compute_dtype(cfg.precision, device)
     front, tower, llm, _ = load_saved_front(cfg.front)
     front, tower, llm = front.to(device), tower.to(device), llm.to(device)
     started = time.perf_counter()

@@ -7,14 +7,13 @@ back with plain transformers and checks that it captions held-out images exactly
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
 
-from pformer.config import Config, ConfigError, param
+from dvlp_common.config import Config, ConfigError, param
 from pformer.llm import FrozenLLM
 from vl_align.export import ExportError, export_blip2, verify_export
 from vl_align.fronts import QFormerFront

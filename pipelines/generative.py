@@ -15,8 +15,8 @@ from typing import Optional
 import torch
 from safetensors.torch import load_file
 
-from pformer import zoo
-from pformer.config import Config, ConfigError, param
+from dvlp_common import zoo
+from dvlp_common.config import Config, ConfigError, param
 from pformer.llm import FrozenLLM
 from pformer.model import read_pformer_config
 from vl_align.fronts import FrontConfig, build_front
@@ -24,7 +24,8 @@ from vl_align.generative import GenerativeBatch, GenerativeWeights, TomeFront, g
 from vl_align.objectives import AlignmentConfig
 from vl_align.vision import VisionTower, VisionTowerConfig
 
-from . import training
+from . import distributed, optim, training
+from dvlp_common import precision
 from .config import DeepSpeedConfig, LoggingConfig, OptimConfig, ReliabilityConfig
 from .evaluate import EvalConfig, evaluate_generative
 from .stage2 import PairDataConfig, prepare_vision_text, save_front, within_caption_limit
@@ -100,7 +101,7 @@ def run_generative(cfg: GenerativeConfig, resume: bool = False, stop_after: int 
                                          cfg.front.max_text_length, dist.is_main)  # the LM target's limit
     training.seed_everything(cfg.seed)  # the front's init must not depend on whether the caches existed
     front = build_generative_front(cfg, setup.tower, setup.llm_width, live_tower)
-    engine = training.build_engine(front, cfg.optim, cfg.deepspeed, dist)
+    engine = optim.build_engine(front, cfg.optim, cfg.deepspeed, dist)
     qformer_tok = zoo.load_tokenizer(cfg.front.init_from) if cfg.front.kind == "elip" else None
     prompt = cfg.weights.train_prompt
 
@@ -121,16 +122,16 @@ def run_generative(cfg: GenerativeConfig, resume: bool = False, stop_after: int 
         return batch
 
     def loss_fn(eng, batch):
-        return generative_loss(eng, llm, batch, cfg.weights, cfg.align, setup.stats, training.all_gather_with_grad,
+        return generative_loss(eng, llm, batch, cfg.weights, cfg.align, setup.stats, distributed.all_gather_with_grad,
                                dist.rank)
 
     def trained_front():
         """(front, tower) for use on the main rank outside the engine; call on every rank: under ZeRO-3 the weights
         are gathered from the ranks' partitions into a fresh front (and a fresh tower where it runs inside)."""
         tower = setup.tower
-        if live_tower and training.partitions_weights(engine) and dist.is_main:
+        if live_tower and optim.partitions_weights(engine) and dist.is_main:
             tower = VisionTower.build(cfg.vision).to(dist.device)
-        return training.trained_module(engine, lambda: build_generative_front(cfg, tower, setup.llm_width, live_tower),
+        return optim.trained_module(engine, lambda: build_generative_front(cfg, tower, setup.llm_width, live_tower),
                                        dist.is_main), tower
 
     def curve_point(step: int, train_seconds: float) -> None:
@@ -139,7 +140,7 @@ def run_generative(cfg: GenerativeConfig, resume: bool = False, stop_after: int 
         trained, tower = trained_front()
         if dist.is_main:
             _append_curve_point(trained, llm, tower, cfg, run_dir, step, train_seconds, dist.device, dtype)
-        training.barrier()
+        distributed.barrier()
 
     result = training.train(engine=engine, dist_info=dist, make_batch=make_batch, loss_fn=loss_fn,
                             num_samples=len(setup.records), optim=cfg.optim, logging=cfg.logging,
@@ -157,7 +158,7 @@ def run_generative(cfg: GenerativeConfig, resume: bool = False, stop_after: int 
     summary["front_dir"] = str(save_front(trained, cfg, run_dir, cfg.bos_before_prefix))
     if cfg.eval.enabled:
         trained.eval()
-        with torch.no_grad(), training.autocast(dist.device, dtype):
+        with torch.no_grad(), precision.autocast(dist.device, dtype):
             summary["eval"] = evaluate_generative(trained, llm, tower, cfg.eval, cfg.data.source, run_dir,
                                                   dist.device, dtype)
     (run_dir / "generative_summary.json").write_text(json.dumps(summary, indent=2))
@@ -181,7 +182,7 @@ def _append_curve_point(front, llm, tower, cfg: GenerativeConfig, run_dir: Path,
     eval_cfg = replace(cfg.eval, max_images=cfg.curve.images, max_questions=0, meteor=False)
     was_training = front.training
     front.eval()
-    with torch.no_grad(), training.autocast(device, dtype):
+    with torch.no_grad(), precision.autocast(device, dtype):
         result = evaluate_generative(front, llm, tower, eval_cfg, cfg.data.source, point_dir, device, dtype)
     front.train(was_training)
     if result is None:  # no held-out set: no curve

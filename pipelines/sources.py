@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pformer import zoo
+from dvlp_common import zoo
 
 EMBEDDED = ("easy-vqa", "scenes")
 

@@ -7,24 +7,24 @@ and ``predictions.json`` (held-out reconstruction, trained vs untrained P-Former
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from pformer.config import Config, param
+from dvlp_common.config import Config, param
+from dvlp_common.io import building_folder
 from pformer.data import load_text_corpus
 from pformer.evaluation import evaluate_reconstruction
 from pformer.llm import FrozenLLM
 from pformer.losses import Stage1LossWeights
 from pformer.model import PFormer, PFormerConfig
 from pformer.objective import Stage1Collator, stage1_loss
-from pformer.records import SkipReport, skip_too_long
-from pformer import zoo
+from dvlp_common.records import SkipReport, skip_too_long
+from dvlp_common import zoo
 
-from . import training
+from . import distributed, optim, training
 from .config import DeepSpeedConfig, LoggingConfig, OptimConfig, ReliabilityConfig, TextDataConfig
 from .sources import resolve_text_source
 
@@ -97,13 +97,13 @@ def run_stage1(cfg: Stage1Config, resume: bool = False, stop_after: int | None =
     untrained_state = {k: v.clone() for k, v in pformer.state_dict().items()} if cfg.eval.compare_untrained else None
 
     collate = Stage1Collator(tokenizer, llm, cfg.model.max_text_length, cfg.model.mask_prob, cfg.seed)
-    engine = training.build_engine(pformer, cfg.optim, cfg.deepspeed, dist)
+    engine = optim.build_engine(pformer, cfg.optim, cfg.deepspeed, dist)
 
     def make_batch(ids: list[int], step: int):
         return collate([train_texts[i] for i in ids], ids, step_key=step, device=dist.device)
 
     def loss_fn(eng, batch):
-        return stage1_loss(eng, llm, batch, cfg.loss, cfg.model.label_smoothing, training.all_gather_with_grad,
+        return stage1_loss(eng, llm, batch, cfg.loss, cfg.model.label_smoothing, distributed.all_gather_with_grad,
                            dist.rank)
 
     result = training.train(engine=engine, dist_info=dist, make_batch=make_batch, loss_fn=loss_fn,
@@ -115,17 +115,14 @@ def run_stage1(cfg: Stage1Config, resume: bool = False, stop_after: int | None =
     if result.final_step < cfg.optim.max_steps:
         return summary
     # every rank: under ZeRO-3 the weights are gathered from the ranks' partitions into a fresh P-Former
-    final = training.trained_module(engine, lambda: PFormer.build(cfg.model, llm_hidden_size=llm.hidden_size),
+    final = optim.trained_module(engine, lambda: PFormer.build(cfg.model, llm_hidden_size=llm.hidden_size),
                                     keep=dist.is_main)
     if not dist.is_main:
         return summary
 
     out_dir = run_dir / "pformer"
-    tmp = run_dir / ".pformer.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    final.save_pretrained(tmp, tokenizer=tokenizer)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
+    with building_folder(out_dir) as tmp:  # a crash leaves the previous P-Former, never none or half of one
+        final.save_pretrained(tmp, tokenizer=tokenizer)
     summary["pformer"] = str(out_dir)
     if cfg.eval.enabled and heldout:
         summary["eval"] = evaluate_stage1(cfg, final, tokenizer, llm, heldout, untrained_state, dist.device, dtype,

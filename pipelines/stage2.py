@@ -20,19 +20,19 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from pformer import zoo
-from pformer.cache import prompt_target_cache
-from pformer.atomic import replace_folder
-from pformer.config import Config, ConfigError, param, to_dict
+from dvlp_common import zoo
+from pformer.targets import prompt_target_cache
+from dvlp_common.io import replace_folder
+from dvlp_common.config import Config, ConfigError, param, to_dict
 from pformer.model import read_pformer_config
-from pformer.records import SkipReport, skip_too_long
+from dvlp_common.records import SkipReport, skip_too_long
 from vl_align.data import load_image_text_pairs
 from vl_align.fronts import FrontConfig, build_front
 from vl_align.objectives import (AlignmentConfig, AlignmentStats, RepresentationBatch, RepresentationWeights,
                                  representation_loss)
 from vl_align.vision import VisionTower, VisionTowerConfig, vision_feature_cache
 
-from . import training
+from . import distributed, optim, training
 from .config import DeepSpeedConfig, LoggingConfig, OptimConfig, ReliabilityConfig
 from .evaluate import RetrievalEvalConfig, evaluate_retrieval, held_out_pairs
 from .sources import embedded_files, resolve_text_source
@@ -142,7 +142,7 @@ class VisionTextSetup:
 
 def prepare_vision_text(cfg, dist, dtype, live_tower: bool, num_prompt_slots: int | None) -> VisionTextSetup:
     """``cfg`` is a Stage2Config or GenerativeConfig (same vision/data/align/pformer/llm keys)."""
-    with training.main_first(dist):  # the main rank builds the shared caches, the other ranks then open them
+    with distributed.main_first(dist):  # the main rank builds the shared caches, the other ranks then open them
         return _prepare_vision_text(cfg, dist, dtype, live_tower, num_prompt_slots)
 
 
@@ -204,7 +204,7 @@ def run_stage2(cfg: Stage2Config, resume: bool = False, stop_after: int | None =
     dec_id = decoder_start_id(tokenizer)
     training.seed_everything(cfg.seed)  # the front's init must not depend on whether the caches existed
     front = build_front(cfg.front, tower.hidden_size, setup.llm_width, vision_tower=tower if live_tower else None)
-    engine = training.build_engine(front, cfg.optim, cfg.deepspeed, dist)
+    engine = optim.build_engine(front, cfg.optim, cfg.deepspeed, dist)
 
     def make_batch(ids: list[int], step: int) -> RepresentationBatch:
         recs = [records[i] for i in ids]
@@ -221,8 +221,8 @@ def run_stage2(cfg: Stage2Config, resume: bool = False, stop_after: int | None =
         return batch
 
     def loss_fn(eng, batch):
-        return representation_loss(eng, batch, cfg.losses, cfg.align, stats, training.all_gather_with_grad,
-                                   training.all_gather_nograd, dist.rank)
+        return representation_loss(eng, batch, cfg.losses, cfg.align, stats, distributed.all_gather_with_grad,
+                                   distributed.all_gather_nograd, dist.rank)
 
     result = training.train(engine=engine, dist_info=dist, make_batch=make_batch, loss_fn=loss_fn,
                             num_samples=len(records), optim=cfg.optim, logging=cfg.logging,
@@ -234,9 +234,9 @@ def run_stage2(cfg: Stage2Config, resume: bool = False, stop_after: int | None =
     if result.final_step >= cfg.optim.max_steps:
         # every rank: under ZeRO-3 the weights (a live tower's too) are gathered from the ranks' partitions into a
         # fresh front, with a fresh tower where it runs inside the front
-        if live_tower and training.partitions_weights(engine) and dist.is_main:
+        if live_tower and optim.partitions_weights(engine) and dist.is_main:
             tower = VisionTower.build(cfg.vision).to(dist.device)
-        trained = training.trained_module(engine, lambda: build_front(
+        trained = optim.trained_module(engine, lambda: build_front(
             cfg.front, tower.hidden_size, setup.llm_width, vision_tower=tower if live_tower else None), dist.is_main)
     if result.final_step >= cfg.optim.max_steps and dist.is_main:
         # W is trained toward the P-Former's prompts, so it is meant for the P-Former's layout (default without)

@@ -1,5 +1,6 @@
-"""The training loop shared by every stage, on DeepSpeed. The only module besides the launchers that knows about
-DeepSpeed and torch.distributed.
+"""The training loop shared by every stage, on DeepSpeed. It delegates to small parts: processes and collectives
+(``pipelines.distributed``), the optimiser, schedule and engine (``pipelines.optim``), checkpoints
+(``pipelines.checkpoint``) and precision (``dvlp_common.precision``).
 
 What a stage supplies: the trainable module (its forward returns features), ``make_batch(sample_ids, step)`` and
 ``loss_fn(engine, batch) -> (loss, parts)``. What the loop guarantees:
@@ -8,20 +9,13 @@ What a stage supplies: the trainable module (its forward returns features), ``ma
   per-epoch permutations, G = world_size x micro_batch x accumulation; rank r takes slice r of each micro-step.
   Random state (dropout, masking) is re-seeded from (seed, step, rank) at every step. So a resumed run follows the
   uninterrupted one exactly, and 2 ranks x batch b see the same global batch as 1 rank x batch 2b.
-* Checkpoints (DeepSpeed engine state + our JSON trainer state) are written under a temporary name and renamed,
-  so a crash during a save leaves the previous checkpoint intact; ``resume`` picks the latest complete one.
+* ``resume`` continues from the latest complete checkpoint.
 * A non-finite loss stops the run with the step, the record ids and the loss parts, after checkpointing the last
   good state.
 """
 from __future__ import annotations
 
-import contextlib
-import functools
 import json
-import math
-import os
-import shutil
-import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,281 +24,14 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .config import DeepSpeedConfig, LoggingConfig, OptimConfig, ReliabilityConfig
+from dvlp_common.config import save_config
+from dvlp_common.precision import autocast, compute_dtype
 
-STATE_NAME = "trainer_state.json"
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# processes and devices
-@dataclass
-class DistInfo:
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
+from .checkpoint import CheckpointManager
+from .config import LoggingConfig, OptimConfig, ReliabilityConfig
+from .distributed import DistInfo, all_ranks_true, init_distributed, mean_over_ranks
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def init_distributed(ds: DeepSpeedConfig) -> DistInfo:
-    """Join (or create, for a plain single process) the process group DeepSpeed needs."""
-    import deepspeed
-    import torch.distributed as dist
-
-    if "WORLD_SIZE" not in os.environ:  # plain `python -m ...` / `dvlp ...`: a group of one
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    cuda = torch.cuda.is_available()
-    backend = ds.backend if ds.backend != "auto" else ("nccl" if cuda else "gloo")
-    if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend)
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
-
-
-@functools.lru_cache(maxsize=1)
-def cpu_prefers_bf16(size: int = 768, repeats: int = 5) -> bool:
-    """Whether bf16 matmuls beat fp32 on this CPU (true with AMX; measured false on some AVX-512 machines)."""
-    timings = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-        a @ b  # first call sets up the kernel
-        start = time.perf_counter()
-        for _ in range(repeats):
-            a @ b
-        timings[dtype] = time.perf_counter() - start
-    return timings[torch.bfloat16] < 0.8 * timings[torch.float32]
-
-
-def start_run(cfg) -> tuple[DistInfo, torch.dtype, Path]:
-    """Process group, compute dtype and run folder of a stage config; the resolved config is saved beside it."""
-    from pformer.config import save_config
-
-    dist_info = init_distributed(cfg.deepspeed)
-    dtype = compute_dtype(cfg.deepspeed, dist_info.device)
-    run_dir = Path(cfg.logging.output_dir)
-    if dist_info.is_main:
-        save_config(cfg, run_dir / "config.yaml")
-    return dist_info, dtype, run_dir
-
-
-def compute_dtype(ds: DeepSpeedConfig, device: torch.device) -> torch.dtype:
-    """auto: bf16 on GPUs that have it (else fp16); on CPU bf16 only where a probe shows it is faster."""
-    if ds.precision == "fp32":
-        return torch.float32
-    if ds.precision == "fp16":
-        return torch.float16
-    if ds.precision == "bf16":
-        return torch.bfloat16
-    if device.type == "cpu":
-        return torch.bfloat16 if cpu_prefers_bf16() else torch.float32
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
-def autocast(device: torch.device, dtype: torch.dtype):
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-class _AllGatherWithGrad(torch.autograd.Function):
-    """all_gather along dim 0; backward sums every rank's gradient of the gathered tensor and keeps this rank's rows.
-
-    Not ``torch.distributed.nn.functional.all_gather``: on gloo its backward (an all_to_all into ``empty_like`` of
-    the incoming gradients) returns wrong values when those gradients are not contiguous, as einsum's are.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        import torch.distributed as dist
-
-        parts = [torch.empty_like(x, memory_format=torch.contiguous_format) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, x.contiguous())
-        ctx.rows = (dist.get_rank() * x.shape[0], (dist.get_rank() + 1) * x.shape[0])
-        return torch.cat(parts, dim=0)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        import torch.distributed as dist
-
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad)
-        return grad[ctx.rows[0]:ctx.rows[1]]
-
-
-def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """Differentiable all-gather along dim 0 (the ``gather`` the libraries' global-batch losses receive); every rank
-    must pass the same shape."""
-    import torch.distributed as dist
-
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return x
-    return _AllGatherWithGrad.apply(x)
-
-
-@torch.no_grad()
-def all_gather_nograd(x: torch.Tensor) -> torch.Tensor:
-    """All-gather along dim 0 without gradient (hard-negative mining, caption ids)."""
-    import torch.distributed as dist
-
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return x
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts, dim=0)
-
-
-def all_ranks_true(flag: bool, device: torch.device) -> bool:
-    import torch.distributed as dist
-
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return flag
-    t = torch.tensor([0 if flag else 1], device=device)
-    dist.all_reduce(t)
-    return int(t.item()) == 0
-
-
-def mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
-    import torch.distributed as dist
-
-    if not values or not dist.is_initialized() or dist.get_world_size() == 1:
-        return values
-    t = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return {k: float(v) / dist.get_world_size() for k, v in zip(values, t.tolist())}
-
-
-def barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
-
-
-@contextlib.contextmanager
-def main_first(dist_info: DistInfo):
-    """The block runs on the main rank first, then on the others: for work that leaves shared files behind (the
-    feature and prompt caches), so that one rank builds them and the others open them complete."""
-    if not dist_info.is_main:
-        barrier()
-    try:
-        yield
-    finally:
-        if dist_info.is_main:
-            barrier()
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# optimisation
-def deepspeed_config(optim: OptimConfig, ds: DeepSpeedConfig, world_size: int) -> dict[str, Any]:
-    """The DeepSpeed JSON derived from our config; user overrides must agree on the batch arithmetic."""
-    train_batch = optim.micro_batch_size * optim.grad_accum_steps * world_size
-    config: dict[str, Any] = {
-        "train_batch_size": train_batch,
-        "train_micro_batch_size_per_gpu": optim.micro_batch_size,
-        "gradient_accumulation_steps": optim.grad_accum_steps,
-        "gradient_clipping": optim.grad_clip,
-        "zero_optimization": {"stage": ds.zero_stage},
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 10 ** 9,  # our loop logs; keep DeepSpeed quiet
-        "wall_clock_breakdown": False,
-    }
-    from pformer.config import ConfigError
-
-    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
-        if key in ds.config_overrides and ds.config_overrides[key] != config[key]:
-            raise ConfigError(f"deepspeed.config_overrides.{key}",
-                              f"is {ds.config_overrides[key]} but the training config implies {config[key]} "
-                              f"(optim.micro_batch_size={optim.micro_batch_size} x optim.grad_accum_steps="
-                              f"{optim.grad_accum_steps} x world size {world_size}); set the batch through optim.*")
-    merged = {**config, **ds.config_overrides}
-    if isinstance(ds.config_overrides.get("zero_optimization"), dict):
-        merged["zero_optimization"] = {**config["zero_optimization"], **ds.config_overrides["zero_optimization"]}
-    return merged
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: no weight decay on biases, norms and 0-/1-d parameters (temperatures, gates)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def lr_at(step: int, optim: OptimConfig) -> float:
-    """Linear warm-up from warmup_start_lr to lr, then cosine to min_lr at max_steps."""
-    if step < optim.warmup_steps:
-        return optim.warmup_start_lr + (optim.lr - optim.warmup_start_lr) * step / optim.warmup_steps
-    span = max(1, optim.max_steps - optim.warmup_steps)
-    progress = min(1.0, (step - optim.warmup_steps) / span)
-    return optim.min_lr + 0.5 * (optim.lr - optim.min_lr) * (1.0 + math.cos(math.pi * progress))
-
-
-def build_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
-    """AdamW over :func:`param_groups`, torch's default (foreach) implementation. The fused CPU kernel is 4x faster
-    on a 32M-parameter Q-Former, but in one generative run from the same checkpoint and seed its LM loss climbed
-    (7.2 -> 9.6 by step 24) where this one's descended (7.2 -> 5.9). In the first Adam steps a rounding-level
-    difference can flip the sign of a tiny gradient and so the direction of a full-size update, so one pair of runs
-    cannot tell a kernel difference from chaos; the default stays until a seeded comparison settles it. (That run
-    had the prefix at the LLM's first position; the erratic training it showed was traced to that, see
-    ``pformer.llm``, so the comparison should be redone with the BOS lead token.)"""
-    return torch.optim.AdamW(param_groups(model, optim.weight_decay), lr=optim.lr, betas=optim.betas, eps=optim.eps)
-
-
-def build_engine(model: torch.nn.Module, optim: OptimConfig, ds: DeepSpeedConfig, dist_info: DistInfo):
-    import deepspeed
-
-    optimizer = build_optimizer(model, optim)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, optim) / optim.lr)
-    engine, _, _, _ = deepspeed.initialize(model=model.to(dist_info.device), optimizer=optimizer,
-                                           lr_scheduler=scheduler,
-                                           config=deepspeed_config(optim, ds, dist_info.world_size))
-    return engine
-
-
-def partitions_weights(engine) -> bool:
-    """ZeRO-3: each rank holds only a shard of every parameter (``engine.module``'s tensors are empty outside the
-    engine's forward and backward)."""
-    return bool(engine.zero_optimization_partition_weights())
-
-
-def trained_module(engine, rebuild: Callable[[], torch.nn.Module], keep: bool = True) -> torch.nn.Module | None:
-    """The trained module for use outside the engine: saving its weights, evaluating on one rank.
-
-    Without ZeRO-3 that is ``engine.module``. Under ZeRO-3 its parameters are partitioned across ranks and its forward
-    hooks gather them with collectives, so it cannot run on one rank alone: the full weights are gathered with
-    ``deepspeed.zero.GatheredParameters`` (a collective: call this on every rank) and loaded into ``rebuild()``, a
-    fresh module of the same architecture, on the ranks with ``keep`` (None on the others).
-    """
-    if not partitions_weights(engine):
-        return engine.module
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
-        state = {k: v.detach().cpu().clone() for k, v in engine.module.state_dict().items()} if keep else None
-    if not keep:
-        return None
-    module = rebuild()
-    module.load_state_dict(state)
-    return module.to(engine.device)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# data order
 class GlobalBatchOrder:
     """Sample ids of every (step, micro-step, rank): a stream of seeded per-epoch permutations."""
 
@@ -341,112 +68,18 @@ def step_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step * 10_007 + rank) % 2 ** 63
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# checkpoints
-class CheckpointManager:
-    """``<run>/checkpoints/step_XXXXXXXX/`` = DeepSpeed state + trainer_state.json; a folder is complete iff its
-    trainer_state.json exists, and folders only appear under their final name by an atomic rename."""
 
-    def __init__(self, run_dir: Path, keep: int, dist_info: DistInfo):
-        self.root = Path(run_dir) / "checkpoints"
-        self.keep = keep
-        self.dist = dist_info
-
-    def complete(self) -> list[Path]:
-        if not self.root.is_dir():
-            return []
-        return sorted(p for p in self.root.glob("step_*") if (p / STATE_NAME).is_file())
-
-    def latest(self) -> Path | None:
-        done = self.complete()
-        return done[-1] if done else None
-
-    def save(self, engine, state: dict[str, Any]) -> Path:
-        tag = f"step_{state['step']:08d}"
-        staging = self.root / ".staging"
-        final = self.root / tag
-        if self.dist.is_main:
-            shutil.rmtree(staging, ignore_errors=True)  # also what a save killed earlier left behind
-        barrier()
-        engine.save_checkpoint(str(staging), tag=tag, save_latest=False)
-        barrier()
-        if self.dist.is_main:
-            _write_json_atomic(staging / tag / STATE_NAME, state)
-            if final.exists():  # re-saving the same step (e.g. the NaN guard right after a periodic save)
-                _remove_checkpoint(final)
-            os.replace(staging / tag, final)
-            for old in self.complete()[:-self.keep]:
-                _remove_checkpoint(old)
-        barrier()
-        return final
-
-    def load(self, engine, path: Path) -> dict[str, Any]:
-        with weights_only_loading(engine):
-            engine.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=True)
-        return json.loads((path / STATE_NAME).read_text())
+def start_run(cfg) -> tuple[DistInfo, torch.dtype, Path]:
+    """Process group, compute dtype and run folder of a stage config; the resolved config is saved beside it."""
+    dist_info = init_distributed(cfg.deepspeed)
+    dtype = compute_dtype(cfg.deepspeed.precision, dist_info.device)
+    run_dir = Path(cfg.logging.output_dir)
+    if dist_info.is_main:
+        save_config(cfg, run_dir / "config.yaml")
+    return dist_info, dtype, run_dir
 
 
-def _remove_checkpoint(path: Path) -> None:
-    """Mark the folder incomplete first (one atomic unlink), so a crash half-way never leaves a folder that
-    ``complete()`` would take for a whole checkpoint."""
-    (path / STATE_NAME).unlink(missing_ok=True)
-    shutil.rmtree(path, ignore_errors=True)
 
-
-class UnsafeCheckpointError(RuntimeError):
-    """A checkpoint file holds objects other than tensors and plain data; it was not loaded."""
-
-
-def _deepspeed_safe_globals() -> list:
-    """The plain-data DeepSpeed classes its ZeRO checkpoints pickle (found by loading stage 0-3 checkpoints)."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
-
-
-@contextlib.contextmanager
-def weights_only_loading(engine):
-    """Make ``engine.load_checkpoint`` read its files with ``torch.load(weights_only=True)``.
-
-    DeepSpeed's checkpoint engines call ``torch.load(path, weights_only=False)`` (deepspeed 0.19), which runs any
-    code a tampered file carries. While this is active the engine's reader allows tensors, plain containers and
-    only the few DeepSpeed classes of ``_deepspeed_safe_globals``; anything else raises UnsafeCheckpointError
-    naming the file.
-    """
-    import pickle
-    import re
-
-    reader = engine.checkpoint_engine
-    allowed = _deepspeed_safe_globals()
-
-    def load(path, map_location=None):
-        try:
-            with torch.serialization.safe_globals(allowed):
-                return torch.load(path, map_location=map_location, weights_only=True)
-        except pickle.UnpicklingError as err:
-            text = str(err)
-            found = re.search(r"GLOBAL [\w.]+", text) or re.search(r"(?<=WeightsUnpickler error: )[^\n]*", text)
-            reason = found.group(0) if found else (text.splitlines() or [type(err).__name__])[0]
-            raise UnsafeCheckpointError(f"refusing to load checkpoint file {path}: it holds more than tensors and "
-                                        f"plain data ({reason}); it was not unpickled") from None
-
-    reader.load = load  # an instance attribute: shadows the class's weights_only=False reader
-    try:
-        yield
-    finally:
-        del reader.load
-
-
-def _write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# the loop
 class NonFiniteLoss(RuntimeError):
     pass
 

@@ -20,7 +20,7 @@ def tiny_llm_dir(tmp_path_factory):
     """A 2-layer Llama with SmolLM2's tokenizer (49,152 tokens)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from pformer import zoo
+    from dvlp_common import zoo
 
     tok = zoo.load_tokenizer("smollm2-135m")
     torch.manual_seed(0)
@@ -38,7 +38,7 @@ def tiny_t5_dir(tmp_path_factory):
     """A 1+1-layer T5 with SmolLM2's tokenizer: the encoder-decoder path."""
     from transformers import T5Config, T5ForConditionalGeneration
 
-    from pformer import zoo
+    from dvlp_common import zoo
 
     tok = zoo.load_tokenizer("smollm2-135m")
     if tok.pad_token is None:
@@ -58,7 +58,7 @@ def tiny_bert_dir(tmp_path_factory):
     """A 2-layer BERT with MiniLM's WordPiece tokenizer."""
     from transformers import BertConfig, BertModel
 
-    from pformer import zoo
+    from dvlp_common import zoo
 
     tok = zoo.load_tokenizer("minilm-l6")
     torch.manual_seed(0)
@@ -98,7 +98,7 @@ def tiny_vit_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_pformer_dir(tmp_path_factory, tiny_bert_dir, tiny_llm_dir):
     """An (untrained) P-Former with 4 prompts for the tiny LLM: stands in for a stage-1 output."""
-    from pformer import zoo
+    from dvlp_common import zoo
     from pformer.model import PFormer, PFormerConfig
 
     torch.manual_seed(0)

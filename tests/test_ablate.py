@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from pformer.config import ConfigError, load_config
+from dvlp_common.config import ConfigError, load_config
 from pipelines import ablate
 from pipelines.ablate import (AblateConfig, CaptionChecker, CollapseConfig, compare_to_baseline, group_cells,
                               mean_std, run_ablation, time_to_baseline_quality)

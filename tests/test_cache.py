@@ -6,8 +6,9 @@ import json
 import pytest
 import torch
 
-from pformer import zoo
-from pformer.cache import KeyedArrayCache, prompt_target_cache
+from dvlp_common import zoo
+from dvlp_common.cache import KeyedArrayCache
+from pformer.targets import prompt_target_cache
 from pformer.evaluation import prompts_for
 from pformer.model import PFormer, PFormerConfig
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pformer.config import ConfigError, build, describe, load_config, save_config
+from dvlp_common.config import ConfigError, build, describe, load_config, save_config
 from pipelines.cli import CONFIG_DIR, build_parser, config_class_for, main
 from pipelines.config import DeepSpeedConfig, OptimConfig
 from pipelines.stage1 import Stage1Config

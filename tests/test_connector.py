@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from pformer.config import ConfigError, load_config
+from dvlp_common.config import ConfigError, load_config
 from vl_align.connector import TomeConnector, TomeConnectorConfig, tome_bert_block
 from vl_align.tome import bipartite_soft_matching, merge_schedule, merge_wavg
 
@@ -239,7 +239,7 @@ def test_bad_input_shape():
 # ----------------------------------------------------------------------------------------- packaged MiniLM (slow)
 @pytest.mark.slow
 def test_init_from_packaged_minilm():
-    from pformer import zoo
+    from dvlp_common import zoo
 
     cfg = TomeConnectorConfig(init_from="minilm-l6", r=4)
     conn = TomeConnector.build(cfg, vision_width=48).eval()

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from pformer.data import load_text_corpus
-from pformer.records import SkipReport, TooManySkippedRecords
+from dvlp_common.records import SkipReport, TooManySkippedRecords
 from vl_align.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,

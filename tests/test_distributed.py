@@ -103,7 +103,7 @@ def _report(name: str, **values: float) -> None:
 # data and a front initialisation with some spread
 @pytest.fixture(scope="module")
 def text_corpus(tmp_path_factory, tiny_bert_dir, tiny_llm_dir) -> Path:
-    from pformer import zoo
+    from dvlp_common import zoo
 
     for ref in (tiny_bert_dir, tiny_llm_dir):  # one token length per tokenizer: per-rank token means are global
         assert len({len(zoo.load_tokenizer(ref)(t).input_ids) for t in CAPTIONS}) == 1
@@ -143,7 +143,7 @@ def spread_bert_dir(tmp_path_factory, tiny_bert_dir) -> str:
     import torch
     from transformers import BertConfig, BertModel
 
-    from pformer import zoo
+    from dvlp_common import zoo
 
     tok = zoo.load_tokenizer(tiny_bert_dir)
     torch.manual_seed(0)
@@ -267,7 +267,7 @@ def test_ranks_padding_captions_to_different_lengths_agree(spread_bert_dir):
 
     import torch
 
-    from pformer import zoo
+    from dvlp_common import zoo
     from vl_align.fronts import FrontConfig, build_front
     from vl_align.objectives import AlignmentConfig, RepresentationBatch, RepresentationWeights, representation_loss
 
@@ -349,9 +349,9 @@ def test_generative_two_ranks_follow_one_rank(tmp_path, kind, zero_stage, pairs_
 # ---------------------------------------------------------------------------------------------------------------
 # the DeepSpeed JSON
 def test_batch_overrides_that_contradict_the_config_are_a_config_error():
-    from pformer.config import ConfigError
+    from dvlp_common.config import ConfigError
     from pipelines.config import DeepSpeedConfig, OptimConfig
-    from pipelines.training import deepspeed_config
+    from pipelines.optim import deepspeed_config
 
     optim = OptimConfig(micro_batch_size=2, grad_accum_steps=3, warmup_steps=0)
     agreeing = {"train_batch_size": 12, "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 3}

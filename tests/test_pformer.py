@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pformer import zoo
+from dvlp_common import zoo
 from pformer.llm import FrozenLLM
 from pformer.losses import contrastive_loss, nearest_embeddings, vq_loss
 from pformer.model import PFormer, PFormerConfig, load_pformer_tokenizer, mask_tokens

@@ -28,9 +28,9 @@ import pytest
 import torch
 from PIL import Image
 
-from pformer.config import load_config
-from pformer.records import SkipReport
-from pipelines import training
+from dvlp_common.config import load_config
+from dvlp_common.records import SkipReport
+from pipelines import checkpoint, training
 from pipelines.cli import main
 from pipelines.stage1 import Stage1Config, run_stage1
 from pipelines.stage2 import Stage2Config, run_stage2
@@ -128,7 +128,7 @@ def _assert_same_losses(got: list[dict], want: list[dict], keys, context: str = 
 
 
 def _checkpoint_steps(run: Path) -> list[int]:
-    manager = training.CheckpointManager(run, keep=10, dist_info=None)
+    manager = checkpoint.CheckpointManager(run, keep=10, dist_info=None)
     return [int(p.name.split("_")[1]) for p in manager.complete()]
 
 
@@ -183,14 +183,14 @@ def _kill_during_save(step: int) -> str:
     """A CLI that SIGKILLs itself in the save of ``step``: DeepSpeed's files are in staging, the trainer state is
     half written, nothing is renamed yet."""
     return f"""import os, signal, sys
-import pipelines.training as T
-_write = T._write_json_atomic
-def _write_then_die(path, data):
-    if path.name == T.STATE_NAME and data["step"] == {step}:
-        path.with_suffix(".tmp").write_text('{{"step": ')
+import pipelines.checkpoint as C
+_write = C.write_json_atomic
+def _write_then_die(path, data, **kwargs):
+    if path.name == C.STATE_NAME and data["step"] == {step}:
+        (path.parent / f".{{path.name}}.partial.tmp").write_text('{{"step": ')
         os.kill(os.getpid(), signal.SIGKILL)
-    _write(path, data)
-T._write_json_atomic = _write_then_die
+    _write(path, data, **kwargs)
+C.write_json_atomic = _write_then_die
 """ + _CALL_CLI
 
 
@@ -287,7 +287,7 @@ def test_stage2_kill9_then_resume_matches_uninterrupted(tmp_path, stage2_referen
 # ---------------------------------------------------------------------------------------------------------------
 # a crash during a save
 def test_latest_ignores_incomplete_and_staged_folders(tmp_path):
-    manager = training.CheckpointManager(tmp_path, keep=2, dist_info=None)
+    manager = checkpoint.CheckpointManager(tmp_path, keep=2, dist_info=None)
     assert manager.latest() is None  # no checkpoints folder yet
     root = tmp_path / "checkpoints"
     for step, complete in ((2, True), (4, True), (6, False)):
@@ -295,10 +295,10 @@ def test_latest_ignores_incomplete_and_staged_folders(tmp_path):
         folder.mkdir(parents=True)
         (folder / "mp_rank_00_model_states.pt").write_bytes(b"x")
         if complete:
-            (folder / training.STATE_NAME).write_text(json.dumps({"step": step}))
+            (folder / checkpoint.STATE_NAME).write_text(json.dumps({"step": step}))
     staged = root / ".staging" / "step_00000008"  # a save that never reached its rename
     staged.mkdir(parents=True)
-    (staged / training.STATE_NAME).write_text(json.dumps({"step": 8}))
+    (staged / checkpoint.STATE_NAME).write_text(json.dumps({"step": 8}))
     (root / "step_00000010").write_text("a stray file, not a folder")
     assert manager.latest() == root / "step_00000004"
     assert [p.name for p in manager.complete()] == ["step_00000002", "step_00000004"]
@@ -316,12 +316,12 @@ def test_kill_during_save_keeps_previous_checkpoint(tmp_path, stage1_reference, 
     checkpoints = run / "checkpoints"
     staged = checkpoints / ".staging" / f"step_{dying_step:08d}"
     assert (staged / "mp_rank_00_model_states.pt").is_file()  # DeepSpeed had written its part ...
-    assert not (staged / training.STATE_NAME).exists()  # ... ours was cut short
+    assert not (staged / checkpoint.STATE_NAME).exists()  # ... ours was cut short
     assert not (checkpoints / f"step_{dying_step:08d}").exists()
     assert _checkpoint_steps(run) == [SAVE_EVERY]  # the partial save is not taken for a checkpoint
     # the previous checkpoint is intact: the same state as the uninterrupted run's at that step
     previous, same_step = (r / "checkpoints" / f"step_{SAVE_EVERY:08d}" for r in (run, stage1_reference))
-    assert json.loads((previous / training.STATE_NAME).read_text())["step"] == SAVE_EVERY
+    assert json.loads((previous / checkpoint.STATE_NAME).read_text())["step"] == SAVE_EVERY
     got, want = (torch.load(p / "mp_rank_00_model_states.pt", weights_only=True)["module"] for p in (previous,
                                                                                                      same_step))
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
@@ -366,7 +366,7 @@ def test_resume_refuses_a_checkpoint_that_would_run_code(tmp_path, corpus, tiny_
     marker = tmp_path / "pwned"
     state["note"] = _Payload(marker)
     torch.save(state, path, _use_new_zipfile_serialization=False)  # DeepSpeed's format
-    with pytest.raises(training.UnsafeCheckpointError, match=rf"{re.escape(str(path))}.*posix\.system"):
+    with pytest.raises(checkpoint.UnsafeCheckpointError, match=rf"{re.escape(str(path))}.*posix\.system"):
         run_stage1(cfg, resume=True)
     assert not marker.exists()
     torch.load(path, weights_only=False)  # what DeepSpeed alone would do: the payload is live

@@ -160,7 +160,7 @@ def test_gallery_dedupes_images_and_captions():
 # ----------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["qformer", "elip"])
 def test_stage2_writes_retrieval_report(tmp_path, kind, tiny_vit_dir, tiny_bert_dir, tiny_llm_dir):
-    from pformer.config import load_config
+    from dvlp_common.config import load_config
     from pipelines.stage2 import Stage2Config, run_stage2
 
     out = tmp_path / kind
@@ -189,7 +189,7 @@ def test_stage2_writes_retrieval_report(tmp_path, kind, tiny_vit_dir, tiny_bert_
 
 
 def test_retrieval_can_be_switched_off(tmp_path, tiny_vit_dir, tiny_bert_dir, tiny_llm_dir):
-    from pformer.config import load_config
+    from dvlp_common.config import load_config
     from pipelines.stage2 import Stage2Config, run_stage2
 
     cfg = load_config(Stage2Config, None, [

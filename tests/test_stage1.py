@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from pformer.config import load_config
+from dvlp_common.config import load_config
 from pipelines.stage1 import Stage1Config, run_stage1, split_holdout
 
 
@@ -84,7 +84,7 @@ def test_missing_corpus_is_one_clear_error(tmp_path, tiny_bert_dir, tiny_llm_dir
 
 
 def test_missing_model_path_is_one_clear_error(tmp_path, small_corpus, tiny_llm_dir):
-    from pformer.zoo import MissingModelError
+    from dvlp_common.zoo import MissingModelError
 
     with pytest.raises(MissingModelError, match="model path does not exist: /no/such/model"):
         run_stage1(_cfg(tmp_path, small_corpus, "/no/such/model", tiny_llm_dir))

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from pformer.config import ConfigError, load_config
+from dvlp_common.config import ConfigError, load_config
 from pipelines.evaluate import EvaluateConfig, run_evaluate
 from pipelines.generative import GenerativeConfig, run_generative
 from pipelines.stage2 import Stage2Config, run_stage2

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pformer.config import ConfigError
+from dvlp_common.config import ConfigError
 from vl_align.data import CLIP_MEAN, CLIP_STD
 from vl_align.vision import SIGLIP_MEAN, VisionTower, VisionTowerConfig, vision_feature_cache
 

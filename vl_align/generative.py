@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from pformer.config import Config, ConfigError, param
+from dvlp_common.config import Config, ConfigError, param
 from pformer.llm import FrozenLLM
 
 from .losses import Gather, alignment_loss, identity

@@ -6,7 +6,7 @@ from typing import Callable
 
 import torch
 
-from pformer.config import Config, param
+from dvlp_common.config import Config, param
 
 from .losses import AlignmentKind, Gather, alignment_loss, identity, itc_loss, itg_loss, itm_loss, sample_hard_negatives
 
@@ -19,7 +19,7 @@ class AlignmentConfig(Config):
                                         "corpus for every sample (caption-free control)")
 
     def check(self) -> None:
-        from pformer.config import ConfigError
+        from dvlp_common.config import ConfigError
 
         if self.target not in ("caption", "corpus_mean"):
             raise ConfigError("target", f"got {self.target!r}; allowed values: 'caption', 'corpus_mean'")

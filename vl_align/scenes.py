@@ -51,8 +51,6 @@ import json
 import os
 import random
 import re
-import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -60,7 +58,8 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image, ImageDraw
 
-from vl_align.embedded import FILES, _norm, _read_build_info, _write_jsonl
+from dvlp_common.io import building_folder
+from vl_align.embedded import FILES, _norm, _read_build_info, write_split_files
 
 __all__ = [
     "BUILDER_VERSION",
@@ -523,9 +522,7 @@ def build_embedded_scenes(
         corpus_set = set(corpus)
         assert not corpus_set & set(test_caps)
 
-        tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
-        try:
+        with building_folder(out_dir) as tmp:
             pairs, vqa = {}, {}
             for split in SPLITS:
                 pairs[split], vqa[split] = _split_records(split, keys[split], image_size, seed, out_dir, tmp)
@@ -546,21 +543,5 @@ def build_embedded_scenes(
                 },
                 "test_seen_fraction": seen / num_test,
             }
-            for split in SPLITS:
-                _write_jsonl(tmp / FILES[f"pairs_{split}"], pairs[split])
-                _write_jsonl(tmp / FILES[f"vqa_{split}"], vqa[split])
-            (tmp / FILES["caption_corpus"]).write_text("".join(s + "\n" for s in corpus), encoding="utf-8", newline="\n")
-            (tmp / FILES["readme"]).write_text(_readme(info), encoding="utf-8", newline="\n")
-            # written last: its presence marks a complete build
-            (tmp / FILES["build_info"]).write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
-            old = None
-            if out_dir.exists():
-                old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-                os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+            write_split_files(tmp, pairs, vqa, corpus, _readme(info), info)
     return _paths(out_dir)

@@ -1,7 +1,7 @@
 """The frozen vision tower and its on-disk feature cache.
 
 :class:`VisionTower` wraps a Hugging Face vision encoder -- CLIP vision, SigLIP vision, DINOv2 (with or without
-registers) or ViT, given as a ``pformer.zoo`` preset, a hub name or a local folder -- and turns images into
+registers) or ViT, given as a ``dvlp_common.zoo`` preset, a hub name or a local folder -- and turns images into
 patch features ``[B, N, D]``. It is always frozen: no parameter requires a gradient, it is in eval mode and
 ``train()`` cannot take it out of eval mode, and its ``forward`` runs under ``torch.no_grad()``.
 
@@ -27,7 +27,7 @@ Normalisation (``mean`` / ``std``), first match wins:
 
 Feature cache. :func:`vision_feature_cache` runs the tower once per distinct image *content* (rows are keyed by
 the sha256 of the file bytes, so copies of one file share a row) and stores ``[N, D]`` per image in a
-:class:`pformer.cache.KeyedArrayCache` whose producer is :meth:`VisionTower.fingerprint` (weights, config,
+:class:`dvlp_common.cache.KeyedArrayCache` whose producer is :meth:`VisionTower.fingerprint` (weights, config,
 image size, mean/std, feature layer; plus the autocast dtype when one is used). Using it is only correct when
 the tower is frozen **and** nothing augments the images (random crops, flips, colour jitter...): the cached row
 is the feature of the plain ``preprocess`` of the file. Deciding that is the caller's job (stage 2 uses the cache
@@ -48,9 +48,9 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from pformer import zoo
-from pformer.cache import KeyedArrayCache, file_digest, fingerprint
-from pformer.config import Config, ConfigError, param
+from dvlp_common import zoo
+from dvlp_common.cache import KeyedArrayCache, file_digest, fingerprint
+from dvlp_common.config import Config, ConfigError, param
 
 from .data import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, load_image
 

@@ -1,4 +1,5 @@
-"""Disk caches of what frozen models compute: P-Former targets P(y) per caption, vision features per image.
+"""Disk caches of what frozen models compute (P-Former targets P(y) per caption in ``pformer.targets``, vision
+features per image in ``vl_align.vision``).
 
 A :class:`KeyedArrayCache` is a folder holding one memory-mapped ``.npy`` array (a row per key), the keys in row
 order and a ``meta.json`` with the *producer fingerprint* (which model, which weights, which preprocessing). The
@@ -10,15 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
-from .atomic import replace_folder
+from .io import building_folder
 
 FORMAT_VERSION = 1
 
@@ -80,9 +79,7 @@ class KeyedArrayCache:
                 old = None  # unreadable: rebuilt from scratch
         new_keys = [k for k in wanted if old is None or k not in old.row]
         all_keys = (old.keys if old is not None else []) + new_keys
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-        try:
+        with building_folder(folder) as tmp:  # the old cache stays readable until the new one is in place
             rows = None
 
             def allocate(row_shape: tuple[int, ...]) -> np.ndarray:
@@ -114,9 +111,6 @@ class KeyedArrayCache:
             (tmp / "keys.json").write_text(json.dumps(all_keys))
             (tmp / "meta.json").write_text(json.dumps({"producer": producer, "version": FORMAT_VERSION,
                                                        "num_keys": len(all_keys), **producer_info}, indent=2))
-            replace_folder(tmp, folder)  # the old cache stays readable until the new one is in place
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
         return cls(folder)
 
     def get(self, keys: Sequence[str]) -> torch.Tensor:
@@ -131,33 +125,4 @@ class KeyedArrayCache:
         return len(self.keys)
 
 
-def pformer_fingerprint(pformer_dir: str | Path) -> str:
-    """Identity of a saved P-Former: its weights and config files."""
-    pformer_dir = Path(pformer_dir)
-    from .model import CONFIG_NAME, WEIGHTS_NAME
-
-    return fingerprint("pformer", file_digest(pformer_dir / WEIGHTS_NAME), file_digest(pformer_dir / CONFIG_NAME))
-
-
-def prompt_target_cache(pformer_dir: str | Path, captions: Sequence[str], cache_root: str | Path,
-                        device: str | torch.device = "cpu", batch_size: int = 64,
-                        dtype: torch.dtype | None = None) -> KeyedArrayCache:
-    """P(y) [n, d_llm] for every caption, computed once with the frozen P-Former at ``pformer_dir``."""
-    from .evaluation import prompts_for
-    from .model import PFormer, load_pformer_tokenizer
-
-    producer = fingerprint(pformer_fingerprint(pformer_dir), str(dtype))  # bf16 targets differ from fp32 ones
-    state: dict = {}
-
-    def compute(chunk: list[str]) -> torch.Tensor:
-        if not state:  # load the P-Former only when something must be computed
-            state["model"] = PFormer.from_pretrained(pformer_dir).to(device).eval()
-            state["tok"] = load_pformer_tokenizer(pformer_dir)
-        return prompts_for(state["model"], state["tok"], chunk, device, dtype)
-
-    return KeyedArrayCache.open_or_build(Path(cache_root) / "prompt_targets", producer,
-                                         {"kind": "pformer_prompts", "pformer_dir": str(pformer_dir)},
-                                         captions, compute, batch_size=batch_size)
-
-
-__all__ = ["KeyedArrayCache", "fingerprint", "file_digest", "pformer_fingerprint", "prompt_target_cache"]
+__all__ = ["KeyedArrayCache", "fingerprint", "file_digest"]

@@ -19,15 +19,13 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from ..atomic import replace_folder
+from ..io import building_folder
 
 # Bump when a builder's output changes so stale converted folders are rebuilt, never reused.
 _BUILD_VERSION = "1"
@@ -115,13 +113,9 @@ def _built_folder(preset: Preset) -> Path:
     with _file_lock(out):
         if (out / ".complete").exists():
             return out
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-        try:
+        with building_folder(out) as tmp:  # replaces an incomplete folder a crash may have left
             preset.build(tmp)
             (tmp / ".complete").write_text(_BUILD_VERSION)
-            replace_folder(tmp, out)  # over an incomplete folder a crash may have left
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -18,6 +18,8 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_
 
 import yaml
 
+from .io import write_text_atomic
+
 C = TypeVar("C", bound="Config")
 
 
@@ -249,11 +251,7 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    tmp.replace(path)
+    write_text_atomic(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def describe(cls: type, prefix: str = "") -> list[tuple[str, str, Any, str]]:

