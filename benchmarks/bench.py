@@ -137,7 +137,7 @@ def _setup_stage1(spec, device, dtype):
     from pformer.llm import FrozenLLM
     from pformer.model import PFormer
     from pformer.objective import Stage1Collator, stage1_loss
-    from pipelines.sources import resolve_text_source
+    from vl_align.sources import resolve_text_source
     from pipelines.stage1 import Stage1Config
 
     cfg = load_config(Stage1Config, CONFIG_DIR / "stage1.yaml", spec["overrides"])

@@ -72,3 +72,16 @@ def evaluate_reconstruction(pformer: PFormer, tokenizer, llm: FrozenLLM, sentenc
 
 
 __all__ = ["Reconstruction", "evaluate_reconstruction", "prompts_for", "encode_texts"]
+
+
+def bleu4(predictions: list[str], references: list[list[str]]) -> float:
+    """Corpus BLEU-4 (pycocoevalcap's scorer) on lower-cased, whitespace-tokenised text; no Java needed."""
+    from pycocoevalcap.bleu.bleu import Bleu
+
+    if not predictions:
+        return 0.0
+    norm = lambda s: " ".join(s.lower().replace(".", " ").replace(",", " ").split()) or "<empty>"  # noqa: E731
+    gts = {i: [norm(r) for r in refs] for i, refs in enumerate(references)}
+    res = {i: [norm(p)] for i, p in enumerate(predictions)}
+    scores, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    return float(scores[3])

@@ -27,7 +27,7 @@ from typing import Literal, Optional
 
 from dvlp_common.config import Config, ConfigError, load_config, param, save_config, to_dict
 
-from .cli import CONFIG_DIR
+from .config import CONFIG_DIR
 
 
 @dataclass(frozen=True)
@@ -375,7 +375,7 @@ def _pm(mean: float, std: float, seeds: int, digits: int = 3) -> str:
 
 def report_markdown(cfg: AblateConfig, cells: list[dict], groups: list[dict], comparisons: list[dict],
                     stage1_md: str, wall_seconds: float, time_to_quality: list[dict] = ()) -> str:
-    from .reports import markdown_table
+    from dvlp_common.reports import markdown_table
 
     table = [{"arm": g["arm"], "pairs": g["pairs"], "lr": f"{g['lr']:g}", "seeds": g["seeds"],
               "CIDEr": _pm(g["CIDEr"], g["CIDEr_std"], g["seeds"]),
@@ -556,7 +556,7 @@ def run_stage1_once(cfg: AblateConfig, out: Path) -> tuple[Path, str]:
 def caption_checker(dataset: str) -> CaptionChecker:
     from pformer.data import load_text_corpus
 
-    from .sources import resolve_text_source
+    from vl_align.sources import resolve_text_source
 
     return CaptionChecker(list(load_text_corpus(resolve_text_source(dataset))["text"]))
 

@@ -19,7 +19,8 @@ from pathlib import Path
 
 from dvlp_common.config import ConfigError, describe, load_config
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+from .config import CONFIG_DIR
+
 # subcommand -> (config class, runner, help, default YAML)
 STAGES = {
     "stage1": ("pipelines.stage1:Stage1Config", "pipelines.stage1:run_stage1",

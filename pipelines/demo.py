@@ -14,7 +14,7 @@ from dvlp_common import zoo
 
 def prepare() -> None:
     """Build the offline presets and the embedded datasets into the cache (idempotent)."""
-    from .sources import EMBEDDED, embedded_files
+    from vl_align.sources import EMBEDDED, embedded_files
 
     for name in zoo.PRESETS:
         print(f"{name}: {zoo.resolve(name)}", flush=True)

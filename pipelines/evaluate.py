@@ -27,8 +27,8 @@ from vl_align.metrics import java_available, load_metric
 from vl_align.retrieval import itc_similarity, recalls, rerank_with_itm, top_k
 from vl_align.vision import vision_feature_cache
 
-from .reports import write_table
-from .sources import embedded_files
+from dvlp_common.reports import write_table
+from vl_align.sources import embedded_files
 
 
 @dataclass
@@ -206,7 +206,7 @@ def load_saved_front(front_dir: str | Path):
     from dvlp_common.config import build
     from pformer.llm import FrozenLLM
     from vl_align.fronts import FrontConfig, QFormerFront
-    from vl_align.generative import TomeFront
+    from vl_align.simvlg import TomeFront
     from vl_align.vision import VisionTower, VisionTowerConfig
 
     folder = Path(front_dir)
@@ -218,7 +218,7 @@ def load_saved_front(front_dir: str | Path):
     tower = VisionTower.build(build(VisionTowerConfig, meta["vision"], "front_config.vision"))
     llm = FrozenLLM.load(meta["llm"], bos_before_prefix=meta.get("bos_before_prefix", True))
     if front_cfg.kind == "tome":
-        from vl_align.connector import TomeConnector
+        from vl_align.simvlg import TomeConnector
 
         connector = TomeConnector.build(front_cfg.tome, tower.hidden_size)
         front = TomeFront(connector, connector.hidden_size, llm.hidden_size)

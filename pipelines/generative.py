@@ -20,8 +20,9 @@ from dvlp_common.config import Config, ConfigError, param
 from pformer.llm import FrozenLLM
 from pformer.model import read_pformer_config
 from vl_align.fronts import FrontConfig, build_front
-from vl_align.generative import GenerativeBatch, GenerativeWeights, TomeFront, generative_loss
-from vl_align.objectives import AlignmentConfig
+from vl_align.alignment import AlignmentConfig
+from vl_align.generative import GenerativeBatch, GenerativeWeights, generative_loss
+from vl_align.simvlg import TomeFront
 from vl_align.vision import VisionTower, VisionTowerConfig
 
 from . import distributed, optim, training
@@ -69,7 +70,7 @@ class GenerativeConfig(Config):
 
 def build_generative_front(cfg: GenerativeConfig, tower, llm_width: int, live_tower: bool):
     if cfg.front.kind == "tome":
-        from vl_align.connector import TomeConnector
+        from vl_align.simvlg import TomeConnector
 
         connector = TomeConnector.build(cfg.front.tome, tower.hidden_size)
         return TomeFront(connector, connector.hidden_size, llm_width)

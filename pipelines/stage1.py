@@ -26,7 +26,7 @@ from dvlp_common import zoo
 
 from . import distributed, optim, training
 from .config import DeepSpeedConfig, LoggingConfig, OptimConfig, ReliabilityConfig, TextDataConfig
-from .sources import resolve_text_source
+from vl_align.sources import resolve_text_source
 
 
 @dataclass
@@ -134,7 +134,7 @@ def run_stage1(cfg: Stage1Config, resume: bool = False, stop_after: int | None =
 def evaluate_stage1(cfg: Stage1Config, trained: PFormer, tokenizer, llm: FrozenLLM, sentences: list[str],
                     untrained_state: dict | None, device, dtype, run_dir: Path) -> dict:
     from .evaluate import write_report
-    from .reports import bleu4
+    from pformer.evaluation import bleu4
 
     variants = {"trained": trained}
     if untrained_state is not None:

@@ -28,14 +28,15 @@ from pformer.model import read_pformer_config
 from dvlp_common.records import SkipReport, skip_too_long
 from vl_align.data import load_image_text_pairs
 from vl_align.fronts import FrontConfig, build_front
-from vl_align.objectives import (AlignmentConfig, AlignmentStats, RepresentationBatch, RepresentationWeights,
+from vl_align.alignment import AlignmentConfig, AlignmentStats
+from vl_align.objectives import (RepresentationBatch, RepresentationWeights,
                                  representation_loss)
 from vl_align.vision import VisionTower, VisionTowerConfig, vision_feature_cache
 
 from . import distributed, optim, training
 from .config import DeepSpeedConfig, LoggingConfig, OptimConfig, ReliabilityConfig
 from .evaluate import RetrievalEvalConfig, evaluate_retrieval, held_out_pairs
-from .sources import embedded_files, resolve_text_source
+from vl_align.sources import embedded_files, resolve_text_source
 
 
 @dataclass

@@ -269,7 +269,8 @@ def test_ranks_padding_captions_to_different_lengths_agree(spread_bert_dir):
 
     from dvlp_common import zoo
     from vl_align.fronts import FrontConfig, build_front
-    from vl_align.objectives import AlignmentConfig, RepresentationBatch, RepresentationWeights, representation_loss
+    from vl_align.alignment import AlignmentConfig
+    from vl_align.objectives import RepresentationBatch, RepresentationWeights, representation_loss
 
     torch.manual_seed(0)
     front = build_front(FrontConfig(init_from=spread_bert_dir, num_query_tokens=4), 32, 32).eval()

@@ -235,7 +235,7 @@ def test_unsupported_parts_raise_clear_errors(tiny_vit_dir, tiny_llm, tiny_tower
     from transformers import Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
     from transformers import ViTConfig, ViTModel
 
-    from vl_align.generative import TomeFront
+    from vl_align.simvlg import TomeFront
 
     small = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, patch_size=4,
                  image_size=8)

@@ -258,13 +258,13 @@ def test_vqa_answers_follow_from_captions(small_build):
 # the pipeline's loaders
 # ----------------------------------------------------------------------------------------------------------
 def test_pipeline_loaders_read_embedded_scenes(tmp_path, monkeypatch):
-    from pipelines import sources
+    from vl_align import sources
     from pipelines.config import ReliabilityConfig
     from pipelines.stage2 import PairDataConfig, load_pairs, resolve_pair_source
     from vl_align import scenes
 
     monkeypatch.setenv("DVLP_CACHE", str(tmp_path / "cache"))
-    # a small build in place of the default size (sources imports the builder at call time)
+    # a small build in place of the default size (sources looks the builder up at call time)
     monkeypatch.setattr(scenes, "build_embedded_scenes", functools.partial(scenes.build_embedded_scenes, **SMALL))
     assert "scenes" in sources.EMBEDDED
     files = sources.embedded_files("scenes")

@@ -80,7 +80,7 @@ def test_generative_stage_trains_and_evaluates(tmp_path, kind, tiny_vit_dir, tin
 
 def test_evaluation_on_given_held_out_files(tmp_path, tiny_vit_dir, tiny_bert_dir, tiny_llm_dir, tiny_pformer_dir):
     """At scale the held-out captions and questions are files; a bad question line is named."""
-    from pipelines.sources import embedded_files
+    from vl_align.sources import embedded_files
 
     files = embedded_files("easy-vqa")
     pairs = [json.loads(line) for line in files["pairs_test"].read_text().splitlines()[:5]]

@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vl_align.losses import alignment_loss, itc_loss, itg_loss, itm_loss, sample_hard_negatives
+from vl_align.alignment import alignment_loss
+from vl_align.losses import itc_loss, itg_loss, itm_loss, sample_hard_negatives
 
 
 def _feats(b=4, q=3, e=8, seed=0):

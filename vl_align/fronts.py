@@ -5,8 +5,8 @@
 * ``elip``: the same Q-Former fed by a vision tower that prunes and fuses patches under text guidance (ELIP).
 * ``tome``: SimVLG's connector, a BERT-like encoder over all vision tokens that merges tokens in every layer.
 
-Every front's ``forward(mode, **inputs)`` returns a dict of features; the losses live in ``vl_align.losses`` and the
-objectives that combine them in ``vl_align.objectives``. One ``forward`` with a ``mode`` (instead of several
+Every front's ``forward(mode, **inputs)`` returns a dict of features; the losses live in ``vl_align.losses`` and
+``vl_align.alignment``, the objectives that combine them in ``vl_align.objectives``. One ``forward`` with a ``mode`` (instead of several
 methods) keeps each call inside the module's forward, which DeepSpeed ZeRO-3 needs to gather parameters.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from dvlp_common import zoo
 from dvlp_common.config import Config, ConfigError, param
 
-from .connector import TomeConnectorConfig
+from .simvlg import TomeConnectorConfig
 from .qformer import QFormer, QFormerConfig
 
 

@@ -10,29 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn as nn
 
 from dvlp_common.config import Config, ConfigError, param
 from pformer.llm import FrozenLLM
 
-from .losses import Gather, alignment_loss, identity
-from .objectives import AlignmentConfig, AlignmentStats
-
-
-class TomeFront(nn.Module):
-    """SimVLG: the token-merging connector over all vision tokens, then W to the LLM width."""
-
-    def __init__(self, connector: nn.Module, hidden_size: int, llm_hidden_size: int):
-        super().__init__()
-        self.connector = connector
-        self.llm_proj = nn.Linear(hidden_size, llm_hidden_size)
-
-    def forward(self, mode: str, image_embeds: torch.Tensor | None = None, **_unused) -> dict:
-        if mode != "queries":
-            raise ValueError(f"the tome front only has the 'queries' mode, got '{mode}'")
-        out = self.connector(image_embeds)
-        return {"prompt_pred": self.llm_proj(out["tokens"]), "image_embeds": image_embeds,
-                "token_size": out["size"], "tokens_per_layer": out["tokens_per_layer"]}
+from .alignment import AlignmentConfig, AlignmentStats, alignment_loss
+from .losses import Gather, identity
 
 
 @dataclass
@@ -91,4 +74,4 @@ def generate(front, llm: FrozenLLM, image_embeds: torch.Tensor | None = None, pi
     return llm.generate(out["prompt_pred"], prompts=prompts, **generate_kwargs)
 
 
-__all__ = ["TomeFront", "GenerativeWeights", "GenerativeBatch", "generative_loss", "generate"]
+__all__ = ["GenerativeWeights", "GenerativeBatch", "generative_loss", "generate"]

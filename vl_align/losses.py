@@ -1,12 +1,12 @@
-"""Stage-2 losses: BLIP-2's ITC, ITM (hard negatives from the contrastive similarities), ITG, and the alignment of
-the front's projected output W·Z to the cached P-Former prompts P(y).
+"""BLIP-2's representation losses: ITC, ITM (hard negatives from the contrastive similarities) and ITG. The
+P-Former alignment loss is in ``vl_align.alignment``.
 
 Losses over the global batch receive ``gather`` (differentiable all-gather along dim 0; identity in one process),
 ``gather_nograd`` (for hard-negative mining) and ``rank``. Nothing here imports torch.distributed.
 """
 from __future__ import annotations
 
-from typing import Callable, Literal
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -99,43 +99,4 @@ def itg_loss(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torc
                            label_smoothing=label_smoothing)
 
 
-AlignmentKind = Literal["mse", "standardized_mse", "cosine", "contrastive"]
-
-
-def alignment_loss(pred: torch.Tensor, target: torch.Tensor, kind: AlignmentKind = "mse",
-                   center: torch.Tensor | None = None, scale: torch.Tensor | None = None,
-                   gather: Gather = identity, rank: int = 0, temperature: float = 0.07) -> torch.Tensor:
-    """How far the projected front output W·Z [B, n, d] is from the P-Former prompts P(y) [B, n, d].
-
-    * ``mse``: the paper's loss.
-    * ``standardized_mse``: MSE after subtracting the corpus-mean prompt ``center`` [n, d] and dividing by
-      ``scale`` [n, d] (the pipelines pass the corpus RMS deviation from the mean, one value), so the
-      caption-specific part of P(y) carries the weight instead of the component all captions share; predicting the
-      corpus mean scores 1.
-    * ``cosine``: 1 - cosine similarity of the centred prompt vectors, averaged over the n prompts.
-    * ``contrastive``: InfoNCE between the flattened centred W·Z and P(y) of the global batch (each prediction
-      must be closer to its own caption's prompts than to the other captions').
-    """
-    pred, target = pred.float(), target.float()
-    if kind == "mse":
-        return F.mse_loss(pred, target)
-    if center is None:
-        raise ValueError(f"alignment kind '{kind}' needs the corpus-mean prompt (center)")
-    pred_c, target_c = pred - center, target - center
-    if kind == "standardized_mse":
-        if scale is None:
-            raise ValueError("alignment kind 'standardized_mse' needs the corpus scale")
-        return F.mse_loss(pred_c / scale, target_c / scale)
-    if kind == "cosine":
-        return (1.0 - F.cosine_similarity(pred_c, target_c, dim=-1)).mean()
-    if kind == "contrastive":
-        p = F.normalize(pred_c.flatten(1), dim=-1)
-        t = F.normalize(target_c.flatten(1), dim=-1)
-        t_all = gather(t)
-        logits = p @ t_all.T / temperature
-        targets = torch.arange(p.shape[0], device=p.device) + rank * p.shape[0]
-        return F.cross_entropy(logits, targets)
-    raise ValueError(f"unknown alignment kind '{kind}'")
-
-
-__all__ = ["itc_loss", "sample_hard_negatives", "itm_loss", "itg_loss", "alignment_loss", "AlignmentKind"]
+__all__ = ["Gather", "identity", "itc_loss", "sample_hard_negatives", "itm_loss", "itg_loss"]

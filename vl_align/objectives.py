@@ -8,21 +8,8 @@ import torch
 
 from dvlp_common.config import Config, param
 
-from .losses import AlignmentKind, Gather, alignment_loss, identity, itc_loss, itg_loss, itm_loss, sample_hard_negatives
-
-
-@dataclass
-class AlignmentConfig(Config):
-    weight: float = param(10.0, ge=0.0, help="ω: weight of the alignment to P(y) (0 = the BLIP-2 baseline)")
-    kind: AlignmentKind = param("mse", help="mse (paper) | standardized_mse | cosine | contrastive")
-    target: str = param("caption", help="caption: P(y) of the sample's caption | corpus_mean: the mean P(y) of the "
-                                        "corpus for every sample (caption-free control)")
-
-    def check(self) -> None:
-        from dvlp_common.config import ConfigError
-
-        if self.target not in ("caption", "corpus_mean"):
-            raise ConfigError("target", f"got {self.target!r}; allowed values: 'caption', 'corpus_mean'")
+from .alignment import AlignmentConfig, AlignmentStats, alignment_loss
+from .losses import Gather, identity, itc_loss, itg_loss, itm_loss, sample_hard_negatives
 
 
 @dataclass
@@ -44,13 +31,6 @@ class RepresentationBatch:
     pixel_values: torch.Tensor | None = None  # [B, 3, S, S] when the tower runs live (ELIP)
     targets: torch.Tensor | None = None  # [B, n, d_llm] P(y)
     noise_seed: int = 0  # seeds the hard-negative draws of this global batch (the same on every rank)
-
-
-@dataclass
-class AlignmentStats:
-    """Corpus statistics of P(y) that the alignment variants need: the mean [n, d] and a scale [n, d]."""
-    center: torch.Tensor
-    scale: torch.Tensor
 
 
 def _pad_right(x: torch.Tensor, length: int) -> torch.Tensor:
@@ -111,5 +91,4 @@ def representation_loss(front: Callable[..., dict], batch: RepresentationBatch, 
     return total, parts
 
 
-__all__ = ["AlignmentConfig", "RepresentationWeights", "RepresentationBatch", "AlignmentStats",
-           "representation_loss"]
+__all__ = ["RepresentationWeights", "RepresentationBatch", "representation_loss"]

@@ -1,4 +1,4 @@
-"""Tests for vl_align.connector: SimVLG's ToMe connector over reused transformers BertLayers."""
+"""Tests for vl_align.simvlg: SimVLG's ToMe connector over reused transformers BertLayers."""
 
 import math
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dvlp_common.config import ConfigError, load_config
-from vl_align.connector import TomeConnector, TomeConnectorConfig, tome_bert_block
+from vl_align.simvlg import TomeConnector, TomeConnectorConfig, tome_bert_block
 from vl_align.tome import bipartite_soft_matching, merge_schedule, merge_wavg
 
 IMPLS = ["eager", "sdpa"]

@@ -1,4 +1,4 @@
-"""SimVLG's token-merging connector (Jian et al. 2023, arXiv 2310.03291) as a library module.
+"""SimVLG (Jian et al. 2023, arXiv 2310.03291): the token-merging connector and the front built on it.
 
 SimVLG replaces BLIP-2's Q-Former by a plain BERT-like encoder run over *all* vision tokens (projected to the
 encoder width): no learned queries and no cross-attention. To keep the cost and the number of soft-prompt tokens
@@ -57,7 +57,7 @@ from vl_align.tome import (
     proportional_attention_bias,
 )
 
-__all__ = ["TomeConnectorConfig", "TomeConnector", "tome_bert_block"]
+__all__ = ["TomeConnectorConfig", "TomeConnector", "TomeFront", "tome_bert_block"]
 
 
 @dataclasses.dataclass
@@ -268,3 +268,20 @@ class TomeConnector(nn.Module):
         if size is None:  # nothing merged (no layers, or r = 0 everywhere)
             size = x.new_ones(*x.shape[:-1], 1, dtype=torch.float32)
         return {"tokens": x, "size": size, "tokens_per_layer": tokens_per_layer, "schedule": schedule}
+
+
+class TomeFront(nn.Module):
+    """SimVLG's front: the token-merging connector over all vision tokens, then W to the LLM width. Its only mode,
+    ``queries``, returns the prefix ``prompt_pred`` [B, N_final, d_llm] and the merged tokens' sizes."""
+
+    def __init__(self, connector: nn.Module, hidden_size: int, llm_hidden_size: int):
+        super().__init__()
+        self.connector = connector
+        self.llm_proj = nn.Linear(hidden_size, llm_hidden_size)
+
+    def forward(self, mode: str, image_embeds: torch.Tensor | None = None, **_unused) -> dict:
+        if mode != "queries":
+            raise ValueError(f"the tome front only has the 'queries' mode, got '{mode}'")
+        out = self.connector(image_embeds)
+        return {"prompt_pred": self.llm_proj(out["tokens"]), "image_embeds": image_embeds,
+                "token_size": out["size"], "tokens_per_layer": out["tokens_per_layer"]}

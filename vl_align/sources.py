@@ -5,19 +5,17 @@ from pathlib import Path
 
 from dvlp_common import zoo
 
+from . import embedded, scenes
+
 EMBEDDED = ("easy-vqa", "scenes")
 
 
 def embedded_files(name: str) -> dict[str, Path]:
     """Build (once) and return the files of an embedded dataset."""
     if name == "easy-vqa":
-        from vl_align.embedded import build_embedded_easy_vqa
-
-        return {k: Path(v) for k, v in build_embedded_easy_vqa(zoo.cache_root() / "data" / "easy-vqa").items()}
+        return {k: Path(v) for k, v in embedded.build_embedded_easy_vqa(zoo.cache_root() / "data" / "easy-vqa").items()}
     if name == "scenes":
-        from vl_align.scenes import build_embedded_scenes
-
-        return {k: Path(v) for k, v in build_embedded_scenes(zoo.cache_root() / "data" / "scenes").items()}
+        return {k: Path(v) for k, v in scenes.build_embedded_scenes(zoo.cache_root() / "data" / "scenes").items()}
     raise ValueError(f"unknown embedded dataset '{name}'; available: {', '.join(EMBEDDED)}")
 
 

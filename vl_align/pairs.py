@@ -1,0 +1,94 @@
+"""Image-text pairs for the stage-2 runs: where they come from (``PairDataConfig``), the typed record every stage
+and evaluation reads (``ImageTextPair``), the seeded training subset, and the caption-length filter."""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Callable, Literal, Optional, Sequence
+
+import numpy as np
+
+from dvlp_common.config import Config, ConfigError, param
+from dvlp_common.records import SkipReport, skip_too_long
+
+from .data import load_image_text_pairs
+from .sources import embedded_files
+
+
+@dataclass
+class PairDataConfig(Config):
+    source: str = param("embedded:easy-vqa", help="COCO caption JSON, jsonl, saved datasets folder, webdataset "
+                                                   "shards, or embedded:easy-vqa")
+    format: Literal["auto", "coco", "jsonl", "disk", "webdataset"] = param("auto", help="format of source")
+    image_root: Optional[str] = param(None, help="folder the image paths are relative to (COCO, jsonl)")
+    max_pairs: Optional[int] = param(None, help="train on this many pairs (a seeded subset); None: all")
+    verify_images: bool = param(True, help="open every image once at load; bad ones are counted skips")
+
+
+@dataclass(frozen=True)
+class ImageTextPair:
+    """One training or held-out pair. The image is a file (``image_path``) or, for webdataset shards and datasets
+    folders with an image column, the encoded bytes (``image_bytes``); ``image`` gives whichever it is."""
+    image_id: str
+    caption: str
+    image_path: str | None = None
+    image_bytes: bytes | None = None
+
+    @property
+    def image(self) -> str | bytes:
+        return self.image_path if self.image_path is not None else self.image_bytes
+
+
+def resolve_pair_source(data: PairDataConfig, split: str = "train") -> tuple[str, str]:
+    if data.source.startswith("embedded:"):
+        return str(embedded_files(data.source.split(":", 1)[1])[f"pairs_{split}"]), "jsonl"
+    return data.source, data.format
+
+
+def load_pairs(data: PairDataConfig, seed: int, max_skip_fraction: float = 0.05,
+               split: str = "train") -> tuple[list[ImageTextPair], SkipReport]:
+    """(pairs, SkipReport); for training a seeded subset of ``max_pairs`` (the same subset for every arm of a seed)."""
+    report = SkipReport(max_skip_fraction=max_skip_fraction, name=f"image-text pairs ({split})")
+    source, fmt = resolve_pair_source(data, split)
+    ds = load_image_text_pairs(source, fmt=fmt, image_root=data.image_root, report=report,
+                               verify_images=data.verify_images)
+    records = [ImageTextPair(image_id=str(r["image_id"]), caption=r["caption"], image_path=r["image_path"])
+               for r in ds]
+    if data.max_pairs is not None and split == "train":
+        if data.max_pairs > len(records):
+            raise ConfigError("data.max_pairs", f"asks for {data.max_pairs} pairs but {source} has {len(records)}")
+        keep = np.random.default_rng([seed, 23]).permutation(len(records))[:data.max_pairs]
+        records = [records[i] for i in sorted(keep)]
+    return records, report
+
+
+def held_out_pairs(data: PairDataConfig, source: str | None, seed: int,
+                   max_skip_fraction: float = 0.05) -> list[ImageTextPair] | None:
+    """Held-out pairs: ``source`` (any format of ``data.source``, read whole), else the test split of an embedded
+    ``data.source``; None when neither exists (a custom training source has no held-out split we could know of)."""
+    if source is None and not data.source.startswith("embedded:"):
+        return None
+    if source is not None:
+        data = replace(data, source=source, format="auto", max_pairs=None)
+    split = "test" if data.source.startswith("embedded:") else "train"  # "train": the given file itself, in full
+    return load_pairs(data, seed, max_skip_fraction, split=split)[0]
+
+
+def within_caption_limit(pairs: Sequence[ImageTextPair], report: SkipReport,
+                         count_tokens: Callable[[list[str]], Sequence[int]], limit: int,
+                         verbose: bool = False) -> list[ImageTextPair]:
+    """The pairs whose caption fits ``limit`` tokens as the stage tokenizes it (``count_tokens(captions)`` -> their
+    lengths); longer ones are counted skips (then the report's threshold applies to all skips)."""
+    seen, before = len(pairs) + report.total, report.total
+    lengths = []
+    for start in range(0, len(pairs), 1024):
+        lengths += [int(n) for n in count_tokens([r.caption for r in pairs[start:start + 1024]])]
+    keep = skip_too_long(lengths, limit, report, lambda i: f"image_id {pairs[i].image_id} {pairs[i].caption[:40]!r}")
+    report.check(seen)
+    if verbose and report.total > before:
+        print(f"{report.total - before} caption(s) longer than {limit} tokens skipped; {len(keep)} pairs left\n"
+              f"{report.summary()}", flush=True)
+    return [pairs[i] for i in keep]
+
+
+__all__ = ["PairDataConfig", "ImageTextPair", "resolve_pair_source", "load_pairs", "held_out_pairs",
+           "within_caption_limit"]
