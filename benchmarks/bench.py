@@ -101,32 +101,21 @@ def measure_peak(spec: dict) -> dict:
     return {"peak": out, "threads": torch.get_num_threads()}
 
 
-def _records(data_cfg, seed: int, reliability, batch: int) -> list[dict]:
+def _pairs(data_cfg, seed: int, batch: int):
     """``batch`` image-caption pairs of the stage's data source (cycled when the source is smaller)."""
     from dataclasses import replace
 
-    from pipelines.stage2 import load_pairs
+    from vl_align.pairs import load_pairs
 
-    records, _ = load_pairs(replace(data_cfg, max_pairs=None, verify_images=False), seed, reliability)
-    return [records[i % len(records)] for i in range(batch)]
+    pairs, _ = load_pairs(replace(data_cfg, max_pairs=None, verify_images=False), seed)
+    return [pairs[i % len(pairs)] for i in range(batch)]
 
 
-def _features(tower, pixels, device, dtype, chunk: int = 4):
-    """What the stage's feature cache holds: the frozen tower's output (under autocast for bf16/fp16), fp32.
-    A few images at a time, so that this one-off pass does not set the process's peak memory."""
+def _stand_in_targets(num_prompts: int, width: int):
+    """Random prompts in place of the P-Former's P(y): the step's cost does not depend on their values."""
     import torch
 
-    from dvlp_common import precision
-
-    with torch.no_grad(), precision.autocast(device, dtype):
-        return torch.cat([tower(pixels[i:i + chunk].to(device)).float() for i in range(0, len(pixels), chunk)])
-
-
-def _llm_width(ref: str) -> int:
-    from dvlp_common import zoo
-
-    c = zoo.load_config(ref)
-    return getattr(c, "hidden_size", None) or c.d_model
+    return lambda captions, device: torch.randn(len(captions), num_prompts, width, device=device)
 
 
 def _setup_stage1(spec, device, dtype):
@@ -168,15 +157,13 @@ def _setup_stage1(spec, device, dtype):
 
 
 def _setup_representation(spec, device, dtype):
-    import torch
-
     from benchmarks import flops as F
     from dvlp_common import zoo
     from dvlp_common.config import load_config
-    from pipelines import training
-    from pipelines.stage2 import Stage2Config, decoder_start_id
-    from vl_align.fronts import build_front
-    from vl_align.objectives import RepresentationBatch, representation_loss
+    from pipelines.stage2 import Stage2Config
+    from vl_align.fronts import build_front, needs_live_tower
+    from vl_align.inputs import ImageInputs, llm_width_of
+    from vl_align.objectives import RepresentationCollator, representation_loss
     from vl_align.vision import VisionTower
 
     front_kind, size, b = spec["front"], spec["image_size"], spec["batch"]
@@ -187,41 +174,34 @@ def _setup_representation(spec, device, dtype):
     cfg = load_config(Stage2Config, CONFIG_DIR / yaml,
                       [f"front.kind={front_kind}", f"vision.image_size={size}",
                        *(["vision.cache_features=false"] if unpruned_tower else []), *spec["overrides"]])
+    # the stage's own parts: tower, front, image inputs (the feature cache unless the tower runs live), collator
     tower = VisionTower.build(cfg.vision).to(device)
-    live = front_kind == "elip" or not cfg.vision.cache_features
-    llm_width = _llm_width(cfg.llm)
+    live = needs_live_tower(cfg.front, cfg.vision)
+    llm_width = llm_width_of(cfg.llm)
     front = build_front(cfg.front, tower.hidden_size, llm_width, vision_tower=tower if live else None).to(device)
     tokenizer = zoo.load_tokenizer(cfg.front.init_from)
-    recs = _records(cfg.data, cfg.seed, cfg.reliability, b)
-    caps = [r["caption"] for r in recs]
-    tok = tokenizer(caps, padding=True, truncation=True, max_length=cfg.front.max_text_length, return_tensors="pt")
-    dec = tok.input_ids.clone()
-    dec[:, 0] = decoder_start_id(tokenizer)
-    index = {c: i for i, c in enumerate(dict.fromkeys(caps))}
-    pixels = tower.preprocess([r["image_path"] for r in recs]).to(device)
-    image = {"pixel_values": pixels} if live else {"image_embeds": _features(tower, pixels, device, dtype)}
+    pairs = _pairs(cfg.data, cfg.seed, b)
+    images = ImageInputs.build(tower, [r.image for r in pairs], live, device, dtype)
     q = cfg.front.num_query_tokens
-    targets = torch.randn(b, q, llm_width, device=device) if cfg.align.weight else None  # stands in for P(y)
-    batch = RepresentationBatch(
-        record_ids=[r["image_id"] for r in recs], input_ids=tok.input_ids.to(device),
-        attention_mask=tok.attention_mask.to(device), decoder_input_ids=dec.to(device),
-        caption_ids=torch.tensor([index[c] for c in caps], device=device),
-        noise_seed=training.step_seed(cfg.seed, 0, 0), targets=targets, **image)
+    collate = RepresentationCollator(pairs, tokenizer, cfg.front.max_text_length,
+                                     {c: i for i, c in enumerate(dict.fromkeys(r.caption for r in pairs))}, images,
+                                     _stand_in_targets(q, llm_width) if cfg.align.weight else None, cfg.seed, device)
+    batch = collate(list(range(b)), step=0)
 
     def loss_fn():
         return representation_loss(front, batch, cfg.losses, cfg.align)
 
     qf = F.QFormerDims.from_config(front.qformer.hf_config, q)
     elip = (size, F.ViTDims.from_config(tower.model.config), front.vision.elip_config) if front_kind == "elip" else None
-    ledger, info = F.representation_step(b, tok.input_ids.shape[1], tower.num_tokens, qf, cfg.front.embed_dim,
+    ledger, info = F.representation_step(b, batch.input_ids.shape[1], tower.num_tokens, qf, cfg.front.embed_dim,
                                          llm_width, itm=bool(cfg.losses.itm), itg=bool(cfg.losses.itg),
                                          elip_vision=elip, live_vision=(size, F.ViTDims.from_config(
                                              tower.model.config)) if unpruned_tower else None)
     tokens = {"vision_tokens": tower.num_tokens, "visual_tokens_to_next_stage": q,
               "vision_tokens_into_front": info["vision_tokens_to_front"]}
     if front_kind == "elip":
-        tokens.update(_elip_tokens(front, batch.input_ids, batch.attention_mask, pixels))
-    shapes = {"qformer_text_tokens": tok.input_ids.shape[1]}
+        tokens.update(_elip_tokens(front, batch.input_ids, batch.attention_mask, batch.pixel_values))
+    shapes = {"qformer_text_tokens": batch.input_ids.shape[1]}
     front.train()  # as the training loop's engine.train(); ELIP prunes in training mode only
     return front, loss_fn, ledger, tokens, shapes, cfg.optim
 
@@ -245,8 +225,10 @@ def _setup_generative(spec, device, dtype):
     from dvlp_common import zoo
     from dvlp_common.config import load_config
     from pformer.llm import FrozenLLM
-    from pipelines.generative import GenerativeConfig, build_generative_front
-    from vl_align.generative import GenerativeBatch, generative_loss
+    from pipelines.generative import GenerativeConfig
+    from vl_align.fronts import build_front, needs_live_tower
+    from vl_align.generative import GenerativeCollator, generative_loss
+    from vl_align.inputs import ImageInputs
     from vl_align.vision import VisionTower
 
     front_kind, size, b = spec["front"], spec["image_size"], spec["batch"]
@@ -255,31 +237,22 @@ def _setup_generative(spec, device, dtype):
     cfg = load_config(GenerativeConfig, CONFIG_DIR / "generative.yaml",
                       ["init_front=null", f"front.kind={front_kind}", f"vision.image_size={size}", *extra,
                        *spec["overrides"]])
+    # the stage's own parts: tower, LLM, front, image inputs, collator
     tower = VisionTower.build(cfg.vision).to(device)
-    live = front_kind == "elip" or not cfg.vision.cache_features
+    live = needs_live_tower(cfg.front, cfg.vision)
     llm = FrozenLLM.load(cfg.llm, dtype=dtype, bos_before_prefix=cfg.bos_before_prefix).to(device)
-    front = build_generative_front(cfg, tower, llm.hidden_size, live).to(device)
-    recs = _records(cfg.data, cfg.seed, cfg.reliability, b)
-    caps = [r["caption"] for r in recs]
-    target_ids, target_mask = llm.tokenize_targets(caps, cfg.front.max_text_length, device)
-    pixels = tower.preprocess([r["image_path"] for r in recs]).to(device)
-    image = {"pixel_values": pixels} if live else {"image_embeds": _features(tower, pixels, device, dtype)}
+    front = build_front(cfg.front, tower.hidden_size, llm.hidden_size, vision_tower=tower if live else None).to(device)
+    pairs = _pairs(cfg.data, cfg.seed, b)
+    images = ImageInputs.build(tower, [r.image for r in pairs], live, device, dtype)
     q = cfg.front.num_query_tokens
-    targets = (torch.randn(b, q, llm.hidden_size, device=device) if cfg.align.weight and front_kind != "tome"
-               else None)
-    batch = GenerativeBatch(record_ids=[r["image_id"] for r in recs], target_ids=target_ids,
-                            target_mask=target_mask, targets=targets, **image)
-    t_text = 0
-    if front_kind == "elip":
-        tok = zoo.load_tokenizer(cfg.front.init_from)(caps, padding=True, truncation=True,
-                                                      max_length=cfg.front.max_text_length, return_tensors="pt")
-        batch.qformer_ids, batch.qformer_mask = tok.input_ids.to(device), tok.attention_mask.to(device)
-        t_text = tok.input_ids.shape[1]
-    t_prompt = 0
-    if cfg.weights.train_prompt:
-        p = llm.tokenizer([cfg.weights.train_prompt] * b, add_special_tokens=False, return_tensors="pt")
-        batch.prompt_ids, batch.prompt_mask = p.input_ids.to(device), p.attention_mask.to(device)
-        t_prompt = p.input_ids.shape[1]
+    collate = GenerativeCollator(
+        pairs, llm, cfg.front.max_text_length, images,
+        _stand_in_targets(q, llm.hidden_size) if cfg.align.weight and front_kind != "tome" else None,
+        qformer_tokenizer=zoo.load_tokenizer(cfg.front.init_from) if front_kind == "elip" else None,
+        train_prompt=cfg.weights.train_prompt, device=device)
+    batch = collate(list(range(b)), step=0)
+    t_text = batch.qformer_ids.shape[1] if batch.qformer_ids is not None else 0
+    t_prompt = batch.prompt_ids.shape[1] if batch.prompt_ids is not None else 0
 
     def loss_fn():
         return generative_loss(front, llm, batch, cfg.weights, cfg.align)
@@ -294,7 +267,7 @@ def _setup_generative(spec, device, dtype):
         kwargs["qf"] = F.QFormerDims.from_config(front.qformer.hf_config, q)
     if front_kind == "elip":
         kwargs["elip_vision"] = (size, F.ViTDims.from_config(tower.model.config), front.vision.elip_config)
-    ledger, info = F.generative_step(front_kind, b, target_ids.shape[1], nv, llm_dims, t_text=t_text,
+    ledger, info = F.generative_step(front_kind, b, batch.target_ids.shape[1], nv, llm_dims, t_text=t_text,
                                      t_prompt=t_prompt, lm=bool(cfg.weights.lm), embed_dim=cfg.front.embed_dim,
                                      lead=int(llm.lead_token_id is not None), **kwargs)
     tokens = {"vision_tokens": nv, "visual_tokens_to_next_stage": info["tokens_to_llm"],
@@ -302,12 +275,12 @@ def _setup_generative(spec, device, dtype):
     if front_kind == "tome":  # the real forward's count, not the schedule's
         front.train()
         with torch.no_grad():
-            out = front("queries", image_embeds=batch.image_embeds)
+            out = front("queries", image_embeds=batch.image_embeds, pixel_values=batch.pixel_values)
         tokens.update(visual_tokens_to_next_stage=out["prompt_pred"].shape[1],
                       connector_tokens_per_layer=list(out["tokens_per_layer"]))
     if front_kind == "elip":
-        tokens.update(_elip_tokens(front, batch.qformer_ids, batch.qformer_mask, pixels))
-    shapes = {"llm_caption_tokens": target_ids.shape[1], "qformer_text_tokens": t_text or None}
+        tokens.update(_elip_tokens(front, batch.qformer_ids, batch.qformer_mask, batch.pixel_values))
+    shapes = {"llm_caption_tokens": batch.target_ids.shape[1], "qformer_text_tokens": t_text or None}
     front.train()  # as the training loop's engine.train(); ELIP prunes in training mode only
     return front, loss_fn, ledger, tokens, shapes, cfg.optim
 
@@ -400,6 +373,7 @@ def _setup_reference(spec, device, dtype):
     from dvlp_common.config import load_config
     from pformer.llm import FrozenLLM
     from pipelines.generative import GenerativeConfig
+    from vl_align.inputs import ImageInputs
     from vl_align.vision import VisionTower
 
     size, b, vision_input = spec["image_size"], spec["batch"], spec["vision_input"]
@@ -407,15 +381,15 @@ def _setup_reference(spec, device, dtype):
                       ["init_front=null", "front.kind=qformer", f"vision.image_size={size}", *spec["overrides"]])
     model, image_token_id = build_blip2_reference(cfg, size, vision_input, device, dtype)
     tower = VisionTower.build(cfg.vision).to(device)  # our preprocessing; our features for the cached variant
-    recs = _records(cfg.data, cfg.seed, cfg.reliability, b)
-    pixels = tower.preprocess([r["image_path"] for r in recs]).to(device)
-    images = _features(tower, pixels, device, dtype) if vision_input == "features" else pixels
+    pairs = _pairs(cfg.data, cfg.seed, b)
+    inputs = ImageInputs.build(tower, [r.image for r in pairs], vision_input != "features", device, dtype)
+    (images,) = inputs([r.image for r in pairs], device).values()  # [B, N, D] features or [B, 3, S, S] pixels
     nv = tower.num_tokens
     if vision_input == "features":
-        del tower
+        del tower, inputs
     # the same caption tokens as our generative step (FrozenLLM.tokenize_targets)
     llm_view = FrozenLLM(model.language_model, zoo.load_tokenizer(cfg.llm))
-    target_ids, target_mask = llm_view.tokenize_targets([r["caption"] for r in recs], cfg.front.max_text_length,
+    target_ids, target_mask = llm_view.tokenize_targets([r.caption for r in pairs], cfg.front.max_text_length,
                                                         device)
     if (target_ids == image_token_id).any():
         raise RuntimeError(f"image placeholder id {image_token_id} occurs in the captions")

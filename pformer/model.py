@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from dvlp_common import zoo
 from dvlp_common.config import Config, ConfigError, build, param, to_dict
+from dvlp_common.io import building_folder
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "pformer_config.json"
@@ -86,15 +87,15 @@ class PFormer(nn.Module):
 
     # ---- persistence: safetensors weights + our config + the encoder's config and tokenizer --------------------
     def save_pretrained(self, directory: str | Path, tokenizer=None) -> None:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+        """Write the folder atomically: a crash part-way leaves the previous P-Former there, never none or half."""
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(state, str(directory / WEIGHTS_NAME))
         meta = {"pformer": to_dict(self.config), "llm_hidden_size": self.llm_hidden_size}
-        (directory / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
-        self.encoder.config.save_pretrained(directory / "encoder")
-        if tokenizer is not None:
-            tokenizer.save_pretrained(directory / "tokenizer")
+        with building_folder(directory) as tmp:
+            save_file(state, str(tmp / WEIGHTS_NAME))
+            (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
+            self.encoder.config.save_pretrained(tmp / "encoder")
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp / "tokenizer")
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> "PFormer":

@@ -1,6 +1,6 @@
 """``dvlp export-hf``: a trained ``front/`` folder -> a transformers ``Blip2ForConditionalGeneration`` folder.
 
-Reads ``front/model.safetensors`` and ``front/front_config.json`` (written by ``pipelines.stage2.save_front``:
+Reads ``front/model.safetensors`` and ``front/front_config.json`` (written by ``vl_align.fronts.save_front``:
 the front, vision and LLM configs of the run), rebuilds the front and loads the frozen tower and LLM named there,
 converts them with :func:`vl_align.export.export_blip2` and, before the folder is moved into place, loads it
 back with plain transformers and checks that it captions held-out images exactly as our model does.
@@ -16,10 +16,8 @@ import torch
 from dvlp_common.config import Config, ConfigError, param
 from pformer.llm import FrozenLLM
 from vl_align.export import ExportError, export_blip2, verify_export
-from vl_align.fronts import QFormerFront
+from vl_align.fronts import QFormerFront, load_front
 from vl_align.vision import VisionTower
-
-from .evaluate import load_saved_front
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -42,7 +40,7 @@ class ExportConfig(Config):
 
 def load_front_dir(front_dir: str | Path) -> tuple[QFormerFront, VisionTower, FrozenLLM, dict]:
     """Rebuild a saved Q-Former front with its frozen tower and LLM: ``(front, tower, llm, front_config)``."""
-    front, tower, llm, meta = load_saved_front(front_dir)
+    front, tower, llm, meta = load_front(front_dir)
     if not isinstance(front, QFormerFront):
         raise ConfigError("front", f"{front_dir} holds a '{meta['front']['kind']}' front; only Q-Former fronts "
                                    "('qformer', 'elip') have a BLIP-2 counterpart")

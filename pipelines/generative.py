@@ -3,7 +3,7 @@
 caption and zero-shot VQA evaluation on held-out images (``eval.*``).
 
 Outputs in ``logging.output_dir``: ``config.yaml``, ``checkpoints/``, ``metrics.jsonl``, ``tensorboard/``,
-``front/``, ``generative_summary.json`` and the evaluation files of :mod:`pipelines.evaluate`.
+``front/``, ``generative_summary.json`` and the evaluation files of :mod:`vl_align.evaluation`.
 """
 from __future__ import annotations
 
@@ -13,23 +13,23 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from safetensors.torch import load_file
 
-from dvlp_common import zoo
+from dvlp_common import precision, zoo
 from dvlp_common.config import Config, ConfigError, param
+from dvlp_common.io import write_json_atomic
 from pformer.llm import FrozenLLM
 from pformer.model import read_pformer_config
-from vl_align.fronts import FrontConfig, build_front
 from vl_align.alignment import AlignmentConfig
-from vl_align.generative import GenerativeBatch, GenerativeWeights, generative_loss
+from vl_align.evaluation import EvalConfig, evaluate_generative
+from vl_align.fronts import FrontConfig, build_front, load_front_weights, needs_live_tower, save_front
+from vl_align.generative import GenerativeCollator, GenerativeWeights, generative_loss
+from vl_align.inputs import prepare_stage_inputs
+from vl_align.pairs import PairDataConfig, within_caption_limit
 from vl_align.simvlg import TomeFront
 from vl_align.vision import VisionTower, VisionTowerConfig
 
 from . import distributed, optim, training
-from dvlp_common import precision
 from .config import DeepSpeedConfig, LoggingConfig, OptimConfig, ReliabilityConfig
-from .evaluate import EvalConfig, evaluate_generative
-from .stage2 import PairDataConfig, prepare_vision_text, save_front, within_caption_limit
 
 
 @dataclass
@@ -68,29 +68,17 @@ class GenerativeConfig(Config):
             raise ConfigError("init_front", "the tome front has no representation stage to start from")
 
 
-def build_generative_front(cfg: GenerativeConfig, tower, llm_width: int, live_tower: bool):
-    if cfg.front.kind == "tome":
-        from vl_align.simvlg import TomeConnector
-
-        connector = TomeConnector.build(cfg.front.tome, tower.hidden_size)
-        return TomeFront(connector, connector.hidden_size, llm_width)
-    front = build_front(cfg.front, tower.hidden_size, llm_width, vision_tower=tower if live_tower else None)
-    if cfg.init_front:
-        state = load_file(str(Path(cfg.init_front) / "model.safetensors"))
-        missing, unexpected = front.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not k.startswith("vision.")]
-        if missing or unexpected:
-            raise ConfigError("init_front", f"{cfg.init_front} does not fit this front: missing {missing[:5]}, "
-                                            f"unexpected {unexpected[:5]}")
-    return front
-
-
 def run_generative(cfg: GenerativeConfig, resume: bool = False, stop_after: int | None = None) -> dict:
     dist, dtype, run_dir = training.start_run(cfg)
     training.seed_everything(cfg.seed)
-    live_tower = cfg.front.kind == "elip" or not cfg.vision.cache_features
-    slots = cfg.front.num_query_tokens if cfg.front.kind != "tome" else None
-    setup = prepare_vision_text(cfg, dist, dtype, live_tower, slots)
+    live_tower = needs_live_tower(cfg.front, cfg.vision)
+    with distributed.main_first(dist):  # the main rank builds the shared caches, the other ranks then open them
+        inputs = prepare_stage_inputs(
+            data=cfg.data, vision=cfg.vision, live_tower=live_tower, llm=cfg.llm, align=cfg.align,
+            pformer=cfg.pformer, align_stats_source=cfg.align_stats_source, seed=cfg.seed,
+            max_skip_fraction=cfg.reliability.max_skip_fraction,
+            num_prompt_slots=cfg.front.num_query_tokens if cfg.front.kind != "tome" else None,
+            device=dist.device, dtype=dtype, verbose=dist.is_main)
     if cfg.align.weight:
         trained_with = read_pformer_config(cfg.pformer).bos_before_prefix
         if trained_with != cfg.bos_before_prefix:
@@ -98,42 +86,33 @@ def run_generative(cfg: GenerativeConfig, resume: bool = False, stop_after: int 
                                                    f"was trained with {trained_with}: its P(y) are prompts for the "
                                                    "other layout")
     llm = FrozenLLM.load(cfg.llm, dtype=dtype, bos_before_prefix=cfg.bos_before_prefix).to(dist.device)
-    setup.records = within_caption_limit(setup, lambda caps: llm.tokenize_targets(caps, None)[1].sum(1),
-                                         cfg.front.max_text_length, dist.is_main)  # the LM target's limit
-    training.seed_everything(cfg.seed)  # the front's init must not depend on whether the caches existed
-    front = build_generative_front(cfg, setup.tower, setup.llm_width, live_tower)
-    engine = optim.build_engine(front, cfg.optim, cfg.deepspeed, dist)
-    qformer_tok = zoo.load_tokenizer(cfg.front.init_from) if cfg.front.kind == "elip" else None
-    prompt = cfg.weights.train_prompt
+    pairs = within_caption_limit(inputs.pairs, inputs.report, lambda caps: llm.tokenize_targets(caps, None)[1].sum(1),
+                                 cfg.front.max_text_length, dist.is_main)  # the LM target's limit
 
-    def make_batch(ids: list[int], step: int) -> GenerativeBatch:
-        recs = [setup.records[i] for i in ids]
-        caps = [r["caption"] for r in recs]
-        target_ids, target_mask = llm.tokenize_targets(caps, cfg.front.max_text_length, dist.device)
-        batch = GenerativeBatch(record_ids=[r["image_id"] for r in recs], target_ids=target_ids,
-                                target_mask=target_mask, targets=setup.target_prompts(recs, cfg.align, dist.device),
-                                **setup.image_inputs(recs, dist.device))
-        if qformer_tok is not None:
-            tok = qformer_tok(caps, padding=True, truncation=True, max_length=cfg.front.max_text_length,
-                              return_tensors="pt")
-            batch.qformer_ids, batch.qformer_mask = tok.input_ids.to(dist.device), tok.attention_mask.to(dist.device)
-        if prompt:
-            p = llm.tokenizer([prompt] * len(recs), add_special_tokens=False, return_tensors="pt")
-            batch.prompt_ids, batch.prompt_mask = p.input_ids.to(dist.device), p.attention_mask.to(dist.device)
-        return batch
+    def new_front(tower: VisionTower):
+        return build_front(cfg.front, tower.hidden_size, inputs.llm_width, vision_tower=tower if live_tower else None)
+
+    training.seed_everything(cfg.seed)  # the front's init must not depend on whether the caches existed
+    front = new_front(inputs.tower)
+    if cfg.init_front:
+        load_front_weights(front, cfg.init_front)
+    engine = optim.build_engine(front, cfg.optim, cfg.deepspeed, dist)
+    collate = GenerativeCollator(
+        pairs, llm, cfg.front.max_text_length, inputs.images, inputs.targets,
+        qformer_tokenizer=zoo.load_tokenizer(cfg.front.init_from) if cfg.front.kind == "elip" else None,
+        train_prompt=cfg.weights.train_prompt, device=dist.device)
 
     def loss_fn(eng, batch):
-        return generative_loss(eng, llm, batch, cfg.weights, cfg.align, setup.stats, distributed.all_gather_with_grad,
-                               dist.rank)
+        return generative_loss(eng, llm, batch, cfg.weights, cfg.align, inputs.stats,
+                               distributed.all_gather_with_grad, dist.rank)
 
     def trained_front():
         """(front, tower) for use on the main rank outside the engine; call on every rank: under ZeRO-3 the weights
         are gathered from the ranks' partitions into a fresh front (and a fresh tower where it runs inside)."""
-        tower = setup.tower
+        tower = inputs.tower
         if live_tower and optim.partitions_weights(engine) and dist.is_main:
             tower = VisionTower.build(cfg.vision).to(dist.device)
-        return optim.trained_module(engine, lambda: build_generative_front(cfg, tower, setup.llm_width, live_tower),
-                                       dist.is_main), tower
+        return optim.trained_module(engine, lambda: new_front(tower), dist.is_main), tower
 
     def curve_point(step: int, train_seconds: float) -> None:
         if not cfg.curve.every or (step % cfg.curve.every and step != cfg.optim.max_steps):
@@ -143,33 +122,34 @@ def run_generative(cfg: GenerativeConfig, resume: bool = False, stop_after: int 
             _append_curve_point(trained, llm, tower, cfg, run_dir, step, train_seconds, dist.device, dtype)
         distributed.barrier()
 
-    result = training.train(engine=engine, dist_info=dist, make_batch=make_batch, loss_fn=loss_fn,
-                            num_samples=len(setup.records), optim=cfg.optim, logging=cfg.logging,
+    result = training.train(engine=engine, dist_info=dist, make_batch=collate, loss_fn=loss_fn,
+                            num_samples=len(pairs), optim=cfg.optim, logging=cfg.logging,
                             reliability=cfg.reliability, seed=cfg.seed, dtype=dtype, resume=resume,
                             stop_after=stop_after, record_ids=lambda b: b.record_ids, after_step=curve_point)
     summary = {"front": cfg.front.kind, "steps": result.final_step, "wall_seconds": result.wall_seconds,
-               "train_seconds": result.train_seconds, "prefix_tokens": _prefix_tokens(cfg, engine.module, setup),
-               "resumed_from": result.resumed_from, "pairs": len(setup.records), "skipped": setup.report.as_dict(),
-               "vision_tokens": setup.tower.num_tokens, "last": result.history[-1] if result.history else None}
+               "train_seconds": result.train_seconds, "prefix_tokens": _prefix_tokens(cfg, engine.module, inputs),
+               "resumed_from": result.resumed_from, "pairs": len(pairs), "skipped": inputs.report.as_dict(),
+               "vision_tokens": inputs.tower.num_tokens, "last": result.history[-1] if result.history else None}
     if result.final_step < cfg.optim.max_steps:
         return summary
     trained, tower = trained_front()
     if not dist.is_main:
         return summary
-    summary["front_dir"] = str(save_front(trained, cfg, run_dir, cfg.bos_before_prefix))
+    summary["front_dir"] = str(save_front(trained, run_dir / "front", cfg.front, cfg.vision, cfg.llm,
+                                          cfg.bos_before_prefix))
     if cfg.eval.enabled:
         trained.eval()
         with torch.no_grad(), precision.autocast(dist.device, dtype):
             summary["eval"] = evaluate_generative(trained, llm, tower, cfg.eval, cfg.data.source, run_dir,
                                                   dist.device, dtype)
-    (run_dir / "generative_summary.json").write_text(json.dumps(summary, indent=2))
+    write_json_atomic(run_dir / "generative_summary.json", summary)
     return summary
 
 
-def _prefix_tokens(cfg: GenerativeConfig, front, setup) -> int:
+def _prefix_tokens(cfg: GenerativeConfig, front, inputs) -> int:
     """Visual tokens the LLM receives per image: the queries, or what is left after ToMe merging."""
     if isinstance(front, TomeFront):
-        return front.connector.output_tokens(setup.tower.num_tokens)
+        return front.connector.output_tokens(inputs.tower.num_tokens)
     return cfg.front.num_query_tokens
 
 

@@ -6,7 +6,6 @@ and ``predictions.json`` (held-out reconstruction, trained vs untrained P-Former
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import numpy as np
 import torch
 
 from dvlp_common.config import Config, param
-from dvlp_common.io import building_folder
+from dvlp_common.io import write_json_atomic
 from pformer.data import load_text_corpus
 from pformer.evaluation import evaluate_reconstruction
 from pformer.llm import FrozenLLM
@@ -121,19 +120,18 @@ def run_stage1(cfg: Stage1Config, resume: bool = False, stop_after: int | None =
         return summary
 
     out_dir = run_dir / "pformer"
-    with building_folder(out_dir) as tmp:  # a crash leaves the previous P-Former, never none or half of one
-        final.save_pretrained(tmp, tokenizer=tokenizer)
+    final.save_pretrained(out_dir, tokenizer=tokenizer)  # atomic: a crash leaves the previous P-Former
     summary["pformer"] = str(out_dir)
     if cfg.eval.enabled and heldout:
         summary["eval"] = evaluate_stage1(cfg, final, tokenizer, llm, heldout, untrained_state, dist.device, dtype,
                                           run_dir)
-    (run_dir / "stage1_summary.json").write_text(json.dumps(summary, indent=2))
+    write_json_atomic(run_dir / "stage1_summary.json", summary)
     return summary
 
 
 def evaluate_stage1(cfg: Stage1Config, trained: PFormer, tokenizer, llm: FrozenLLM, sentences: list[str],
                     untrained_state: dict | None, device, dtype, run_dir: Path) -> dict:
-    from .evaluate import write_report
+    from dvlp_common.reports import write_report
     from pformer.evaluation import bleu4
 
     variants = {"trained": trained}

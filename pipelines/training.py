@@ -26,6 +26,7 @@ import torch
 
 from dvlp_common.config import save_config
 from dvlp_common.precision import autocast, compute_dtype
+from dvlp_common.seeding import seed_everything, step_seed
 
 from .checkpoint import CheckpointManager
 from .config import LoggingConfig, OptimConfig, ReliabilityConfig
@@ -54,19 +55,6 @@ class GlobalBatchOrder:
 
     def epoch_of(self, step: int) -> float:
         return step * self.global_batch / self.n
-
-
-def seed_everything(seed: int) -> None:
-    import random
-
-    random.seed(seed)
-    np.random.seed(seed % 2 ** 32)
-    torch.manual_seed(seed)
-
-
-def step_seed(seed: int, step: int, rank: int) -> int:
-    return (seed * 1_000_003 + step * 10_007 + rank) % 2 ** 63
-
 
 
 def start_run(cfg) -> tuple[DistInfo, torch.dtype, Path]:

@@ -112,3 +112,31 @@ def test_help_lists_every_key():
     text = sub.choices["stage1"].format_help()
     for key, *_ in describe(Stage1Config):
         assert key in text
+
+
+@pytest.mark.parametrize("override, key", [
+    ("front.elip.keep_ratios=[0.6,0.65,0.4]", "front.elip.keep_ratios"),  # increasing
+    ("front.elip.keep_ratios=[0.9,0.0,0.4]", "front.elip.keep_ratios"),  # outside (0, 1]
+    ("front.elip.lookahead_depths=[2,6]", "front.elip.prune_after_layers"),  # lengths differ
+    ("front.elip.prune_after_layers=[4,2,10]", "front.elip.prune_after_layers"),  # not increasing
+    ("front.elip.text_weight=1.5", "front.elip.text_weight"),
+])
+def test_a_bad_elip_schedule_is_a_config_error_at_load(override, key, capsys):
+    """ELIP's front config used to repeat ElipConfig's fields without its checks: a bad schedule passed load_config
+    and failed after the caches were built, as a bare ValueError traceback."""
+    from pipelines.stage2 import Stage2Config
+
+    with pytest.raises(ConfigError) as err:
+        load_config(Stage2Config, CONFIG_DIR / "stage2_elip.yaml", [override])
+    assert err.value.key == key
+    assert main(["stage2", "--config", str(CONFIG_DIR / "stage2_elip.yaml"), override]) == 2
+    assert capsys.readouterr().err.startswith(f"error: config key '{key}'")
+
+
+def test_the_qformer_config_validates_like_every_config():
+    from vl_align.qformer import QFormerConfig
+
+    with pytest.raises(ConfigError, match="num_query_tokens"):
+        QFormerConfig(vision_width=32, num_query_tokens=0)
+    with pytest.raises(ConfigError, match="vision_width"):
+        QFormerConfig(vision_width="wide")

@@ -271,7 +271,7 @@ def test_export_is_atomic(tmp_path, tiny_front, tiny_tower, tiny_llm):
 
 def test_cli_export_hf_from_a_saved_front(tmp_path, tiny_vit_dir, tiny_llm_dir, tiny_bert_dir, capsys):
     from pipelines.cli import main
-    from pipelines.stage2 import save_front
+    from vl_align.fronts import save_front
 
     vision = VisionTowerConfig(model=tiny_vit_dir, image_size=16)
     llm = FrozenLLM.load(tiny_llm_dir)
@@ -279,8 +279,7 @@ def test_cli_export_hf_from_a_saved_front(tmp_path, tiny_vit_dir, tiny_llm_dir, 
     torch.manual_seed(3)
     front = QFormerFront(front_cfg, 32, llm.hidden_size)
     _perturb(front, 0.3, 3)
-    front_dir = save_front(front, SimpleNamespace(front=front_cfg, vision=vision, llm=tiny_llm_dir), tmp_path,
-                           bos_before_prefix=True)
+    front_dir = save_front(front, tmp_path / "front", front_cfg, vision, tiny_llm_dir, bos_before_prefix=True)
     out = tmp_path / "hf"
     args = ["export-hf", f"front={front_dir}", f"output_dir={out}", "verify_images=3", "max_new_tokens=8"]
     assert main(args) == 0

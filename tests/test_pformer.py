@@ -1,6 +1,8 @@
 """P-Former model, losses and the frozen-LLM prefix path, on tiny random models."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -40,6 +42,34 @@ def test_save_and_load_round_trip(tmp_path, tiny_bert_dir, tiny_llm_dir):
     assert (tmp_path / "p" / "model.safetensors").is_file()
     with pytest.raises(FileNotFoundError, match="not a P-Former checkpoint"):
         PFormer.from_pretrained(tmp_path)
+
+
+def test_a_save_that_dies_before_its_folder_is_in_place_keeps_the_previous_pformer(tmp_path, tiny_bert_dir,
+                                                                                    tiny_llm_dir, monkeypatch):
+    """Stage 1 used to delete the saved P-Former and then rename the new one in: a crash in between lost both."""
+    import os
+
+    cfg, model = _pformer(tiny_bert_dir, tiny_llm_dir, num_prompts=4)
+    out = tmp_path / "pformer"
+    model.save_pretrained(out)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+
+    def dies_moving_the_new_folder_in(src, dst):
+        if Path(dst) == out and Path(src).name.startswith(".pformer"):
+            raise OSError("killed while putting the new folder in place")
+        return real_replace(src, dst)
+
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", dies_moving_the_new_folder_in)
+    monkeypatch.setattr(Path, "rename", lambda self, dst: dies_moving_the_new_folder_in(self, dst))
+    with pytest.raises(OSError, match="killed"):
+        model.save_pretrained(out)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert PFormer.from_pretrained(out).config == cfg
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pformer"]  # no temporary folder left behind
 
 
 def test_mask_tokens_spares_padding_and_cls():
@@ -107,6 +137,38 @@ def test_prefix_lm_decoder_only_matches_hf_labels(tiny_llm_dir, bos_before_prefi
     first = llm.tokenizer.decode([int(out.logits[0, 0].argmax())], skip_special_tokens=True).strip()
     generated = llm.generate(prefix.detach()[:1], max_new_tokens=1)[0]
     assert generated == first
+
+
+@pytest.mark.parametrize("llm_fixture", ["tiny_llm_dir", "tiny_t5_dir"])
+def test_prefix_lm_split_over_ranks_is_the_global_token_mean(request, llm_fixture):
+    """Two simulated ranks with captions of unequal token lengths: the mean of their losses (and of their
+    gradients, what DeepSpeed averages) is the one-process loss over all tokens, and one process is unchanged."""
+    llm = FrozenLLM.load(request.getfixturevalue(llm_fixture))
+    torch.manual_seed(0)
+    captions = ["a red circle", "a blue square", "a large green circle on a noisy white background", "a box"]
+    prefix = torch.randn(4, 3, llm.hidden_size)
+    ids, mask = llm.tokenize_targets(captions, 32)
+
+    def loss_and_grad(rows: slice, mean_count=None):
+        p = prefix[rows].clone().requires_grad_(True)
+        r_ids, r_mask = llm.tokenize_targets(captions[rows], 32)  # each rank pads to its own longest
+        kw = {} if mean_count is None else {"mean_count_over_ranks": mean_count}
+        loss = llm.prefix_lm(p, r_ids, r_mask, **kw).loss
+        loss.backward()
+        return loss.detach(), p.grad
+
+    one, one_grad = loss_and_grad(slice(0, 4))
+    plain = F.cross_entropy(llm.prefix_lm(prefix, ids, mask).logits.float().flatten(0, 1),
+                            ids.masked_fill(mask == 0, -100).flatten(), ignore_index=-100)
+    assert one == plain  # one process: the plain token mean, bit for bit
+    counts = [int(llm.tokenize_targets(captions[r], 32)[1].sum()) for r in (slice(0, 2), slice(2, 4))]
+    assert counts[0] != counts[1]
+    mean_count = lambda c: torch.tensor(sum(counts) / 2)  # noqa: E731  what the all-reduce returns on each rank
+    (l0, g0), (l1, g1) = loss_and_grad(slice(0, 2), mean_count), loss_and_grad(slice(2, 4), mean_count)
+    assert torch.isclose((l0 + l1) / 2, one, rtol=1e-5, atol=0)
+    assert torch.allclose(torch.cat([g0, g1]) / 2, one_grad, rtol=1e-4, atol=1e-7)
+    per_rank_means = (loss_and_grad(slice(0, 2))[0] + loss_and_grad(slice(2, 4))[0]) / 2
+    assert not torch.isclose(per_rank_means, one, rtol=1e-5, atol=0)  # what a per-rank token mean would give
 
 
 def test_prefix_lm_and_generation_encoder_decoder(tiny_t5_dir):

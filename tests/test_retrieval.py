@@ -140,15 +140,17 @@ def test_retrieval_metric_through_evaluate_with_image_lists():
 
 
 def test_gallery_dedupes_images_and_captions():
-    from pipelines.evaluate import build_gallery
+    from vl_align.evaluation import build_gallery
 
-    pairs = [{"image_id": "b", "image_path": "/b.png", "caption": "a red circle"},
-             {"image_id": "a", "image_path": "/a.png", "caption": "a red circle "},
-             {"image_id": "c", "image_path": "/c.png", "caption": "a blue square"},
-             {"image_id": "a", "image_path": "/a.png", "caption": "a shape"},
-             {"image_id": "a", "image_path": "/a.png", "caption": "a red circle"}]
+    from vl_align.pairs import ImageTextPair
+
+    pairs = [ImageTextPair(image_id="b", image_path="/b.png", caption="a red circle"),
+             ImageTextPair(image_id="a", image_path="/a.png", caption="a red circle "),
+             ImageTextPair(image_id="c", image_path="/c.png", caption="a blue square"),
+             ImageTextPair(image_id="a", image_path="/a.png", caption="a shape"),
+             ImageTextPair(image_id="a", image_path="/a.png", caption="a red circle")]
     g = build_gallery(pairs)
-    assert g.image_ids == ["a", "b", "c"] and g.image_paths == ["/a.png", "/b.png", "/c.png"]
+    assert g.image_ids == ["a", "b", "c"] and g.images == ["/a.png", "/b.png", "/c.png"]
     assert g.texts == ["a red circle", "a shape", "a blue square"]
     assert g.captions == [["a red circle", "a shape"], ["a red circle"], ["a blue square"]]
     assert g.gold.tolist() == [[True, True, False], [True, False, False], [False, False, True]]

@@ -10,6 +10,7 @@ import functools
 import json
 import re
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -259,8 +260,7 @@ def test_vqa_answers_follow_from_captions(small_build):
 # ----------------------------------------------------------------------------------------------------------
 def test_pipeline_loaders_read_embedded_scenes(tmp_path, monkeypatch):
     from vl_align import sources
-    from pipelines.config import ReliabilityConfig
-    from pipelines.stage2 import PairDataConfig, load_pairs, resolve_pair_source
+    from vl_align.pairs import PairDataConfig, load_pairs, resolve_pair_source
     from vl_align import scenes
 
     monkeypatch.setenv("DVLP_CACHE", str(tmp_path / "cache"))
@@ -272,21 +272,21 @@ def test_pipeline_loaders_read_embedded_scenes(tmp_path, monkeypatch):
 
     data = PairDataConfig(source="embedded:scenes")
     assert resolve_pair_source(data, "test") == (str(files["pairs_test"]), "jsonl")
-    records, report = load_pairs(data, seed=0, reliability=ReliabilityConfig())
+    records, report = load_pairs(data, seed=0)
     assert len(records) == 160 and report.total == 0
-    assert set(records[0]) == {"image_path", "caption", "image_id"}
-    sub, _ = load_pairs(PairDataConfig(source="embedded:scenes", max_pairs=20), seed=0, reliability=ReliabilityConfig())
+    assert Path(records[0].image_path).is_file() and records[0].image_bytes is None and records[0].caption
+    sub, _ = load_pairs(PairDataConfig(source="embedded:scenes", max_pairs=20), seed=0)
     assert len(sub) == 20
-    test, _ = load_pairs(data, seed=0, reliability=ReliabilityConfig(), split="test")
+    test, _ = load_pairs(data, seed=0, split="test")
     assert len(test) == 80
 
     corpus = load_text_corpus(sources.resolve_text_source("embedded:scenes"))
-    assert len(corpus) == 3000 and not set(corpus["text"]) & {r["caption"] for r in test}
+    assert len(corpus) == 3000 and not set(corpus["text"]) & {r.caption for r in test}
 
     pairs = load_image_text_pairs(files["pairs_test"], extra_fields=("relation", "seen_in_train"))
     assert set(pairs["relation"]) <= {"left of", "right of", "above", "below"} and set(pairs["seen_in_train"]) <= {"yes", "no"}
 
-    from pipelines.evaluate import EvalConfig, _test_records
+    from vl_align.evaluation import EvalConfig, _test_records
 
     pairs_test, vqa_test = _test_records(EvalConfig(), "embedded:scenes")
     assert len(pairs_test) == 80 and len(vqa_test) == 640

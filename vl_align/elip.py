@@ -71,48 +71,37 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from dvlp_common.config import Config, ConfigError, param
+
 __all__ = ["ElipConfig", "ElipStats", "ElipVisionTower", "prune_and_fuse", "token_schedule", "num_kept"]
 
 
 @dataclass
-class ElipConfig:
-    """Pruning schedule of ELIP. All three tuples are indexed by pruning point."""
+class ElipConfig(Config):
+    """Pruning schedule of ELIP (defaults: the paper's). The three lists are indexed by pruning point."""
 
-    prune_after_layers: tuple[int, ...] = (2, 4, 10)
-    lookahead_depths: tuple[int, ...] = (2, 6, 2)
-    keep_ratios: tuple[float, ...] = (0.90, 0.65, 0.40)
-    text_weight: float = 0.2
+    prune_after_layers: tuple[int, ...] = param((2, 4, 10), help="ViT layers (1-based) after which to prune")
+    lookahead_depths: tuple[int, ...] = param((2, 6, 2), help="blocks run ahead on a copy to score the patches")
+    keep_ratios: tuple[float, ...] = param((0.90, 0.65, 0.40), help="kept share of the ORIGINAL patch count at "
+                                                                     "each point (non-increasing, in (0, 1])")
+    text_weight: float = param(0.2, ge=0.0, le=1.0, help="[CLS] used for scoring = w·text_CLS + (1-w)·image_CLS")
 
-    def __post_init__(self) -> None:
-        self.prune_after_layers = tuple(self.prune_after_layers)
-        self.lookahead_depths = tuple(self.lookahead_depths)
-        self.keep_ratios = tuple(float(r) for r in self.keep_ratios)
+    def check(self) -> None:
         n = len(self.prune_after_layers)
         if len(self.lookahead_depths) != n or len(self.keep_ratios) != n:
-            raise ValueError(
-                "ElipConfig: prune_after_layers, lookahead_depths and keep_ratios must have the same length, got "
-                f"{len(self.prune_after_layers)}, {len(self.lookahead_depths)} and {len(self.keep_ratios)}"
-            )
-        for layer in self.prune_after_layers:
-            if isinstance(layer, bool) or not isinstance(layer, int) or layer < 1:
-                raise ValueError(
-                    f"ElipConfig: prune_after_layers must be positive (1-based) ints, got {self.prune_after_layers}"
-                )
+            raise ConfigError("prune_after_layers", "lookahead_depths and keep_ratios must have the same length as "
+                                                    f"prune_after_layers, got {len(self.prune_after_layers)}, "
+                                                    f"{len(self.lookahead_depths)} and {len(self.keep_ratios)}")
+        if any(layer < 1 for layer in self.prune_after_layers):
+            raise ConfigError("prune_after_layers", f"must be positive (1-based) layers, got {self.prune_after_layers}")
         if any(b <= a for a, b in zip(self.prune_after_layers, self.prune_after_layers[1:])):
-            raise ValueError(
-                f"ElipConfig: prune_after_layers must be strictly increasing, got {self.prune_after_layers}"
-            )
-        for depth in self.lookahead_depths:
-            if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
-                raise ValueError(f"ElipConfig: lookahead_depths must be ints >= 1, got {self.lookahead_depths}")
-        for ratio in self.keep_ratios:
-            if not (0.0 < ratio <= 1.0):
-                raise ValueError(f"ElipConfig: keep_ratios must lie in (0, 1], got {self.keep_ratios}")
+            raise ConfigError("prune_after_layers", f"must be strictly increasing, got {self.prune_after_layers}")
+        if any(depth < 1 for depth in self.lookahead_depths):
+            raise ConfigError("lookahead_depths", f"must be >= 1, got {self.lookahead_depths}")
+        if not all(0.0 < ratio <= 1.0 for ratio in self.keep_ratios):
+            raise ConfigError("keep_ratios", f"must lie in (0, 1], got {self.keep_ratios}")
         if any(b > a for a, b in zip(self.keep_ratios, self.keep_ratios[1:])):
-            raise ValueError(f"ElipConfig: keep_ratios must be non-increasing, got {self.keep_ratios}")
-        if not (0.0 <= float(self.text_weight) <= 1.0):
-            raise ValueError(f"ElipConfig: text_weight must lie in [0, 1], got {self.text_weight}")
-        self.text_weight = float(self.text_weight)
+            raise ConfigError("keep_ratios", f"must be non-increasing, got {self.keep_ratios}")
 
     def check_num_layers(self, num_layers: int) -> None:
         """Wrapping-time check: every look-ahead must end inside the model (layer + depth <= num_layers)."""

@@ -5,33 +5,36 @@
 * ``elip``: the same Q-Former fed by a vision tower that prunes and fuses patches under text guidance (ELIP).
 * ``tome``: SimVLG's connector, a BERT-like encoder over all vision tokens that merges tokens in every layer.
 
+This module is their one entry point: ``build_front`` for every kind, ``needs_live_tower`` (does the tower run inside
+the front, or do its features come from the cache), ``save_front`` / ``load_front``. The ideas themselves live in
+``qformer.py`` (Q-Former), ``elip.py`` (ELIP's pruning) and ``simvlg.py`` (SimVLG's connector and front).
+
 Every front's ``forward(mode, **inputs)`` returns a dict of features; the losses live in ``vl_align.losses`` and
-``vl_align.alignment``, the objectives that combine them in ``vl_align.objectives``. One ``forward`` with a ``mode`` (instead of several
-methods) keeps each call inside the module's forward, which DeepSpeed ZeRO-3 needs to gather parameters.
+``vl_align.alignment``, the objectives that combine them in ``vl_align.objectives``. One ``forward`` with a ``mode``
+(instead of several methods) keeps each call inside the module's forward, which DeepSpeed ZeRO-3 needs to gather
+parameters.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
 from dvlp_common import zoo
-from dvlp_common.config import Config, ConfigError, param
+from dvlp_common.config import Config, ConfigError, build, param, to_dict
+from dvlp_common.io import building_folder
+from pformer.llm import FrozenLLM
 
-from .simvlg import TomeConnectorConfig
+from .elip import ElipConfig, ElipVisionTower
 from .qformer import QFormer, QFormerConfig
-
-
-@dataclass
-class ElipFrontConfig(Config):
-    prune_after_layers: list[int] = param(default_factory=lambda: [2, 4, 10], help="ViT layers after which to prune")
-    lookahead_depths: list[int] = param(default_factory=lambda: [2, 6, 2], help="blocks run ahead to score patches")
-    keep_ratios: list[float] = param(default_factory=lambda: [0.90, 0.65, 0.40], help="kept share of the original "
-                                                                                        "patches at each point")
-    text_weight: float = param(0.2, ge=0.0, le=1.0, help="[CLS] used for scoring = w·text_CLS + (1-w)·image_CLS")
+from .simvlg import TomeConnector, TomeConnectorConfig, TomeFront
+from .vision import VisionTower, VisionTowerConfig
 
 
 @dataclass
@@ -43,7 +46,7 @@ class FrontConfig(Config):
     embed_dim: int = param(256, ge=1, help="width of the ITC projections")
     temperature_init: float = param(0.07, gt=0.0, help="initial ITC temperature (learnable)")
     max_text_length: int = param(32, ge=4, help="token limit of the Q-Former's text input")
-    elip: ElipFrontConfig = field(default_factory=ElipFrontConfig)
+    elip: ElipConfig = field(default_factory=ElipConfig)
     tome: TomeConnectorConfig = field(default_factory=TomeConnectorConfig)
 
 
@@ -106,28 +109,78 @@ class QFormerFront(nn.Module):
         return out
 
 
+def needs_live_tower(front: FrontConfig, vision: VisionTowerConfig) -> bool:
+    """Whether the frozen tower runs inside the front at every step (pixels in) instead of serving features from the
+    vision-feature cache: ELIP prunes inside the tower under the text's guidance, and a tower whose features are not
+    cached (``vision.cache_features=false``) has nothing to serve them from."""
+    return front.kind == "elip" or not vision.cache_features
+
+
 def build_front(config: FrontConfig, vision_width: int, llm_hidden_size: int, vision_tower=None) -> nn.Module:
-    """``vision_tower`` is given when the tower must run inside the front (ELIP, or features not cached)."""
+    """The front of ``config.kind``; ``vision_tower`` is given when the tower runs inside it (``needs_live_tower``)."""
+    if config.kind == "tome":
+        connector = TomeConnector.build(config.tome, vision_width)
+        return TomeFront(connector, connector.hidden_size, llm_hidden_size, vision=vision_tower)
     if config.kind == "qformer":
         return QFormerFront(config, vision_width, llm_hidden_size, vision=vision_tower)
-    if config.kind == "elip":
-        from .elip import ElipConfig, ElipVisionTower
-
-        if vision_tower is None:
-            raise ConfigError("front.kind", "'elip' prunes inside the vision tower and needs the live tower")
-        e = config.elip
-        elip = ElipVisionTower(vision_tower.model, ElipConfig(prune_after_layers=tuple(e.prune_after_layers),
-                                                              lookahead_depths=tuple(e.lookahead_depths),
-                                                              keep_ratios=tuple(e.keep_ratios),
-                                                              text_weight=e.text_weight))
-        elip.requires_grad_(False)  # the tower stays frozen; only pruning changes
-        front = QFormerFront(config, vision_width, llm_hidden_size, vision=elip)
-        if front.qformer.hidden_size != vision_width:
-            raise ConfigError("front.kind", f"ELIP mixes the Q-Former's text [CLS] (width {front.qformer.hidden_size})"
-                                            f" into the image [CLS] (width {vision_width}); the widths must match")
-        return front
-    raise ConfigError("front.kind", f"'{config.kind}' has no representation stage (SimVLG trains the connector with "
-                                    "the LM loss only: use the generative stage)")
+    if vision_tower is None:
+        raise ConfigError("front.kind", "'elip' prunes inside the vision tower and needs the live tower")
+    elip = ElipVisionTower(vision_tower.model, config.elip)
+    elip.requires_grad_(False)  # the tower stays frozen; only pruning changes
+    front = QFormerFront(config, vision_width, llm_hidden_size, vision=elip)
+    if front.qformer.hidden_size != vision_width:
+        raise ConfigError("front.kind", f"ELIP mixes the Q-Former's text [CLS] (width {front.qformer.hidden_size}) "
+                                        f"into the image [CLS] (width {vision_width}); the widths must match")
+    return front
 
 
-__all__ = ["FrontConfig", "ElipFrontConfig", "QFormerFront", "build_front"]
+# ---------------------------------------------------------------------------------------------------------------
+# saving and loading: ``front/`` = model.safetensors (the trained weights; a tower inside the front is frozen and
+# not saved) + front_config.json (the configs that rebuild it, the LLM and the input layout W was trained for)
+WEIGHTS_NAME, CONFIG_NAME = "model.safetensors", "front_config.json"
+
+
+def save_front(front: nn.Module, out_dir: str | Path, front_config: FrontConfig, vision_config: VisionTowerConfig,
+               llm: str, bos_before_prefix: bool) -> Path:
+    """Write ``out_dir`` atomically; ``bos_before_prefix`` is the LLM input layout (``FrozenLLM``) W was trained for."""
+    out_dir = Path(out_dir)
+    state = {k: v.detach().contiguous().cpu() for k, v in front.state_dict().items() if not k.startswith("vision.")}
+    with building_folder(out_dir) as tmp:
+        save_file(state, str(tmp / WEIGHTS_NAME))
+        (tmp / CONFIG_NAME).write_text(json.dumps({"front": to_dict(front_config), "vision": to_dict(vision_config),
+                                                   "llm": llm, "bos_before_prefix": bos_before_prefix}, indent=2))
+    return out_dir
+
+
+def load_front_weights(front: nn.Module, folder: str | Path, key: str = "init_front") -> None:
+    """Load a saved front's weights into ``front`` (e.g. the generative stage starting from stage 2a's front); a
+    front of another shape is a ConfigError naming ``key``."""
+    state = load_file(str(Path(folder) / WEIGHTS_NAME))
+    missing, unexpected = front.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith("vision.")]  # a live tower's frozen weights are not saved
+    if missing or unexpected:
+        raise ConfigError(key, f"{folder} does not fit this front: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
+def load_front(front_dir: str | Path):
+    """A ``front/`` folder of any kind, with the frozen tower and LLM it was trained with: ``(front in eval mode,
+    tower, llm, front_config.json)``. An ELIP front loads as the Q-Former front it is outside pre-training (pruning
+    runs only in training), over the tower's features."""
+    folder = Path(front_dir)
+    for name in (WEIGHTS_NAME, CONFIG_NAME):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"{folder / name} not found; give the front/ folder of a stage-2a or 2b run")
+    meta = json.loads((folder / CONFIG_NAME).read_text())
+    front_cfg = build(FrontConfig, meta["front"], "front_config.front")
+    tower = VisionTower.build(build(VisionTowerConfig, meta["vision"], "front_config.vision"))
+    llm = FrozenLLM.load(meta["llm"], bos_before_prefix=meta.get("bos_before_prefix", True))
+    if front_cfg.kind == "elip":  # no tower inside: the Q-Former front over cached features
+        front = QFormerFront(front_cfg, tower.hidden_size, llm.hidden_size)
+    else:
+        front = build_front(front_cfg, tower.hidden_size, llm.hidden_size)
+    load_front_weights(front, folder, key="front")
+    return front.eval(), tower, llm, meta
+
+
+__all__ = ["FrontConfig", "QFormerFront", "needs_live_tower", "build_front", "save_front", "load_front",
+           "load_front_weights"]

@@ -15,7 +15,7 @@ from dvlp_common.config import Config, ConfigError, param
 from pformer.llm import FrozenLLM
 
 from .alignment import AlignmentConfig, AlignmentStats, alignment_loss
-from .losses import Gather, identity
+from .losses import Gather, MeanOverRanks, identity
 
 
 @dataclass
@@ -41,7 +41,11 @@ class GenerativeBatch:
 
 def generative_loss(front, llm: FrozenLLM, batch: GenerativeBatch, weights: GenerativeWeights,
                     align: AlignmentConfig, stats: AlignmentStats | None = None, gather: Gather = identity,
-                    rank: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                    rank: int = 0, mean_count_over_ranks: MeanOverRanks = identity
+                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``gather`` and ``rank`` serve the alignment over the global batch; ``mean_count_over_ranks`` (the mean of a
+    tensor over the ranks) makes the LM loss a mean over the global batch's caption tokens (see
+    ``FrozenLLM.prefix_lm``). Identity in one process."""
     text_cls = None
     if batch.pixel_values is not None and batch.qformer_ids is not None:
         text_cls = front("text", input_ids=batch.qformer_ids, attention_mask=batch.qformer_mask)["text_cls"].detach()
@@ -52,7 +56,7 @@ def generative_loss(front, llm: FrozenLLM, batch: GenerativeBatch, weights: Gene
     if weights.lm:
         prompt_embeds = llm.embed(batch.prompt_ids) if batch.prompt_ids is not None else None
         parts["lm"] = llm.prefix_lm(prefix, batch.target_ids, batch.target_mask, prompt_embeds=prompt_embeds,
-                                    prompt_mask=batch.prompt_mask).loss
+                                    prompt_mask=batch.prompt_mask, mean_count_over_ranks=mean_count_over_ranks).loss
     else:
         parts["lm"] = zero
     if align.weight and batch.targets is not None:
@@ -74,4 +78,33 @@ def generate(front, llm: FrozenLLM, image_embeds: torch.Tensor | None = None, pi
     return llm.generate(out["prompt_pred"], prompts=prompts, **generate_kwargs)
 
 
-__all__ = ["GenerativeWeights", "GenerativeBatch", "generative_loss", "generate"]
+class GenerativeCollator:
+    """The sample ids of a micro-step -> a ``GenerativeBatch``: the caption as the LLM's target, the images
+    (``images(list_of_images, device)``), the P(y) targets (``targets(captions, device)`` or None), the Q-Former's
+    tokens of the caption when ELIP's pruning needs the text (``qformer_tokenizer``), and the training prompt."""
+
+    def __init__(self, pairs, llm: FrozenLLM, max_text_length: int, images, targets=None, qformer_tokenizer=None,
+                 train_prompt: str = "", device="cpu"):
+        self.pairs, self.llm, self.max_text_length = pairs, llm, max_text_length
+        self.images, self.targets, self.qformer_tokenizer = images, targets, qformer_tokenizer
+        self.train_prompt, self.device = train_prompt, device
+
+    def __call__(self, ids: list[int], step: int) -> GenerativeBatch:
+        pairs = [self.pairs[i] for i in ids]
+        captions = [r.caption for r in pairs]
+        target_ids, target_mask = self.llm.tokenize_targets(captions, self.max_text_length, self.device)
+        batch = GenerativeBatch(record_ids=[r.image_id for r in pairs], target_ids=target_ids,
+                                target_mask=target_mask,
+                                targets=self.targets(captions, self.device) if self.targets is not None else None,
+                                **self.images([r.image for r in pairs], self.device))
+        if self.qformer_tokenizer is not None:
+            tok = self.qformer_tokenizer(captions, padding=True, truncation=True, max_length=self.max_text_length,
+                                         return_tensors="pt")
+            batch.qformer_ids, batch.qformer_mask = tok.input_ids.to(self.device), tok.attention_mask.to(self.device)
+        if self.train_prompt:
+            p = self.llm.tokenizer([self.train_prompt] * len(pairs), add_special_tokens=False, return_tensors="pt")
+            batch.prompt_ids, batch.prompt_mask = p.input_ids.to(self.device), p.attention_mask.to(self.device)
+        return batch
+
+
+__all__ = ["GenerativeWeights", "GenerativeBatch", "GenerativeCollator", "generative_loss", "generate"]

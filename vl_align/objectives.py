@@ -7,9 +7,10 @@ from typing import Callable
 import torch
 
 from dvlp_common.config import Config, param
+from dvlp_common.seeding import step_seed
 
 from .alignment import AlignmentConfig, AlignmentStats, alignment_loss
-from .losses import Gather, identity, itc_loss, itg_loss, itm_loss, sample_hard_negatives
+from .losses import Gather, MeanOverRanks, identity, itc_loss, itg_loss, itm_loss, sample_hard_negatives
 
 
 @dataclass
@@ -40,8 +41,12 @@ def _pad_right(x: torch.Tensor, length: int) -> torch.Tensor:
 
 def representation_loss(front: Callable[..., dict], batch: RepresentationBatch, weights: RepresentationWeights,
                         align: AlignmentConfig, stats: AlignmentStats | None = None, gather: Gather = identity,
-                        gather_nograd: Gather = identity, rank: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """BLIP-2 stage-1 losses (ITC + ITM + ITG) plus ω·alignment(W·Z, P(y)). ``front`` is the module or its engine."""
+                        gather_nograd: Gather = identity, rank: int = 0,
+                        mean_count_over_ranks: MeanOverRanks = identity) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """BLIP-2 stage-1 losses (ITC + ITM + ITG) plus ω·alignment(W·Z, P(y)). ``front`` is the module or its engine.
+
+    ``gather``, ``gather_nograd`` and ``rank`` serve the global-batch losses; ``mean_count_over_ranks`` (the mean of a
+    tensor over the ranks) makes ITG a mean over the global batch's tokens. Identity in one process."""
     text = front("text", input_ids=batch.input_ids, attention_mask=batch.attention_mask)
     queries = front("queries", image_embeds=batch.image_embeds, pixel_values=batch.pixel_values,
                     text_cls=text["text_cls"].detach())
@@ -77,7 +82,8 @@ def representation_loss(front: Callable[..., dict], batch: RepresentationBatch, 
     if weights.itg:
         lm_logits = front("caption", image_embeds=image_embeds, input_ids=batch.decoder_input_ids,
                           attention_mask=batch.attention_mask)["lm_logits"]
-        parts["itg"] = itg_loss(lm_logits, batch.decoder_input_ids, batch.attention_mask, weights.label_smoothing)
+        parts["itg"] = itg_loss(lm_logits, batch.decoder_input_ids, batch.attention_mask, weights.label_smoothing,
+                                mean_count_over_ranks)
     else:
         parts["itg"] = zero
     if align.weight and batch.targets is not None:
@@ -91,4 +97,42 @@ def representation_loss(front: Callable[..., dict], batch: RepresentationBatch, 
     return total, parts
 
 
-__all__ = ["RepresentationWeights", "RepresentationBatch", "representation_loss"]
+def decoder_start_id(tokenizer) -> int:
+    """BLIP-2's [DEC] token for ITG: the tokenizer's BOS, else BERT's spare [unused0], else [CLS]."""
+    for token in (tokenizer.bos_token, "[unused0]"):
+        if token is not None and token in tokenizer.get_vocab():
+            return tokenizer.convert_tokens_to_ids(token)
+    return tokenizer.cls_token_id
+
+
+class RepresentationCollator:
+    """The sample ids of a micro-step -> a ``RepresentationBatch``: the captions as the Q-Former tokenizes them,
+    the same with [DEC] first for ITG, caption ids, the images (``images(list_of_images, device)``, e.g. an
+    ``ImageInputs``) and the P(y) targets (``targets(captions, device)`` or None)."""
+
+    def __init__(self, pairs, tokenizer, max_text_length: int, caption_index: dict[str, int], images,
+                 targets=None, seed: int = 0, device="cpu"):
+        self.pairs, self.tokenizer, self.max_text_length = pairs, tokenizer, max_text_length
+        self.caption_index, self.images, self.targets = caption_index, images, targets
+        self.seed, self.device = seed, device
+        self.dec_id = decoder_start_id(tokenizer)
+
+    def __call__(self, ids: list[int], step: int) -> RepresentationBatch:
+        pairs = [self.pairs[i] for i in ids]
+        captions = [r.caption for r in pairs]
+        tok = self.tokenizer(captions, padding=True, truncation=True, max_length=self.max_text_length,
+                             return_tensors="pt")
+        dec = tok.input_ids.clone()
+        dec[:, 0] = self.dec_id
+        return RepresentationBatch(
+            record_ids=[r.image_id for r in pairs], input_ids=tok.input_ids.to(self.device),
+            attention_mask=tok.attention_mask.to(self.device), decoder_input_ids=dec.to(self.device),
+            caption_ids=torch.tensor([self.caption_index[c] for c in captions], device=self.device),
+            # the same on every rank: hard negatives are drawn by global position
+            noise_seed=step_seed(self.seed, step, 0),
+            targets=self.targets(captions, self.device) if self.targets is not None else None,
+            **self.images([r.image for r in pairs], self.device))
+
+
+__all__ = ["RepresentationWeights", "RepresentationBatch", "representation_loss", "decoder_start_id",
+           "RepresentationCollator"]

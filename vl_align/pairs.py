@@ -2,7 +2,9 @@
 and evaluation reads (``ImageTextPair``), the seeded training subset, and the caption-length filter."""
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Callable, Literal, Optional, Sequence
 
 import numpy as np
@@ -31,7 +33,7 @@ class ImageTextPair:
     image_id: str
     caption: str
     image_path: str | None = None
-    image_bytes: bytes | None = None
+    image_bytes: bytes | None = field(default=None, repr=False)  # an image's bytes in a repr would bury the rest
 
     @property
     def image(self) -> str | bytes:
@@ -49,16 +51,32 @@ def load_pairs(data: PairDataConfig, seed: int, max_skip_fraction: float = 0.05,
     """(pairs, SkipReport); for training a seeded subset of ``max_pairs`` (the same subset for every arm of a seed)."""
     report = SkipReport(max_skip_fraction=max_skip_fraction, name=f"image-text pairs ({split})")
     source, fmt = resolve_pair_source(data, split)
+    # undecoded: a shard's or datasets folder's image stays its encoded bytes (hashed for the feature cache, decoded
+    # by the tower); decoding here would hold every image as pixels and lose the bytes the cache is keyed by
     ds = load_image_text_pairs(source, fmt=fmt, image_root=data.image_root, report=report,
-                               verify_images=data.verify_images)
-    records = [ImageTextPair(image_id=str(r["image_id"]), caption=r["caption"], image_path=r["image_path"])
-               for r in ds]
+                               verify_images=data.verify_images, decode_images=False)
+    root = data.image_root if data.image_root is not None else str(Path(source).parent)  # data.py's rule for disk
+    records = [_record(r, root) for r in ds]
     if data.max_pairs is not None and split == "train":
         if data.max_pairs > len(records):
             raise ConfigError("data.max_pairs", f"asks for {data.max_pairs} pairs but {source} has {len(records)}")
         keep = np.random.default_rng([seed, 23]).permutation(len(records))[:data.max_pairs]
         records = [records[i] for i in sorted(keep)]
     return records, report
+
+
+def _record(row: dict, root: str) -> ImageTextPair:
+    """A row of ``load_image_text_pairs``: ``image_path`` (coco, jsonl, a path column) or an undecoded ``image``
+    ``{"bytes", "path"}`` (webdataset, an ``Image`` column), whose bytes are the file as stored; a datasets value
+    with a path only is that file."""
+    image_id, caption = str(row["image_id"]), row["caption"]
+    if "image_path" in row:
+        return ImageTextPair(image_id, caption, image_path=row["image_path"])
+    image = row["image"]
+    if image.get("bytes") is not None:
+        return ImageTextPair(image_id, caption, image_bytes=image["bytes"])
+    path = image["path"]
+    return ImageTextPair(image_id, caption, image_path=os.path.abspath(os.path.join(root, path)))
 
 
 def held_out_pairs(data: PairDataConfig, source: str | None, seed: int,

@@ -37,6 +37,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -47,6 +48,8 @@ from transformers import Blip2QFormerConfig
 from transformers.activations import ACT2FN
 from transformers.models.bert.modeling_bert import BertPredictionHeadTransform
 from transformers.models.blip_2.modeling_blip_2 import Blip2QFormerEncoder, Blip2TextEmbeddings
+
+from dvlp_common.config import Config, ConfigError
 
 __all__ = [
     "BertInitReport",
@@ -100,7 +103,7 @@ def _is_real(x: object) -> bool:
 
 
 @dataclass(kw_only=True)
-class QFormerConfig:
+class QFormerConfig(Config):
     """Configuration of :class:`QFormer`.
 
     ``vision_width`` is the hidden size of the (frozen) image encoder whose features the queries cross-attend to.
@@ -114,7 +117,7 @@ class QFormerConfig:
     """
 
     vision_width: int
-    init_from: str | None = None
+    init_from: str | Path | None = None
     num_query_tokens: int = 32
     cross_attention_frequency: int = 2
     hidden_size: int | None = None
@@ -131,21 +134,18 @@ class QFormerConfig:
     initializer_range: float | None = None
     attn_implementation: str = "sdpa"
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         if not _is_int(self.vision_width) or self.vision_width <= 0:
-            raise ValueError(f"vision_width must be a positive int, got {self.vision_width!r}")
+            raise ConfigError("vision_width", f"must be a positive int, got {self.vision_width!r}")
         if self.init_from is not None:
-            if not isinstance(self.init_from, (str, os.PathLike)):
-                raise ValueError(f"init_from must be a path string or None, got {type(self.init_from).__name__}")
             self.init_from = os.fspath(self.init_from)
             if not os.path.isfile(os.path.join(self.init_from, "config.json")):
-                raise ValueError(
-                    f"init_from must be a checkpoint folder containing config.json, got {self.init_from!r}"
-                )
+                raise ConfigError("init_from", f"must be a checkpoint folder containing config.json, got "
+                                               f"{self.init_from!r}")
         for key in ("num_query_tokens", "cross_attention_frequency"):
             value = getattr(self, key)
             if not _is_int(value) or value <= 0:
-                raise ValueError(f"{key} must be a positive int, got {value!r}")
+                raise ConfigError(key, f"must be a positive int, got {value!r}")
         for key in (
             "hidden_size",
             "num_hidden_layers",
@@ -156,29 +156,26 @@ class QFormerConfig:
         ):
             value = getattr(self, key)
             if value is not None and (not _is_int(value) or value <= 0):
-                raise ValueError(f"{key} must be a positive int or None, got {value!r}")
+                raise ConfigError(key, f"must be a positive int or None, got {value!r}")
         if self.pad_token_id is not None and (not _is_int(self.pad_token_id) or self.pad_token_id < 0):
-            raise ValueError(f"pad_token_id must be a non-negative int or None, got {self.pad_token_id!r}")
+            raise ConfigError("pad_token_id", f"must be a non-negative int or None, got {self.pad_token_id!r}")
         if self.hidden_act is not None and (not isinstance(self.hidden_act, str) or self.hidden_act not in ACT2FN):
-            raise ValueError(f"hidden_act must be one of transformers' ACT2FN names, got {self.hidden_act!r}")
+            raise ConfigError("hidden_act", f"must be one of transformers' ACT2FN names, got {self.hidden_act!r}")
         for key in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
             value = getattr(self, key)
             if value is not None and (not _is_real(value) or not 0.0 <= value < 1.0):
-                raise ValueError(f"{key} must be a float in [0, 1) or None, got {value!r}")
+                raise ConfigError(key, f"must be a float in [0, 1) or None, got {value!r}")
         for key in ("layer_norm_eps", "initializer_range"):
             value = getattr(self, key)
             if value is not None and (not _is_real(value) or value <= 0):
-                raise ValueError(f"{key} must be a positive float or None, got {value!r}")
+                raise ConfigError(key, f"must be a positive float or None, got {value!r}")
         if self.attn_implementation not in _ATTN_IMPLEMENTATIONS:
-            raise ValueError(
-                f"attn_implementation must be one of {_ATTN_IMPLEMENTATIONS}, got {self.attn_implementation!r}"
-            )
+            raise ConfigError("attn_implementation", f"must be one of {_ATTN_IMPLEMENTATIONS}, got "
+                                                     f"{self.attn_implementation!r}")
         if self.hidden_size is not None and self.num_attention_heads is not None:
             if self.hidden_size % self.num_attention_heads:
-                raise ValueError(
-                    f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
-                    f"({self.num_attention_heads})"
-                )
+                raise ConfigError("hidden_size", f"({self.hidden_size}) must be divisible by num_attention_heads "
+                                                 f"({self.num_attention_heads})")
         if self.num_hidden_layers is not None and self.cross_attention_frequency > self.num_hidden_layers:
             # layer 0 always has cross-attention, so this is legal, but almost certainly a typo
             logger.warning(

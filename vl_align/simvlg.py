@@ -272,16 +272,21 @@ class TomeConnector(nn.Module):
 
 class TomeFront(nn.Module):
     """SimVLG's front: the token-merging connector over all vision tokens, then W to the LLM width. Its only mode,
-    ``queries``, returns the prefix ``prompt_pred`` [B, N_final, d_llm] and the merged tokens' sizes."""
+    ``queries``, returns the prefix ``prompt_pred`` [B, N_final, d_llm] and the merged tokens' sizes. ``vision`` is
+    the frozen tower when it runs inside the front (features not cached), else None."""
 
-    def __init__(self, connector: nn.Module, hidden_size: int, llm_hidden_size: int):
+    def __init__(self, connector: nn.Module, hidden_size: int, llm_hidden_size: int, vision: nn.Module | None = None):
         super().__init__()
         self.connector = connector
         self.llm_proj = nn.Linear(hidden_size, llm_hidden_size)
+        self.vision = vision
 
-    def forward(self, mode: str, image_embeds: torch.Tensor | None = None, **_unused) -> dict:
+    def forward(self, mode: str, image_embeds: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
+                **_unused) -> dict:
         if mode != "queries":
             raise ValueError(f"the tome front only has the 'queries' mode, got '{mode}'")
+        if self.vision is not None:
+            image_embeds = self.vision(pixel_values)
         out = self.connector(image_embeds)
         return {"prompt_pred": self.llm_proj(out["tokens"]), "image_embeds": image_embeds,
                 "token_size": out["size"], "tokens_per_layer": out["tokens_per_layer"]}

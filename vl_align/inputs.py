@@ -1,0 +1,122 @@
+"""What a stage-2 step or evaluation feeds a front besides text: the images (the frozen tower's cached features, or
+pixels when the tower runs inside the front) and the alignment targets P(y); and ``prepare_stage_inputs``, which
+builds both for the pairs of a run (stages 2a and 2b share it)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from dvlp_common import zoo
+from dvlp_common.config import ConfigError
+from dvlp_common.records import SkipReport
+from pformer.data import load_text_corpus
+from pformer.targets import prompt_target_cache
+
+from .alignment import AlignmentConfig, AlignmentStats, corpus_statistics
+from .pairs import ImageTextPair, PairDataConfig, load_pairs
+from .sources import resolve_text_source
+from .vision import VisionTower, VisionTowerConfig, vision_feature_cache
+
+
+class ImageInputs:
+    """Images (paths or encoded bytes) -> the front's image keyword arguments: ``image_embeds`` [B, N, D] from the
+    feature cache, or ``pixel_values`` [B, 3, S, S] when there is no cache (the tower runs inside the front)."""
+
+    def __init__(self, tower: VisionTower, features=None):
+        self.tower = tower
+        self.features = features  # a VisionFeatureStore, or None: pixels
+
+    @classmethod
+    def build(cls, tower: VisionTower, images: Sequence[str | bytes], live_tower: bool, device,
+              dtype: torch.dtype | None) -> "ImageInputs":
+        """Cache the frozen tower's features of ``images`` once (unless the tower runs live)."""
+        if live_tower:
+            return cls(tower)
+        return cls(tower, vision_feature_cache(tower, list(images), zoo.cache_root(), device, dtype))
+
+    def __call__(self, images: Sequence[str | bytes], device) -> dict[str, torch.Tensor]:
+        if self.features is not None:
+            return {"image_embeds": self.features.get(list(images)).to(device)}
+        return {"pixel_values": self.tower.preprocess(list(images)).to(device)}
+
+
+class PromptTargets:
+    """Captions -> the alignment targets [B, n, d_llm]: each caption's cached P(y), or, for the caption-free control
+    (``align.target = corpus_mean``), the corpus-mean prompt for every caption. ``stats`` (corpus mean and scale) is
+    set when the alignment kind or target needs it."""
+
+    def __init__(self, cache, target: str, stats: AlignmentStats | None):
+        self.cache, self.target, self.stats = cache, target, stats
+        self.shape = tuple(cache.array.shape[1:])  # (n, d_llm)
+
+    def __call__(self, captions: Sequence[str], device) -> torch.Tensor:
+        if self.target == "corpus_mean":
+            return self.stats.center.expand(len(captions), *self.stats.center.shape).to(device)
+        return self.cache.get(list(captions)).to(device)
+
+
+def corpus_prompt_statistics(pformer_dir: str, source: str, device, dtype) -> AlignmentStats:
+    """Mean and scale of P(y) over the distinct sentences of a text corpus (``embedded:<name>`` or a path)."""
+    texts = list(dict.fromkeys(load_text_corpus(resolve_text_source(source))["text"]))
+    cache = prompt_target_cache(pformer_dir, texts, zoo.cache_root(), device=device, dtype=dtype)
+    return corpus_statistics(cache.get(texts))  # [N, n, d]
+
+
+@dataclass
+class StageInputs:
+    """What stages 2a and 2b share: the pairs, the frozen tower and the image inputs, the P(y) targets."""
+    pairs: list[ImageTextPair]
+    report: SkipReport
+    caption_index: dict[str, int]  # an id per distinct caption (equal captions are ITC positives)
+    tower: VisionTower
+    images: ImageInputs
+    targets: PromptTargets | None  # None without alignment
+    llm_width: int
+
+    @property
+    def stats(self) -> AlignmentStats | None:
+        return self.targets.stats if self.targets is not None else None
+
+
+def llm_width_of(llm: str) -> int:
+    config = zoo.load_config(llm)
+    return getattr(config, "hidden_size", None) or config.d_model
+
+
+def prepare_stage_inputs(*, data: PairDataConfig, vision: VisionTowerConfig, live_tower: bool, llm: str,
+                         align: AlignmentConfig, pformer: str, align_stats_source: str, seed: int,
+                         max_skip_fraction: float, num_prompt_slots: int | None, device, dtype,
+                         verbose: bool = True) -> StageInputs:
+    """Load the pairs, build the tower and (frozen, not live) its feature cache, and (when aligning) the P(y) cache.
+    ``num_prompt_slots`` is the number of prefix vectors W·Z the front makes (None: not fixed, as after merging);
+    the P-Former's prompts must have that count and the LLM's width."""
+    pairs, report = load_pairs(data, seed, max_skip_fraction)
+    captions = [r.caption for r in pairs]
+    caption_index = {c: i for i, c in enumerate(dict.fromkeys(captions))}
+    if verbose:
+        print(f"{len(pairs)} image-text pairs, {len(caption_index)} distinct captions; skipped records: "
+              f"{report.total}" + (f"\n{report.summary()}" if report.total else ""), flush=True)
+    tower = VisionTower.build(vision).to(device)
+    images = ImageInputs.build(tower, [r.image for r in pairs], live_tower, device, dtype)
+    width = llm_width_of(llm)
+    targets = None
+    if align.weight:
+        if not Path(pformer).is_dir():
+            raise FileNotFoundError(f"pformer={pformer} does not exist; run stage 1 first or set align.weight=0")
+        cache = prompt_target_cache(pformer, captions, zoo.cache_root(), device=device, dtype=dtype)
+        shape = list(cache.array.shape[1:])
+        if shape[1] != width or (num_prompt_slots is not None and shape[0] != num_prompt_slots):
+            raise ConfigError("front.num_query_tokens", f"W·Z is [{num_prompt_slots}, {width}] but the P-Former "
+                                                        f"prompts are {shape}")
+        stats = None
+        if align.kind != "mse" or align.target == "corpus_mean":
+            stats = corpus_prompt_statistics(pformer, align_stats_source, device, dtype)
+        targets = PromptTargets(cache, align.target, stats)
+    return StageInputs(pairs, report, caption_index, tower, images, targets, width)
+
+
+__all__ = ["ImageInputs", "PromptTargets", "StageInputs", "corpus_prompt_statistics", "llm_width_of",
+           "prepare_stage_inputs"]
