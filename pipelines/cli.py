@@ -13,46 +13,68 @@ and default. A misspelt key is an error that names the closest valid key.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from dvlp_common.config import ConfigError, describe, load_config
 
 from .config import CONFIG_DIR
 
-# subcommand -> (config class, runner, help, default YAML)
-STAGES = {
-    "stage1": ("pipelines.stage1:Stage1Config", "pipelines.stage1:run_stage1",
-               "Stage 1: text-only P-Former pre-training and its evaluation", "stage1.yaml"),
-    "stage2": ("pipelines.stage2:Stage2Config", "pipelines.stage2:run_stage2",
-               "Stage 2a: representation learning (ITC+ITM+ITG + P-Former alignment), qformer or elip front",
-               "stage2.yaml"),
-    "generate-stage": ("pipelines.generative:GenerativeConfig", "pipelines.generative:run_generative",
-                       "Stage 2b: generative learning (front -> LLM prefix), then caption/VQA evaluation",
-                       "generative.yaml"),
+
+@dataclass(frozen=True)
+class Command:
+    """One ``dvlp`` subcommand: its config class and runner (``module:name``, imported when used), help text and
+    default YAML (a YAML under configs/ belongs to the command whose default's file name starts it)."""
+    config: str | None
+    runner: str
+    help: str
+    default_yaml: str | None = None
+    trains: bool = False  # takes --resume and --stop-after
+    prints_result: bool = True  # print the runner's returned dict as JSON
+
+
+COMMANDS: dict[str, Command] = {
+    "stage1": Command("pipelines.stage1:Stage1Config", "pipelines.stage1:run_stage1",
+                      "Stage 1: text-only P-Former pre-training and its evaluation", "stage1.yaml", trains=True),
+    "stage2": Command("pipelines.stage2:Stage2Config", "pipelines.stage2:run_stage2",
+                      "Stage 2a: representation learning (ITC+ITM+ITG + P-Former alignment), qformer or elip front",
+                      "stage2.yaml", trains=True),
+    "generate-stage": Command("pipelines.generative:GenerativeConfig", "pipelines.generative:run_generative",
+                              "Stage 2b: generative learning (front -> LLM prefix), then caption/VQA evaluation",
+                              "generative.yaml", trains=True),
+    "demo": Command("pipelines.ablate:AblateConfig", "pipelines.ablate:run_ablation",
+                    "The whole pipeline on the embedded easy-VQA default: stage 1, then per arm (BLIP-2 baseline, "
+                    "P-Former, caption-free control) stage 2a, stage 2b and the held-out evaluation; table, plots, "
+                    "captions", "demo.yaml", prints_result=False),
+    "ablate": Command("pipelines.ablate:AblateConfig", "pipelines.ablate:run_ablation",
+                      "Ablation against BLIP-2: stage 1 once, then arms x pairs x learning rates x seeds through "
+                      "stages 2a/2b and evaluation; mean ± std, collapse rate, significance, plots", "ablate.yaml",
+                      prints_result=False),
+    "evaluate": Command("pipelines.evaluate:EvaluateConfig", "pipelines.evaluate:run_evaluate",
+                        "Held-out captioning and zero-shot VQA of a saved generative front (any kind), e.g. under "
+                        "another generation protocol", "evaluate.yaml"),
+    "export-hf": Command("pipelines.export:ExportConfig", "pipelines.export:run_export",
+                         "Export a trained Q-Former front as a transformers Blip2ForConditionalGeneration folder"),
+    "prepare": Command(None, "pipelines.demo:prepare",
+                       "build the offline model presets and the embedded data into the cache", prints_result=False),
 }
 
 
-# A YAML under configs/ belongs to the stage its file name starts with.
-CONFIG_CLASSES = {"stage1": STAGES["stage1"][0], "stage2": STAGES["stage2"][0],
-                  "generative": STAGES["generate-stage"][0], "demo": "pipelines.ablate:AblateConfig",
-                  "ablate": "pipelines.ablate:AblateConfig", "evaluate": "pipelines.evaluate:EvaluateConfig"}
-
-
 def _load(target: str):
-    import importlib
-
     module, name = target.split(":")
     return getattr(importlib.import_module(module), name)
 
 
-
 def config_class_for(path: Path):
-    for prefix, target in CONFIG_CLASSES.items():
+    """The config class of a YAML under configs/: that of the command whose default YAML's name starts it."""
+    owners = {Path(c.default_yaml).stem: c.config for c in COMMANDS.values() if c.default_yaml}
+    for prefix, target in owners.items():
         if Path(path).stem.startswith(prefix):
             return _load(target)
-    raise ValueError(f"{path}: no stage owns this config; file names start with one of {', '.join(CONFIG_CLASSES)}")
+    raise ValueError(f"{path}: no stage owns this config; file names start with one of {', '.join(owners)}")
 
 
 def _keys_help(cls) -> str:
@@ -62,73 +84,40 @@ def _keys_help(cls) -> str:
     return "\n".join(lines)
 
 
-def _stage_parser(sub, name: str, cls, help_text: str, default_config: str | None):
-    p = sub.add_parser(name, help=help_text, description=help_text, epilog=_keys_help(cls),
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", type=Path, default=CONFIG_DIR / default_config if default_config else None,
-                   help=f"YAML config (default: configs/{default_config})")
-    p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
-    p.add_argument("--stop-after", type=int, default=None, help="stop after this many optimizer steps (testing "
-                                                                "and time-boxed runs; resume later)")
-    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
-    return p
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dvlp", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, (config_cls, _, help_text, default_yaml) in STAGES.items():
-        _stage_parser(sub, name, _load(config_cls), help_text, default_yaml)
-    runners = {
-        "demo": ("The whole pipeline on the embedded easy-VQA default: stage 1, then per arm (BLIP-2 baseline, "
-                 "P-Former, caption-free control) stage 2a, stage 2b and the held-out evaluation; table, plots, "
-                 "captions", "demo.yaml"),
-        "ablate": ("Ablation against BLIP-2: stage 1 once, then arms x pairs x learning rates x seeds through "
-                   "stages 2a/2b and evaluation; mean ± std, collapse rate, significance, plots", "ablate.yaml"),
-        "evaluate": ("Held-out captioning and zero-shot VQA of a saved generative front (any kind), e.g. under "
-                     "another generation protocol", "evaluate.yaml")}
-    for name, (help_text, default_yaml) in runners.items():
-        p = sub.add_parser(name, help=help_text, description=help_text,
-                           epilog=_keys_help(_load(CONFIG_CLASSES[name])),
+    for name, command in COMMANDS.items():
+        if command.config is None:
+            sub.add_parser(name, help=command.help, description=command.help)
+            continue
+        p = sub.add_parser(name, help=command.help, description=command.help,
+                           epilog=_keys_help(_load(command.config)),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-        p.add_argument("--config", type=Path, default=CONFIG_DIR / default_yaml,
-                       help=f"YAML (default: configs/{default_yaml})")
+        default = CONFIG_DIR / command.default_yaml if command.default_yaml else None
+        p.add_argument("--config", type=Path, default=default,
+                       help=f"YAML config (default: configs/{command.default_yaml})" if default else "YAML (optional)")
+        if command.trains:
+            p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
+            p.add_argument("--stop-after", type=int, default=None, help="stop after this many optimizer steps "
+                                                                        "(testing and time-boxed runs; resume later)")
         p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
-    sub.add_parser("prepare", help="build the offline model presets and the embedded data into the cache")
-    export_help = "Export a trained Q-Former front as a transformers Blip2ForConditionalGeneration folder"
-    p = sub.add_parser("export-hf", help=export_help, description=export_help,
-                       epilog=_keys_help(_load("pipelines.export:ExportConfig")),
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", type=Path, default=None, help="YAML (optional)")
-    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    command = COMMANDS[args.command]
     try:
-        if args.command in STAGES:
-            config_cls, runner, _, _ = STAGES[args.command]
-            cfg = load_config(_load(config_cls), args.config, args.overrides)
-            summary = _load(runner)(cfg, resume=args.resume, stop_after=args.stop_after)
-            print(json.dumps(summary, indent=2, default=str))
-        elif args.command in ("demo", "ablate"):
-            from .ablate import AblateConfig, run_ablation
-
-            run_ablation(load_config(AblateConfig, args.config, args.overrides))
-        elif args.command == "evaluate":
-            from .evaluate import EvaluateConfig, run_evaluate
-
-            print(json.dumps(run_evaluate(load_config(EvaluateConfig, args.config, args.overrides)), indent=2))
-        elif args.command == "export-hf":
-            from .export import ExportConfig, run_export
-
-            print(json.dumps(run_export(load_config(ExportConfig, args.config, args.overrides)), indent=2))
-        elif args.command == "prepare":
-            from .demo import prepare
-
-            prepare()
+        runner = _load(command.runner)
+        if command.config is None:
+            result = runner()
+        else:
+            cfg = load_config(_load(command.config), args.config, args.overrides)
+            result = runner(cfg, resume=args.resume, stop_after=args.stop_after) if command.trains else runner(cfg)
+        if command.prints_result:
+            print(json.dumps(result, indent=2, default=str))
     except (ConfigError, FileNotFoundError) as err:  # the input is wrong: one line, no traceback
         print(f"error: {err}", file=sys.stderr)
         return 2
