@@ -305,6 +305,10 @@ def test_pairs_saved_dataset_keeps_pil_images(tmp_path, images):
     assert rep.examples["corrupt_image"] == [f"{folder}[row 1]"]
     with pytest.raises(ValueError, match=r"no caption column 'caption'.*\['img', 'text'\]"):
         load_image_text_pairs(folder, image_field="img")
+    # undecoded (what training keeps): the files' bytes as stored
+    raw = load_image_text_pairs(folder, image_field="img", caption_field="text",
+                                report=SkipReport(max_skip_fraction=LENIENT), decode_images=False)
+    assert [r["image"]["bytes"] for r in raw] == [(images / n).read_bytes() for n in ("good.png", "sub/good3.png")]
 
 
 def _make_shards(root, n_shards=2, per_shard=3, bad=None):
@@ -336,6 +340,10 @@ def test_webdataset_streams_and_splits_across_ranks(tmp_path):
 
     # a list of shards works too, and max_records caps per rank
     assert len(list(load_image_text_pairs(expand_shards(pattern), fmt="webdataset", max_records=2))) == 2
+    # undecoded: the member's bytes as stored
+    raw = list(load_image_text_pairs(pattern, decode_images=False))
+    assert [r["image_id"] for r in raw] == [r["image_id"] for r in all_rows]
+    assert raw[1]["image"] == {"bytes": _jpg_bytes((40, 0, 215)), "path": "000001.jpg"}
 
 
 def test_webdataset_bad_sample_is_counted_and_missing_shard_errors(tmp_path):

@@ -178,6 +178,27 @@ def test_feature_cache_rows_are_computed_once_per_content(dinov2_dir, images, tm
     assert torch.equal(again.get([str(other)]), store.get([images[1]]))
 
 
+def test_feature_cache_from_bytes_has_the_rows_of_the_files(dinov2_dir, images, tmp_path):
+    """Images as encoded bytes (webdataset shards, datasets Image columns) are keyed by those bytes: the same rows
+    as the same images as files, whichever built the cache first."""
+    tower = VisionTower.build(VisionTowerConfig(model=dinov2_dir, image_size=16, batch_size=2))
+    blobs = [Path(p).read_bytes() for p in images]
+    assert torch.equal(tower.preprocess(blobs), tower.preprocess(images))
+    calls = _counting(tower)
+    from_bytes = vision_feature_cache(tower, blobs, tmp_path / "a")
+    assert calls == [2, 1] and len(from_bytes.cache) == 3  # the copy's bytes share a row
+    from_files = vision_feature_cache(tower, images, tmp_path / "b")
+    assert from_bytes.cache.keys == from_files.cache.keys
+    assert torch.equal(from_bytes.get(blobs), from_files.get(images))
+    assert blobs[2] in from_bytes and images[2] in from_files
+    # one folder: files after bytes compute nothing; a mix, and bytes never given to the cache, find their rows
+    calls.clear()
+    mixed = vision_feature_cache(tower, [images[0], blobs[1], images[2]], tmp_path / "a")
+    assert calls == [] and torch.equal(mixed.get(images), from_bytes.get(blobs))
+    assert torch.equal(mixed.get([bytearray(blobs[3])]), from_files.get([images[0]]))
+    assert torch.allclose(from_bytes.get(blobs), tower(tower.preprocess(blobs)), atol=1e-6)
+
+
 def test_feature_cache_producer_follows_weights_and_preprocessing(dinov2_dir, images, tmp_path):
     cfg = VisionTowerConfig(model=dinov2_dir, image_size=16)
     base = vision_feature_cache(VisionTower.build(cfg), images, tmp_path / "cache")

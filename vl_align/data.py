@@ -33,6 +33,11 @@ iterates (DataLoader workers hold their own copies; each pass over the stream co
 members are read as bytes by our own reader (``datasets``' webdataset builder decodes ``.txt`` itself, so one
 caption that is not UTF-8 would end the stream): such a caption is a counted ``invalid_utf8`` skip.
 
+With ``decode_images=False`` the ``image`` column of ``disk`` and ``webdataset`` is ``Image(decode=False)``:
+``{"bytes": the encoded file as stored, "path": its name}`` (bytes None only for a path-only datasets value), which
+is what training keeps (``vl_align.pairs.load_pairs``): the bytes are hashed for the feature cache and decoded when
+the tower needs pixels.
+
 ``load_image`` turns a path / PIL image / bytes into a normalised ``[3, size, size]`` float tensor with
 PIL + numpy only (shorter side resized with bicubic, centre crop, scale to [0, 1], normalise).
 """
@@ -402,7 +407,8 @@ def _load_jsonl(path: Path, image_root, caption_field, image_field, max_records,
     return _rows_to_dataset(rows, extra_fields)
 
 
-def _load_disk(path: Path, image_root, caption_field, image_field, max_records, rep, verify_images, extra_fields):
+def _load_disk(path: Path, image_root, caption_field, image_field, max_records, rep, verify_images, extra_fields,
+               decode_images=True):
     try:
         ds = datasets.load_from_disk(str(path))
     except FileNotFoundError as e:
@@ -466,7 +472,7 @@ def _load_disk(path: Path, image_root, caption_field, image_field, max_records, 
     extras = [f for f in extra_fields if f not in (ikey, caption_field, "image", "image_path", "caption", "image_id")]
     out = out.select_columns(list(dict.fromkeys([caption_field, *extras] + ([ikey] if is_image else []))))
     if is_image:
-        out = out.cast_column(ikey, datasets.Image())
+        out = out.cast_column(ikey, datasets.Image(decode=decode_images))
         if ikey != "image":
             out = out.rename_column(ikey, "image")
     else:
@@ -539,7 +545,8 @@ def _raw_pairs(shards: list[str], ikey: str, ckey: str):
                "image": None if img is None else {"bytes": img, "path": f"{ex['__key__']}.{ikey}"}}
 
 
-def _load_webdataset(source, caption_field, image_field, max_records, report, verify_images, rank, world_size):
+def _load_webdataset(source, caption_field, image_field, max_records, report, verify_images, rank, world_size,
+                     decode_images=True):
     shards = expand_shards(source)
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
@@ -569,7 +576,9 @@ def _load_webdataset(source, caption_field, image_field, max_records, report, ve
         }
     )
     ds = ds.map(convert, remove_columns=list(raw), features=out_feats)
-    ds = ds.filter(lambda ex: ex["_ok"]).remove_columns("_ok").cast_column("image", datasets.Image())
+    ds = ds.filter(lambda ex: ex["_ok"]).remove_columns("_ok")
+    if decode_images:
+        ds = ds.cast_column("image", datasets.Image())
     if max_records is not None:
         ds = ds.take(max_records)
     return ds
@@ -591,6 +600,7 @@ def load_image_text_pairs(
     rank: int = 0,
     world_size: int = 1,
     extra_fields: Sequence[str] = (),
+    decode_images: bool = True,
 ) -> datasets.Dataset | datasets.IterableDataset:
     """Load image-caption pairs; see the module docstring for formats and returned columns.
 
@@ -609,6 +619,8 @@ def load_image_text_pairs(
         rank, world_size: data-parallel split of webdataset shards (``split_dataset_by_node``).
         extra_fields: more jsonl keys (kept as strings, None when absent) or dataset columns (kept as
             stored) to keep; jsonl and disk only.
+        decode_images: False: an ``image`` column (disk, webdataset) gives the undecoded ``{"bytes", "path"}``
+            instead of PIL images.
     """
     if fmt == "auto":
         if not isinstance(source, (list, tuple)) and not any(c in os.fspath(source) for c in "{*?["):
@@ -620,7 +632,8 @@ def load_image_text_pairs(
     if max_records is not None and max_records < 0:
         raise ValueError(f"max_records must be >= 0, got {max_records}")
     if fmt == "webdataset":
-        return _load_webdataset(source, caption_field, image_field, max_records, report, verify_images, rank, world_size)
+        return _load_webdataset(source, caption_field, image_field, max_records, report, verify_images, rank,
+                                world_size, decode_images)
 
     path = Path(source)
     if not path.exists():
@@ -631,7 +644,8 @@ def load_image_text_pairs(
         raise ValueError(f"{str(path)!r}: fmt={fmt!r} needs {'a folder' if fmt == 'disk' else 'a file'}")
     rep = _new_report(report, str(path))
     if fmt == "disk":
-        ds = _load_disk(path, image_root, caption_field, image_field, max_records, rep, verify_images, tuple(extra_fields))
+        ds = _load_disk(path, image_root, caption_field, image_field, max_records, rep, verify_images,
+                        tuple(extra_fields), decode_images)
     else:
         if path.stat().st_size == 0:
             raise ValueError(f"image-text file {str(path)!r} is empty")

@@ -25,18 +25,21 @@ Normalisation (``mean`` / ``std``), first match wins:
    hub cache snapshot of a hub name);
 3. by family: CLIP's constants for CLIP, ``(0.5, 0.5, 0.5)`` for both for SigLIP, ImageNet's for anything else.
 
-Feature cache. :func:`vision_feature_cache` runs the tower once per distinct image *content* (rows are keyed by
-the sha256 of the file bytes, so copies of one file share a row) and stores ``[N, D]`` per image in a
-:class:`dvlp_common.cache.KeyedArrayCache` whose producer is :meth:`VisionTower.fingerprint` (weights, config,
-image size, mean/std, feature layer; plus the autocast dtype when one is used). Using it is only correct when
+Feature cache. :func:`vision_feature_cache` runs the tower once per distinct image *content*: an image is a path or
+the encoded bytes (a webdataset shard's, a datasets ``Image`` column's), and rows are keyed by the sha256 of those
+bytes (for a path, of the file's), so copies of one file, and a shard's copy of it, share a row. It stores
+``[N, D]`` per image in a :class:`dvlp_common.cache.KeyedArrayCache` whose producer is
+:meth:`VisionTower.fingerprint` (weights, config, image size, mean/std, feature layer; plus the autocast dtype when
+one is used). Using it is only correct when
 the tower is frozen **and** nothing augments the images (random crops, flips, colour jitter...): the cached row
-is the feature of the plain ``preprocess`` of the file. Deciding that is the caller's job (stage 2 uses the cache
+is the feature of the plain ``preprocess`` of the image. Deciding that is the caller's job (stage 2 uses the cache
 only for the ``qformer`` front with ``vision.cache_features``).
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import inspect
 import json
 import os
@@ -124,13 +127,28 @@ def _as_triple(value: Any, what: str) -> tuple[float, float, float] | None:
     return values  # type: ignore[return-value]
 
 
-def image_digests(paths: Sequence[str | os.PathLike], workers: int = 8) -> dict[str, str]:
-    """``{path: sha256 of the file's bytes}`` for the distinct paths (threads: hashing releases the GIL)."""
-    unique = list(dict.fromkeys(os.fspath(p) for p in paths))
+ImageSource = str | os.PathLike | bytes  # a path, or the image file's encoded bytes
+
+
+def _as_image(image: ImageSource) -> str | bytes:
+    """A hashable image key: bytes-like as ``bytes``, a path as ``str``."""
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return bytes(image)
+    return os.fspath(image)
+
+
+def _digest(image: str | bytes) -> str:
+    return hashlib.sha256(image).hexdigest() if isinstance(image, bytes) else file_digest(image)
+
+
+def image_digests(images: Sequence[ImageSource], workers: int = 8) -> dict[str | bytes, str]:
+    """``{image: sha256 of its bytes}`` for the distinct images, a path's being its file's (threads: hashing
+    releases the GIL)."""
+    unique = list(dict.fromkeys(_as_image(im) for im in images))
     if len(unique) < 64:
-        return {p: file_digest(p) for p in unique}
+        return {im: _digest(im) for im in unique}
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        return dict(zip(unique, pool.map(file_digest, unique)))
+        return dict(zip(unique, pool.map(_digest, unique)))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -285,7 +303,8 @@ class VisionTower(nn.Module):
 
     # ------------------------------------------------------------------------------------------- compute
     def preprocess(self, images: Sequence[Any]) -> torch.Tensor:
-        """Paths / PIL images / bytes -> normalised ``[B, 3, S, S]`` float32 (CPU) with ``vl_align.data.load_image``."""
+        """Paths / encoded bytes / PIL images -> normalised ``[B, 3, S, S]`` float32 (CPU) with
+        ``vl_align.data.load_image``."""
         if not len(images):
             raise ValueError("preprocess needs at least one image")
         return torch.stack([load_image(im, self.config.image_size, self._mean, self._std) for im in images])
@@ -339,13 +358,14 @@ class VisionTower(nn.Module):
 # feature cache
 # ---------------------------------------------------------------------------------------------------------------
 class VisionFeatureStore:
-    """Cached tower features addressed by image path: ``get(paths) -> [B, N, D]`` float32 (CPU).
+    """Cached tower features addressed by image (path or encoded bytes): ``get(images) -> [B, N, D]`` float32 (CPU).
 
-    Rows are keyed by content digest; ``digests`` maps each known path to its digest. A path that was not given
-    to :func:`vision_feature_cache` is hashed on first use (its bytes may still have a row).
+    Rows are keyed by content digest; ``digests`` maps each known image to its digest. An image that was not given
+    to :func:`vision_feature_cache` is hashed on use (its bytes may still have a row); a path's digest is kept, a
+    new bytes object's is not (that would keep the image alive).
     """
 
-    def __init__(self, cache: KeyedArrayCache, digests: dict[str, str]):
+    def __init__(self, cache: KeyedArrayCache, digests: dict[str | bytes, str]):
         self.cache = cache
         self.digests = dict(digests)
 
@@ -357,46 +377,51 @@ class VisionFeatureStore:
     def folder(self) -> Path:
         return self.cache.folder
 
-    def key(self, path: str | os.PathLike) -> str:
-        p = os.fspath(path)
-        if p not in self.digests:
-            self.digests[p] = file_digest(p)
-        return self.digests[p]
+    def key(self, image: ImageSource) -> str:
+        im = _as_image(image)
+        digest = self.digests.get(im)
+        if digest is None:
+            digest = _digest(im)
+            if isinstance(im, str):
+                self.digests[im] = digest
+        return digest
 
-    def get(self, paths: Sequence[str | os.PathLike]) -> torch.Tensor:
-        return self.cache.get([self.key(p) for p in paths])
+    def get(self, images: Sequence[ImageSource]) -> torch.Tensor:
+        return self.cache.get([self.key(im) for im in images])
 
     def __len__(self) -> int:
         return len(self.digests)
 
-    def __contains__(self, path: object) -> bool:
-        return isinstance(path, (str, os.PathLike)) and os.fspath(path) in self.digests
+    def __contains__(self, image: object) -> bool:
+        images = (str, os.PathLike, bytes, bytearray, memoryview)
+        return isinstance(image, images) and _as_image(image) in self.digests
 
 
-def vision_feature_cache(tower: VisionTower, image_paths: Sequence[str | os.PathLike], cache_root: str | Path,
+def vision_feature_cache(tower: VisionTower, images: Sequence[ImageSource], cache_root: str | Path,
                          device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> VisionFeatureStore:
-    """Features ``[N, D]`` of every image, computed once with the frozen ``tower`` and kept under
-    ``cache_root/vision_features/<producer>``.
+    """Features ``[N, D]`` of every image (path or encoded bytes), computed once with the frozen ``tower`` and kept
+    under ``cache_root/vision_features/<producer>``.
 
     Only valid for a frozen tower and un-augmented images (see the module docstring): the caller decides. Rows are
-    keyed by the sha256 of the image file, so identical files share a row; ``producer`` is ``tower.fingerprint()``
-    (mixed with the autocast dtype when ``dtype`` is bf16/fp16: those features differ from fp32 ones). When rows
-    must be computed, the tower is moved to ``device`` and run in batches of ``tower.config.batch_size`` (under
-    ``torch.autocast`` for bf16/fp16). Concurrent builders (several ranks) are serialised by a file lock.
+    keyed by the sha256 of the image's bytes (a path: its file's), so identical images share a row whichever way
+    they come; ``producer`` is ``tower.fingerprint()`` (mixed with the autocast dtype when ``dtype`` is bf16/fp16:
+    those features differ from fp32 ones). When rows must be computed, the tower is moved to ``device`` and run in
+    batches of ``tower.config.batch_size`` (under ``torch.autocast`` for bf16/fp16). Concurrent builders (several
+    ranks) are serialised by a file lock.
     """
     from filelock import FileLock
 
-    digests = image_digests(image_paths)
-    first_path: dict[str, str] = {}
-    for path, digest in digests.items():
-        first_path.setdefault(digest, path)
+    digests = image_digests(images)
+    first_image: dict[str, str | bytes] = {}
+    for image, digest in digests.items():
+        first_image.setdefault(digest, image)
     autocast = dtype in (torch.bfloat16, torch.float16)
     producer = tower.fingerprint() if not autocast else fingerprint(tower.fingerprint(), "autocast", str(dtype))
     device = torch.device(device)
 
     def compute(keys: list[str]) -> torch.Tensor:
         tower.to(device)
-        pixels = tower.preprocess([first_path[k] for k in keys]).to(device)
+        pixels = tower.preprocess([first_image[k] for k in keys]).to(device)
         ctx = torch.autocast(device.type, dtype=dtype) if autocast else contextlib.nullcontext()
         with ctx:
             return tower(pixels).float()
@@ -407,7 +432,7 @@ def vision_feature_cache(tower: VisionTower, image_paths: Sequence[str | os.Path
             "image_size": tower.config.image_size, "feature_layer": tower.config.feature_layer,
             "mean": list(tower.mean), "std": list(tower.std), "autocast": str(dtype) if autocast else None,
             "num_tokens": tower.num_tokens, "hidden_size": tower.hidden_size}
-    keys = list(first_path)
+    keys = list(first_image)
     with FileLock(str(root / f"{producer}.lock")):
         cache = KeyedArrayCache.open_or_build(root, producer, info, keys, compute,
                                               batch_size=tower.config.batch_size,
