@@ -17,6 +17,7 @@ from dvlp_common.config import Config, ConfigError, param
 from pformer.llm import FrozenLLM
 from vl_align.export import ExportError, export_blip2, verify_export
 from vl_align.fronts import QFormerFront, load_front
+from vl_align.pairs import PairDataConfig, load_pairs
 from vl_align.vision import VisionTower
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -47,15 +48,10 @@ def load_front_dir(front_dir: str | Path) -> tuple[QFormerFront, VisionTower, Fr
     return front, tower, llm, meta
 
 
-def _verification_images(cfg: ExportConfig) -> list[str]:
-    from vl_align.data import load_image_text_pairs
-
-    from .stage2 import PairDataConfig, resolve_pair_source
-
-    source, fmt = resolve_pair_source(PairDataConfig(source=cfg.verify_source, verify_images=False), "test")
-    paths = list(dict.fromkeys(r["image_path"] for r in load_image_text_pairs(source, fmt=fmt,
-                                                                              verify_images=False)))
-    return paths[:cfg.verify_images]
+def _verification_images(cfg: ExportConfig) -> list[str | bytes]:
+    """The first ``verify_images`` distinct held-out images (paths, or encoded bytes from shards)."""
+    pairs, _ = load_pairs(PairDataConfig(source=cfg.verify_source, verify_images=False), seed=0, split="test")
+    return list(dict.fromkeys(r.image for r in pairs))[:cfg.verify_images]
 
 
 def run_export(cfg: ExportConfig) -> dict:

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import io
 import json
 import os
 from dataclasses import dataclass, field
@@ -489,6 +490,6 @@ def _as_pil(image: Any):
 
     if isinstance(image, Image.Image):
         return image
-    with Image.open(os.fspath(image)) as im:
+    with Image.open(io.BytesIO(image) if isinstance(image, bytes) else os.fspath(image)) as im:
         im.load()
         return im.copy()
