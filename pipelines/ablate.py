@@ -6,16 +6,15 @@ generative stage (2b) with periodic held-out captioning (quality against trainin
 zero-shot VQA evaluation. A cell is finished when its ``cell.json`` exists; re-running skips finished cells and
 resumes unfinished stages from their checkpoints.
 
-Per group of seeds the report gives mean ± std of every metric and the collapse rate (runs whose final LM loss is
-above ``collapse.lm_loss`` or whose held-out outputs are mostly not captions), and says, per metric, which
-differences to the baseline arm exceed the seed spread: unpaired (|Δ| > 2 standard errors) and paired by seed
-(|mean per-seed Δ| > t_{0.975} standard errors; a seed shares data subset, init and order across arms). Outputs in
-``output_dir``:
-``results.md``, ``results.csv`` (one row per cell), ``results.json`` (cells, groups, comparisons) and PNG plots.
+This module holds the grid (arms, config, collapse criteria) and its runner: running, resuming, re-evaluating and
+summarising cells. A cell collapsed when its final LM loss is above ``collapse.lm_loss`` or its held-out outputs are
+mostly not captions. The statistics over the cells (mean ± std over seeds, collapse rate, unpaired and paired-by-seed
+comparisons to the baseline arm) are in :mod:`pipelines.ablate_stats`; the report files in ``output_dir``
+(``results.md``, ``results.csv``, ``results.json``, PNG plots, ``captions.md``) are written by
+:mod:`pipelines.ablate_report`.
 """
 from __future__ import annotations
 
-import csv
 import json
 import math
 import re
@@ -27,6 +26,8 @@ from typing import Literal, Optional
 
 from dvlp_common.config import Config, ConfigError, load_config, param, save_config, to_dict
 
+from .ablate_report import write_gallery, write_report
+from .ablate_stats import METRICS, compare_to_baseline, group_cells, time_to_baseline_quality
 from .config import CONFIG_DIR
 
 
@@ -53,8 +54,6 @@ ARMS: dict[str, Arm] = {
     "tome": Arm("tome", 0.0, 0.0, description="SimVLG: ToMe connector, generative stage and LM loss only"),
     "elip": Arm("elip", 0.0, 0.0, description="BLIP-2 with ELIP's text-guided pruning in the ViT"),
 }
-METRICS = ("CIDEr", "Bleu_4", "METEOR", "ROUGE_L", "exact_match", "vqa_accuracy", "caption_validity", "final_lm",
-           "retrieval_itc_r_mean", "retrieval_itm_r_mean")
 
 
 @dataclass
@@ -249,290 +248,6 @@ def _re_evaluate_cell(cfg: AblateConfig, row: dict, cell_dir: Path, gen, protoco
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# statistics
-def mean_std(values: list[float]) -> tuple[float, float, int]:
-    """Mean, sample std (ddof 1; 0 for one value) and count of the finite values."""
-    xs = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
-    if not xs:
-        return float("nan"), float("nan"), 0
-    mean = sum(xs) / len(xs)
-    std = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
-    return mean, std, len(xs)
-
-
-def group_cells(cells: list[dict]) -> list[dict]:
-    """One row per (arm, pairs, lr): mean and std over seeds of every metric, collapse rate, cost."""
-    keys = sorted({(c["arm"], c["pairs"], c["lr"]) for c in cells}, key=lambda k: (k[1], k[2], k[0]))
-    groups = []
-    for arm, pairs, lr in keys:
-        members = [c for c in cells if (c["arm"], c["pairs"], c["lr"]) == (arm, pairs, lr)]
-        row = {"arm": arm, "pairs": pairs, "lr": lr, "seeds": len(members),
-               "collapse_rate": sum(c["collapsed"] for c in members) / len(members)}
-        for metric in (*METRICS, "train_seconds", "samples_per_s", "prefix_tokens"):
-            mean, std, _ = mean_std([c[metric] for c in members])
-            row[metric], row[f"{metric}_std"] = mean, std
-        groups.append(row)
-    return groups
-
-
-# two-sided 95% critical values of Student's t by degrees of freedom (beyond 30: the normal's 1.96)
-_T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-          12: 2.179, 15: 2.131, 20: 2.086, 25: 2.060, 30: 2.042}
-
-
-def t_critical(df: int) -> float:
-    """t_{0.975, df}, conservative between tabulated values (the next smaller df's)."""
-    if df < 1:
-        return float("nan")
-    return 1.96 if df > 30 else _T_975[max(k for k in _T_975 if k <= df)]
-
-
-def compare_to_baseline(cells: list[dict], baseline: str, metrics=("CIDEr", "exact_match", "vqa_accuracy")) -> list[dict]:
-    """Δ(arm − baseline) per (pairs, lr) and metric, and whether it exceeds the seed spread.
-
-    Unpaired: |Δ| > 2·SE with SE = sqrt(s_a²/n_a + s_b²/n_b) (needs ≥ 2 seeds per side). Paired: a seed fixes the
-    pair subset, the initialisation and the data order for every arm, so most of the seed-to-seed spread is shared
-    and cancels in the per-seed difference d_s = arm_s − baseline_s; the paired test is |mean d| > t_{0.975, n−1} ·
-    sd(d)/√n over the n seeds both arms finished (needs n ≥ 2). The paired verdict is the one to read when seeds
-    are shared; the unpaired one stays for grids whose arms ran different seeds."""
-    out = []
-    for arm, pairs, lr in sorted({(c["arm"], c["pairs"], c["lr"]) for c in cells if c["arm"] != baseline},
-                                 key=lambda k: (k[1], k[2], k[0])):
-        mine = [c for c in cells if (c["arm"], c["pairs"], c["lr"]) == (arm, pairs, lr)]
-        base = [c for c in cells if (c["arm"], c["pairs"], c["lr"]) == (baseline, pairs, lr)]
-        if not base:
-            continue
-        base_by_seed = {c["seed"]: c for c in base}
-        for metric in metrics:
-            ma, sa, na = mean_std([c[metric] for c in mine])
-            mb, sb, nb = mean_std([c[metric] for c in base])
-            se = math.sqrt(sa ** 2 / na + sb ** 2 / nb) if na >= 2 and nb >= 2 else float("nan")
-            delta = ma - mb
-            verdict = ("one seed: no test" if not math.isfinite(se) else
-                       "beyond seed spread" if abs(delta) > 2 * se else "within seed spread")
-            diffs = [c[metric] - base_by_seed[c["seed"]][metric] for c in mine if c["seed"] in base_by_seed]
-            d_mean, d_std, n = mean_std(diffs)
-            if n >= 2:
-                p_se, t = d_std / math.sqrt(n), t_critical(n - 1)
-                paired = "beyond seed spread" if abs(d_mean) > t * p_se else "within seed spread"
-            else:
-                p_se, t, paired = float("nan"), float("nan"), "under 2 shared seeds: no test"
-            out.append({"arm": arm, "pairs": pairs, "lr": lr, "metric": metric, "delta": delta, "se": se,
-                        "verdict": verdict, "paired_delta": d_mean, "paired_se": p_se, "paired_seeds": n,
-                        "paired_t_crit": t, "paired_verdict": paired})
-    return out
-
-
-def multiplicity_note(comparisons: list[dict]) -> str:
-    """Each paired test has a 5% false-positive rate, so a grid of many arms x metrics crosses the seed spread by
-    chance about 0.05·N times even when no arm differs; say so next to the verdicts, with the Bonferroni count."""
-    tested = [c for c in comparisons if c["paired_verdict"] in ("beyond seed spread", "within seed spread")]
-    if not tested:
-        return ""
-    beyond = sum(c["paired_verdict"] == "beyond seed spread" for c in tested)
-    n = len(tested)
-    return (f"{beyond} of {n} paired tests are beyond the seed spread. At the 5% level each, about "
-            f"{0.05 * n:.2f} would be by chance if no arm differed; read single verdicts with that in mind "
-            f"(for a family-wise 5%, Bonferroni: test each at 0.05/{n}).")
-
-
-def time_to_baseline_quality(cells: list[dict], baseline: str) -> list[dict]:
-    """SimVLG's claim is time to quality: per (pairs, lr), the training seconds (stage 2a included) at which each
-    arm's seed-averaged curve of held-out CIDEr first reaches the baseline's final curve value, and its ratio to the
-    baseline's total training seconds. Curve points use the same held-out images for every arm; nan when never
-    reached, or when the baseline ends at CIDEr 0 (a collapsed baseline sets no target)."""
-    out = []
-    for pairs, lr in sorted({(c["pairs"], c["lr"]) for c in cells}):
-        base = [c for c in cells if (c["arm"], c["pairs"], c["lr"]) == (baseline, pairs, lr) and c["curve"]]
-        if not base:
-            continue
-        base_seconds, base_cider = _mean_curve(base, "curve", "train_seconds", "CIDEr")
-        if not base_cider:
-            continue
-        target, base_total = base_cider[-1], base_seconds[-1]
-        for arm in sorted({c["arm"] for c in cells if (c["pairs"], c["lr"]) == (pairs, lr)}):
-            mine = [c for c in cells if (c["arm"], c["pairs"], c["lr"]) == (arm, pairs, lr) and c["curve"]]
-            if not mine:
-                continue
-            seconds, cider = _mean_curve(mine, "curve", "train_seconds", "CIDEr")
-            reached = next((t for t, v in zip(seconds, cider) if v >= target), float("nan")) if target > 0 \
-                else float("nan")
-            out.append({"arm": arm, "pairs": pairs, "lr": lr, "target_CIDEr": target,
-                        "seconds_to_target": reached, "baseline_seconds": base_total,
-                        "ratio": reached / base_total if base_total > 0 else float("nan"),
-                        "final_CIDEr": cider[-1] if cider else float("nan"),
-                        "final_seconds": seconds[-1] if seconds else float("nan")})
-    return out
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# report
-def _pm(mean: float, std: float, seeds: int, digits: int = 3) -> str:
-    if not math.isfinite(mean):
-        return "—"
-    return f"{mean:.{digits}f} ± {std:.{digits}f}" if seeds > 1 else f"{mean:.{digits}f}"
-
-
-def report_markdown(cfg: AblateConfig, cells: list[dict], groups: list[dict], comparisons: list[dict],
-                    stage1_md: str, wall_seconds: float, time_to_quality: list[dict] = ()) -> str:
-    from dvlp_common.reports import markdown_table
-
-    table = [{"arm": g["arm"], "pairs": g["pairs"], "lr": f"{g['lr']:g}", "seeds": g["seeds"],
-              "CIDEr": _pm(g["CIDEr"], g["CIDEr_std"], g["seeds"]),
-              "exact": _pm(g["exact_match"], g["exact_match_std"], g["seeds"]),
-              "METEOR": _pm(g["METEOR"], g["METEOR_std"], g["seeds"]),
-              "ROUGE-L": _pm(g["ROUGE_L"], g["ROUGE_L_std"], g["seeds"]),
-              "VQA acc": _pm(g["vqa_accuracy"], g["vqa_accuracy_std"], g["seeds"]),
-              "retrieval R̄ (ITC)": _pm(g["retrieval_itc_r_mean"], g["retrieval_itc_r_mean_std"], g["seeds"]),
-              "final LM loss": _pm(g["final_lm"], g["final_lm_std"], g["seeds"]),
-              "collapse": f"{g['collapse_rate']:.0%}", "train s": f"{g['train_seconds']:.0f}",
-              "samples/s": f"{g['samples_per_s']:.1f}", "tokens to LLM": f"{g['prefix_tokens']:g}"} for g in groups]
-    comp = [{"arm": c["arm"], "pairs": c["pairs"], "lr": f"{c['lr']:g}", "metric": c["metric"],
-             "Δ vs " + cfg.baseline: f"{c['delta']:+.3f}", "2·SE": f"{2 * c['se']:.3f}" if math.isfinite(c["se"]) else "—",
-             "verdict": c["verdict"], "paired Δ": f"{c['paired_delta']:+.3f}" if c["paired_seeds"] else "—",
-             "t·SE (paired)": (f"{c['paired_t_crit'] * c['paired_se']:.3f}" if math.isfinite(c["paired_se"])
-                               else "—"),
-             "paired verdict": c["paired_verdict"]} for c in comparisons]
-    speed = [{"arm": t["arm"], "pairs": t["pairs"], "lr": f"{t['lr']:g}",
-              f"{cfg.baseline} final CIDEr": f"{t['target_CIDEr']:.3f}",
-              "s to reach it": f"{t['seconds_to_target']:.0f}" if math.isfinite(t["seconds_to_target"]) else "never",
-              f"{cfg.baseline} total s": f"{t['baseline_seconds']:.0f}",
-              "ratio": f"{t['ratio']:.2f}" if math.isfinite(t["ratio"]) else "—",
-              "own final CIDEr": f"{t['final_CIDEr']:.3f}", "own total s": f"{t['final_seconds']:.0f}"}
-             for t in time_to_quality]
-    arms = "\n".join(f"- `{a}`: {ARMS[a].description}" for a in cfg.arms)
-    lines = [f"# Ablation: {cfg.dataset}", "",
-             f"{len(cells)} runs, wall time {wall_seconds / 60:.1f} min in this invocation (finished cells are "
-             f"reused). Per cell: {cfg.stage2_steps} representation steps (none for tome) + {cfg.generative_steps} "
-             f"generative steps; mean ± std over seeds {cfg.seeds}; collapse = final LM loss > "
-             f"{cfg.collapse.lm_loss:g} or fewer than {cfg.collapse.min_valid:.0%} of held-out outputs are captions.",
-             "", arms, "", stage1_md, "## Held-out captioning and zero-shot VQA", "", markdown_table(table), "",
-             f"## Differences to `{cfg.baseline}` (unpaired: |Δ| > 2·SE; paired by seed: |mean Δ_seed| > t·SE)", "",
-             markdown_table(comp) if comp else "(no comparisons)", "", multiplicity_note(comparisons), "",
-             f"## Time to `{cfg.baseline}`'s final quality (seed-mean curve of held-out CIDEr on "
-             f"{cfg.curve_images} images; training seconds, stage 2a included)", "",
-             markdown_table(speed) if speed else "(no curves)", "",
-             "Plots: `loss_curves.png`, `metrics_vs_pairs.png`, `quality_vs_time.png`."]
-    return "\n".join(lines) + "\n"
-
-
-def write_csv(path: Path, cells: list[dict]) -> None:
-    keys = [k for k in cells[0] if k not in ("curve", "loss_curve")]
-    with path.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=keys, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(cells)
-
-
-def _mean_curve(members: list[dict], key: str, x: str, y: str) -> tuple[list[float], list[float]]:
-    """Average the curves of several seeds at the steps they share."""
-    steps = sorted(set.intersection(*[{r["step"] for r in m[key]} for m in members])) if members else []
-    xs, ys = [], []
-    for s in steps:
-        pts = [next(r for r in m[key] if r["step"] == s) for m in members]
-        xs.append(sum(p[x] for p in pts) / len(pts))
-        ys.append(sum(p[y] for p in pts) / len(pts))
-    return xs, ys
-
-
-def _title(fig, title: str, width_inches: float) -> None:
-    """A figure title wrapped to the figure's width (a long dataset name otherwise runs off both edges)."""
-    import textwrap
-
-    fig.suptitle("\n".join(textwrap.wrap(title, width=int(width_inches * 10))), fontsize=10)
-
-
-def write_plots(out: Path, cfg: AblateConfig, cells: list[dict], groups: list[dict]) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import NullFormatter
-
-    paths = []
-    pairs_values, lrs = sorted({c["pairs"] for c in cells}), sorted({c["lr"] for c in cells})
-    arms = [a for a in cfg.arms if any(c["arm"] == a for c in cells)]
-
-    def grid(title: str):
-        width = max(6.0, 4.2 * len(pairs_values))
-        fig, axes = plt.subplots(len(lrs), len(pairs_values), squeeze=False, figsize=(width, 3.2 * len(lrs) + 0.4))
-        _title(fig, title, width)
-        return fig, axes
-
-    for name, key, x, y, xlabel, ylabel in (
-            ("loss_curves.png", "loss_curve", "step", "lm", "generative step", "training LM loss"),
-            ("quality_vs_time.png", "curve", "train_seconds", "CIDEr", "training seconds (2a + 2b)",
-             "held-out CIDEr")):
-        fig, axes = grid(f"{cfg.dataset}: {ylabel} (mean over seeds)")
-        for i, lr in enumerate(lrs):
-            for j, pairs in enumerate(pairs_values):
-                ax = axes[i][j]
-                for arm in arms:
-                    members = [c for c in cells if (c["arm"], c["pairs"], c["lr"]) == (arm, pairs, lr) and c[key]]
-                    xs, ys = _mean_curve(members, key, x, y)
-                    if xs:
-                        ax.plot(xs, ys, marker="." if key == "curve" else None, label=arm)
-                ax.set_title(f"{pairs} pairs, lr {lr:g}", fontsize=9)
-                ax.set_xlabel(xlabel, fontsize=8)
-                ax.set_ylabel(ylabel, fontsize=8)
-                ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / name, dpi=100)
-        plt.close(fig)
-        paths.append(out / name)
-
-    shown = [("CIDEr", "held-out CIDEr"), ("exact_match", "exact match"), ("vqa_accuracy", "zero-shot VQA acc")]
-    width = max(6.0, 4.2 * len(shown))
-    fig, axes = plt.subplots(len(lrs), len(shown), squeeze=False, figsize=(width, 3.2 * len(lrs) + 0.4))
-    _title(fig, f"{cfg.dataset}: metrics against the number of pairs (mean ± std over seeds)", width)
-    for i, lr in enumerate(lrs):
-        for j, (metric, label) in enumerate(shown):
-            ax = axes[i][j]
-            for k, arm in enumerate(arms):
-                rows = sorted((g for g in groups if g["arm"] == arm and g["lr"] == lr), key=lambda g: g["pairs"])
-                dodge = 1.0 + 0.04 * (k - (len(arms) - 1) / 2)  # arms side by side at one pair count (log axis)
-                if rows:
-                    ax.errorbar([g["pairs"] * dodge for g in rows], [g[metric] for g in rows],
-                                yerr=[g[f"{metric}_std"] for g in rows], marker="o", capsize=3, label=arm)
-            ax.set_xscale("log")
-            ax.set_xticks(pairs_values, [str(n) for n in pairs_values])
-            ax.set_xlim(pairs_values[0] / 1.5, pairs_values[-1] * 1.5)  # room for the dodged arms
-            ax.xaxis.set_minor_formatter(NullFormatter())
-            ax.set_title(f"{label}, lr {lr:g}", fontsize=9)
-            ax.set_xlabel("training pairs", fontsize=8)
-            ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "metrics_vs_pairs.png", dpi=100)
-    plt.close(fig)
-    paths.append(out / "metrics_vs_pairs.png")
-    return paths
-
-
-def write_gallery(out: Path, cfg: AblateConfig) -> Path | None:
-    """captions.md: a few held-out images with every arm's caption (first pairs/lr/seed cell of each arm)."""
-    if not cfg.gallery_images:
-        return None
-    first = lambda arm: out / "cells" / cell_name(arm, cfg.pairs[0], cfg.lrs[0], cfg.seeds[0])  # noqa: E731
-    preds = {}
-    for arm in cfg.arms:
-        path = first(arm) / "generative" / "predictions.json"
-        if path.exists():
-            preds[arm] = json.loads(path.read_text())["captions"][:cfg.gallery_images]
-    if not preds:
-        return None
-    arms = list(preds)
-    lines = [f"# Held-out captions per arm ({cfg.pairs[0]} pairs, lr {cfg.lrs[0]:g}, seed {cfg.seeds[0]})", "",
-             "| image | reference | " + " | ".join(arms) + " |", "|---|---|" + "---|" * len(arms)]
-    for i, item in enumerate(preds[arms[0]]):
-        cells = [preds[a][i]["prediction"].replace("|", "/") if i < len(preds[a]) else "" for a in arms]
-        lines.append(f"| ![]({Path(item['image_path']).resolve()}) | {item['references'][0]} | "
-                     + " | ".join(cells) + " |")
-    path = out / "captions.md"
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # the runner
 def run_stage1_once(cfg: AblateConfig, out: Path) -> tuple[Path, str]:
     """The stage-1 P-Former of this dataset (trained here unless ``cfg.pformer`` names one) and its report."""
@@ -588,17 +303,9 @@ def run_ablation(cfg: AblateConfig) -> dict:
     comparisons = compare_to_baseline(cells, cfg.baseline)
     speed = time_to_baseline_quality(cells, cfg.baseline)
     wall = time.perf_counter() - start
-    text = report_markdown(cfg, cells, groups, comparisons, stage1_md, wall, speed)
-    if missing:
-        text += f"\nNot finished (left out of this report): {len(missing)} cells: {', '.join(missing)}.\n"
-    (out / "results.md").write_text(text)
-    write_csv(out / "results.csv", cells)
-    (out / "results.json").write_text(json.dumps({"config": cfg.dataset, "wall_seconds": wall, "cells": cells,
-                                                  "groups": groups, "comparisons": comparisons,
-                                                  "time_to_baseline_quality": speed,
-                                                  "missing_cells": missing}, indent=2))
-    write_plots(out, cfg, cells, groups)
-    write_gallery(out, cfg)
+    text = write_report(out, cfg, cells, groups, comparisons, speed, stage1_md, wall, missing,
+                        descriptions={a: ARMS[a].description for a in cfg.arms})
+    write_gallery(out, cfg, {a: out / "cells" / cell_name(a, cfg.pairs[0], cfg.lrs[0], cfg.seeds[0]) for a in cfg.arms})
     print(text, flush=True)
     return {"cells": cells, "groups": groups, "comparisons": comparisons, "time_to_baseline_quality": speed,
             "missing_cells": missing, "wall_seconds": wall}

@@ -8,15 +8,15 @@ import math
 import pytest
 
 from dvlp_common.config import ConfigError, load_config
-from pipelines import ablate
-from pipelines.ablate import (AblateConfig, CaptionChecker, CollapseConfig, compare_to_baseline, group_cells,
-                              mean_std, run_ablation, time_to_baseline_quality)
+from pipelines import ablate_stats
+from pipelines.ablate import AblateConfig, CaptionChecker, CollapseConfig, run_ablation
+from pipelines.ablate_stats import compare_to_baseline, group_cells, mean_std, time_to_baseline_quality
 
 
 def _cell(arm, seed, cider, pairs=50, lr=1e-4, **extra):
     row = {"arm": arm, "pairs": pairs, "lr": lr, "seed": seed, "collapsed": False, "CIDEr": cider,
            "exact_match": cider / 2, "vqa_accuracy": 0.5, "curve": [], "loss_curve": []}
-    for metric in ablate.METRICS + ("train_seconds", "samples_per_s", "prefix_tokens"):
+    for metric in ablate_stats.METRICS + ("train_seconds", "samples_per_s", "prefix_tokens"):
         row.setdefault(metric, 1.0)
     row.update(extra)
     return row
@@ -60,8 +60,8 @@ def test_paired_comparison_sees_a_consistent_gap_that_seed_noise_hides():
     assert by[("control", "CIDEr")]["paired_verdict"] == "within seed spread"
     assert by[("pformer", "CIDEr")]["paired_seeds"] == 1
     assert by[("pformer", "CIDEr")]["paired_verdict"] == "under 2 shared seeds: no test"
-    assert ablate.t_critical(2) == pytest.approx(4.303) and ablate.t_critical(11) == pytest.approx(2.228)
-    assert ablate.t_critical(100) == pytest.approx(1.96)
+    assert ablate_stats.t_critical(2) == pytest.approx(4.303) and ablate_stats.t_critical(11) == pytest.approx(2.228)
+    assert ablate_stats.t_critical(100) == pytest.approx(1.96)
 
 
 def test_multiplicity_note_counts_paired_tests_and_chance_crossings():
@@ -69,10 +69,10 @@ def test_multiplicity_note_counts_paired_tests_and_chance_crossings():
     cells = [_cell("blip2", s, c) for s, c in enumerate(base)]
     cells += [_cell("pformer_std", s, c - d) for s, (c, d) in enumerate(zip(base, [0.25, 0.30, 0.35]))]
     cells += [_cell("pformer", 0, 2.5)]  # one shared seed: no paired test, not counted
-    note = ablate.multiplicity_note(compare_to_baseline(cells, "blip2"))
+    note = ablate_stats.multiplicity_note(compare_to_baseline(cells, "blip2"))
     # pformer_std: CIDEr and exact_match (CIDEr / 2) lower on every seed; VQA identical -> 2 of 3 beyond
     assert note.startswith("2 of 3 paired tests are beyond the seed spread") and "about 0.15 would" in note
-    assert ablate.multiplicity_note(compare_to_baseline(cells[-1:] + cells[:1], "blip2")) == ""
+    assert ablate_stats.multiplicity_note(compare_to_baseline(cells[-1:] + cells[:1], "blip2")) == ""
 
 
 def test_groups_report_collapse_rate_per_cell_group():

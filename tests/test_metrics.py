@@ -32,8 +32,8 @@ from vl_align.metrics import (
 
 needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="needs Java (PTB tokenizer / METEOR)")
 
-_coco_mod = importlib.import_module("vl_align.metrics.coco_caption.coco_caption")
-_rr_mod = importlib.import_module("vl_align.metrics.retrieval_recall.retrieval_recall")
+_coco_mod = importlib.import_module("vl_align.metrics.caption")
+_rr_mod = importlib.import_module("vl_align.metrics.recall")
 
 
 @pytest.fixture(autouse=True)
@@ -81,6 +81,23 @@ def test_load_metric_is_offline_and_restores_environment():
     # the offline switches are only set while loading
     assert {k: os.environ.get(k) for k in env_before} == env_before
     assert huggingface_hub.constants.HF_HUB_OFFLINE == hub_offline_before
+
+
+def test_evaluate_load_of_each_script_folder_wraps_the_package_functions():
+    """The scripts are thin: evaluate.load on a folder (the script copied into evaluate's cache) scores with the
+    same plain functions that vl_align.metrics exports."""
+    import evaluate
+
+    from vl_align.metrics import METRICS_DIR, _hub_offline
+
+    for name, plain in (("coco_caption", compute_caption_metrics), ("vqa_accuracy", vqa_accuracy),
+                        ("retrieval_recall", retrieval_recall)):
+        script = importlib.import_module(f"vl_align.metrics.{name}.{name}")
+        assert getattr(script, plain.__name__) is plain
+        with _hub_offline():
+            metric = evaluate.load(str(METRICS_DIR / name), keep_in_memory=True)
+        assert type(metric).__name__ == "".join(part.title() for part in name.split("_"))
+    assert metric.compute(predictions=_SIMS.T, references=_T2I) == pytest.approx(_EXPECTED)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from pipelines.evaluate import write_report
+from dvlp_common.reports import write_report
 
 
 def test_write_report_layout(tmp_path):

@@ -8,13 +8,16 @@
     vqa = load_metric("vqa_accuracy")           # VQAv2 accuracy, official normalisation
     rr = load_metric("retrieval_recall")        # image<->text R@1/5/10
 
-The plain functions are re-exported for use without `evaluate` (importing this package does not import
-`evaluate`, which takes seconds): :func:`normalize_answer`, :func:`vqa_score`, :func:`vqa_accuracy`,
-:func:`retrieval_recall`, :func:`compute_caption_metrics`, :func:`ptb_tokenize`.
+The scores are computed by plain functions, one module per metric: :mod:`.caption`
+(:func:`compute_caption_metrics`, :func:`ptb_tokenize`), :mod:`.vqa` (:func:`normalize_answer`, :func:`vqa_score`,
+:func:`vqa_accuracy`) and :mod:`.recall` (:func:`retrieval_recall`); each script is a thin `evaluate` wrapper
+around one of them, built by :mod:`.evaluate_module`. The functions are re-exported here for use without
+`evaluate` (importing this package does not import `evaluate`, which takes seconds).
 
 Note: the re-exported functions ``vqa_accuracy`` and ``retrieval_recall`` shadow the sub-folders of the same name
 as attributes of this package; import the scripts themselves by their full module path
-(``vl_align.metrics.retrieval_recall.retrieval_recall``) when needed.
+(``vl_align.metrics.retrieval_recall.retrieval_recall``) when needed. They are imported below through the scripts
+(which re-export them) so that the sub-folders are bound first and the functions win.
 """
 
 from __future__ import annotations

@@ -1,0 +1,185 @@
+"""The ablation's report files in its ``output_dir``: ``results.md`` (tables of mean ± std, the comparisons to the
+baseline arm, time to its quality), ``results.csv`` (one row per cell), ``results.json`` (cells, groups,
+comparisons), the PNG plots (loss curves, quality against training time, metrics against the number of pairs) and
+``captions.md`` (a gallery of held-out captions per arm). ``cfg`` is the grid's :class:`pipelines.ablate.AblateConfig`
+(not imported: :mod:`pipelines.ablate` imports this module).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+from .ablate_stats import mean_curve, multiplicity_note
+
+
+def _pm(mean: float, std: float, seeds: int, digits: int = 3) -> str:
+    if not math.isfinite(mean):
+        return "—"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}" if seeds > 1 else f"{mean:.{digits}f}"
+
+
+def report_markdown(cfg, cells: list[dict], groups: list[dict], comparisons: list[dict], stage1_md: str,
+                    wall_seconds: float, time_to_quality: list[dict] = (), *, descriptions: dict[str, str]) -> str:
+    """The text of results.md; ``descriptions``: arm -> its one-line description, for every arm of ``cfg.arms``."""
+    from dvlp_common.reports import markdown_table
+
+    table = [{"arm": g["arm"], "pairs": g["pairs"], "lr": f"{g['lr']:g}", "seeds": g["seeds"],
+              "CIDEr": _pm(g["CIDEr"], g["CIDEr_std"], g["seeds"]),
+              "exact": _pm(g["exact_match"], g["exact_match_std"], g["seeds"]),
+              "METEOR": _pm(g["METEOR"], g["METEOR_std"], g["seeds"]),
+              "ROUGE-L": _pm(g["ROUGE_L"], g["ROUGE_L_std"], g["seeds"]),
+              "VQA acc": _pm(g["vqa_accuracy"], g["vqa_accuracy_std"], g["seeds"]),
+              "retrieval R̄ (ITC)": _pm(g["retrieval_itc_r_mean"], g["retrieval_itc_r_mean_std"], g["seeds"]),
+              "final LM loss": _pm(g["final_lm"], g["final_lm_std"], g["seeds"]),
+              "collapse": f"{g['collapse_rate']:.0%}", "train s": f"{g['train_seconds']:.0f}",
+              "samples/s": f"{g['samples_per_s']:.1f}", "tokens to LLM": f"{g['prefix_tokens']:g}"} for g in groups]
+    comp = [{"arm": c["arm"], "pairs": c["pairs"], "lr": f"{c['lr']:g}", "metric": c["metric"],
+             "Δ vs " + cfg.baseline: f"{c['delta']:+.3f}", "2·SE": f"{2 * c['se']:.3f}" if math.isfinite(c["se"]) else "—",
+             "verdict": c["verdict"], "paired Δ": f"{c['paired_delta']:+.3f}" if c["paired_seeds"] else "—",
+             "t·SE (paired)": (f"{c['paired_t_crit'] * c['paired_se']:.3f}" if math.isfinite(c["paired_se"])
+                               else "—"),
+             "paired verdict": c["paired_verdict"]} for c in comparisons]
+    speed = [{"arm": t["arm"], "pairs": t["pairs"], "lr": f"{t['lr']:g}",
+              f"{cfg.baseline} final CIDEr": f"{t['target_CIDEr']:.3f}",
+              "s to reach it": f"{t['seconds_to_target']:.0f}" if math.isfinite(t["seconds_to_target"]) else "never",
+              f"{cfg.baseline} total s": f"{t['baseline_seconds']:.0f}",
+              "ratio": f"{t['ratio']:.2f}" if math.isfinite(t["ratio"]) else "—",
+              "own final CIDEr": f"{t['final_CIDEr']:.3f}", "own total s": f"{t['final_seconds']:.0f}"}
+             for t in time_to_quality]
+    arms = "\n".join(f"- `{a}`: {descriptions[a]}" for a in cfg.arms)
+    lines = [f"# Ablation: {cfg.dataset}", "",
+             f"{len(cells)} runs, wall time {wall_seconds / 60:.1f} min in this invocation (finished cells are "
+             f"reused). Per cell: {cfg.stage2_steps} representation steps (none for tome) + {cfg.generative_steps} "
+             f"generative steps; mean ± std over seeds {cfg.seeds}; collapse = final LM loss > "
+             f"{cfg.collapse.lm_loss:g} or fewer than {cfg.collapse.min_valid:.0%} of held-out outputs are captions.",
+             "", arms, "", stage1_md, "## Held-out captioning and zero-shot VQA", "", markdown_table(table), "",
+             f"## Differences to `{cfg.baseline}` (unpaired: |Δ| > 2·SE; paired by seed: |mean Δ_seed| > t·SE)", "",
+             markdown_table(comp) if comp else "(no comparisons)", "", multiplicity_note(comparisons), "",
+             f"## Time to `{cfg.baseline}`'s final quality (seed-mean curve of held-out CIDEr on "
+             f"{cfg.curve_images} images; training seconds, stage 2a included)", "",
+             markdown_table(speed) if speed else "(no curves)", "",
+             "Plots: `loss_curves.png`, `metrics_vs_pairs.png`, `quality_vs_time.png`."]
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(path: Path, cells: list[dict]) -> None:
+    keys = [k for k in cells[0] if k not in ("curve", "loss_curve")]
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=keys, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(cells)
+
+
+def _title(fig, title: str, width_inches: float) -> None:
+    """A figure title wrapped to the figure's width (a long dataset name otherwise runs off both edges)."""
+    import textwrap
+
+    fig.suptitle("\n".join(textwrap.wrap(title, width=int(width_inches * 10))), fontsize=10)
+
+
+def write_plots(out: Path, cfg, cells: list[dict], groups: list[dict]) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
+
+    paths = []
+    pairs_values, lrs = sorted({c["pairs"] for c in cells}), sorted({c["lr"] for c in cells})
+    arms = [a for a in cfg.arms if any(c["arm"] == a for c in cells)]
+
+    def grid(title: str):
+        width = max(6.0, 4.2 * len(pairs_values))
+        fig, axes = plt.subplots(len(lrs), len(pairs_values), squeeze=False, figsize=(width, 3.2 * len(lrs) + 0.4))
+        _title(fig, title, width)
+        return fig, axes
+
+    for name, key, x, y, xlabel, ylabel in (
+            ("loss_curves.png", "loss_curve", "step", "lm", "generative step", "training LM loss"),
+            ("quality_vs_time.png", "curve", "train_seconds", "CIDEr", "training seconds (2a + 2b)",
+             "held-out CIDEr")):
+        fig, axes = grid(f"{cfg.dataset}: {ylabel} (mean over seeds)")
+        for i, lr in enumerate(lrs):
+            for j, pairs in enumerate(pairs_values):
+                ax = axes[i][j]
+                for arm in arms:
+                    members = [c for c in cells if (c["arm"], c["pairs"], c["lr"]) == (arm, pairs, lr) and c[key]]
+                    xs, ys = mean_curve(members, key, x, y)
+                    if xs:
+                        ax.plot(xs, ys, marker="." if key == "curve" else None, label=arm)
+                ax.set_title(f"{pairs} pairs, lr {lr:g}", fontsize=9)
+                ax.set_xlabel(xlabel, fontsize=8)
+                ax.set_ylabel(ylabel, fontsize=8)
+                ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=100)
+        plt.close(fig)
+        paths.append(out / name)
+
+    shown = [("CIDEr", "held-out CIDEr"), ("exact_match", "exact match"), ("vqa_accuracy", "zero-shot VQA acc")]
+    width = max(6.0, 4.2 * len(shown))
+    fig, axes = plt.subplots(len(lrs), len(shown), squeeze=False, figsize=(width, 3.2 * len(lrs) + 0.4))
+    _title(fig, f"{cfg.dataset}: metrics against the number of pairs (mean ± std over seeds)", width)
+    for i, lr in enumerate(lrs):
+        for j, (metric, label) in enumerate(shown):
+            ax = axes[i][j]
+            for k, arm in enumerate(arms):
+                rows = sorted((g for g in groups if g["arm"] == arm and g["lr"] == lr), key=lambda g: g["pairs"])
+                dodge = 1.0 + 0.04 * (k - (len(arms) - 1) / 2)  # arms side by side at one pair count (log axis)
+                if rows:
+                    ax.errorbar([g["pairs"] * dodge for g in rows], [g[metric] for g in rows],
+                                yerr=[g[f"{metric}_std"] for g in rows], marker="o", capsize=3, label=arm)
+            ax.set_xscale("log")
+            ax.set_xticks(pairs_values, [str(n) for n in pairs_values])
+            ax.set_xlim(pairs_values[0] / 1.5, pairs_values[-1] * 1.5)  # room for the dodged arms
+            ax.xaxis.set_minor_formatter(NullFormatter())
+            ax.set_title(f"{label}, lr {lr:g}", fontsize=9)
+            ax.set_xlabel("training pairs", fontsize=8)
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "metrics_vs_pairs.png", dpi=100)
+    plt.close(fig)
+    paths.append(out / "metrics_vs_pairs.png")
+    return paths
+
+
+def write_gallery(out: Path, cfg, cell_dirs: dict[str, Path]) -> Path | None:
+    """captions.md: a few held-out images with every arm's caption (``cell_dirs``: arm -> its first pairs/lr/seed
+    cell)."""
+    if not cfg.gallery_images:
+        return None
+    preds = {}
+    for arm, cell_dir in cell_dirs.items():
+        path = cell_dir / "generative" / "predictions.json"
+        if path.exists():
+            preds[arm] = json.loads(path.read_text())["captions"][:cfg.gallery_images]
+    if not preds:
+        return None
+    arms = list(preds)
+    lines = [f"# Held-out captions per arm ({cfg.pairs[0]} pairs, lr {cfg.lrs[0]:g}, seed {cfg.seeds[0]})", "",
+             "| image | reference | " + " | ".join(arms) + " |", "|---|---|" + "---|" * len(arms)]
+    for i, item in enumerate(preds[arms[0]]):
+        cells = [preds[a][i]["prediction"].replace("|", "/") if i < len(preds[a]) else "" for a in arms]
+        lines.append(f"| ![]({Path(item['image_path']).resolve()}) | {item['references'][0]} | "
+                     + " | ".join(cells) + " |")
+    path = out / "captions.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def write_report(out: Path, cfg, cells: list[dict], groups: list[dict], comparisons: list[dict], speed: list[dict],
+                 stage1_md: str, wall: float, missing: list[str], descriptions: dict[str, str]) -> str:
+    """results.md (returned), results.csv, results.json and the PNG plots in ``out``."""
+    text = report_markdown(cfg, cells, groups, comparisons, stage1_md, wall, speed, descriptions=descriptions)
+    if missing:
+        text += f"\nNot finished (left out of this report): {len(missing)} cells: {', '.join(missing)}.\n"
+    (out / "results.md").write_text(text)
+    write_csv(out / "results.csv", cells)
+    (out / "results.json").write_text(json.dumps({"config": cfg.dataset, "wall_seconds": wall, "cells": cells,
+                                                  "groups": groups, "comparisons": comparisons,
+                                                  "time_to_baseline_quality": speed,
+                                                  "missing_cells": missing}, indent=2))
+    write_plots(out, cfg, cells, groups)
+    return text
