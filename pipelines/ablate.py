@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from dvlp_common.config import Config, ConfigError, load_config, param, save_config, to_dict
+from dvlp_common.io import write_json_atomic
 
 from .ablate_report import write_gallery, write_report
 from .ablate_stats import METRICS, compare_to_baseline, group_cells, time_to_baseline_quality
@@ -226,7 +227,7 @@ def run_cell(cfg: AblateConfig, arm_name: str, pairs: int, lr: float, seed: int,
     row = {"arm": arm_name, "front": arm.front, "pairs": pairs, "lr": lr, "seed": seed,
            **summarize_cell(cell_dir, has_stage2, checker, cfg.collapse),
            "wall_seconds": time.perf_counter() - started, "eval_protocol": protocol}
-    done.write_text(json.dumps(row, indent=2))
+    write_json_atomic(done, row)  # its presence marks the cell finished: never half written
     if not cfg.keep_cell_checkpoints:  # only an unfinished cell resumes from them
         for stage in ("stage2", "generative"):
             shutil.rmtree(cell_dir / stage / "checkpoints", ignore_errors=True)
@@ -243,7 +244,7 @@ def _re_evaluate_cell(cfg: AblateConfig, row: dict, cell_dir: Path, gen, protoco
     run_evaluate(EvaluateConfig(front=str(cell_dir / "generative" / "front"), output_dir=str(cell_dir / "generative"),
                                 data_source=cfg.dataset, precision=gen.deepspeed.precision, eval=gen.eval))
     row = {**row, **summarize_cell(cell_dir, has_stage2, checker, cfg.collapse), "eval_protocol": protocol}
-    (cell_dir / "cell.json").write_text(json.dumps(row, indent=2))
+    write_json_atomic(cell_dir / "cell.json", row)
     return row
 
 
@@ -270,7 +271,6 @@ def run_stage1_once(cfg: AblateConfig, out: Path) -> tuple[Path, str]:
 
 def caption_checker(dataset: str) -> CaptionChecker:
     from pformer.data import load_text_corpus
-
     from vl_align.sources import resolve_text_source
 
     return CaptionChecker(list(load_text_corpus(resolve_text_source(dataset))["text"]))
