@@ -24,10 +24,12 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from dvlp_common import zoo
 
+from .losses import MeanOverRanks, identity_gather, over_global_tokens
+
 
 @dataclass
 class PrefixLMOutput:
-    loss: torch.Tensor  # scalar, mean over target tokens
+    loss: torch.Tensor  # scalar, mean over target tokens (over the global batch's: see ``prefix_lm``)
     logits: torch.Tensor  # [B, T, V] logits that predict each target token
     target_ids: torch.Tensor  # [B, T], -100 where padded
 
@@ -128,8 +130,15 @@ class FrozenLLM(nn.Module):
 
     def prefix_lm(self, prefix: torch.Tensor, target_ids: torch.Tensor, target_mask: torch.Tensor,
                   prefix_mask: torch.Tensor | None = None, prompt_embeds: torch.Tensor | None = None,
-                  prompt_mask: torch.Tensor | None = None) -> PrefixLMOutput:
-        """LM loss on the target text given ``prefix`` [B, P, d_llm] (and an optional text prompt after it)."""
+                  prompt_mask: torch.Tensor | None = None,
+                  mean_count_over_ranks: MeanOverRanks = identity_gather) -> PrefixLMOutput:
+        """LM loss on the target text given ``prefix`` [B, P, d_llm] (and an optional text prompt after it).
+
+        ``mean_count_over_ranks``: the mean of a tensor over the data-parallel ranks (identity in one process). The
+        loss is this rank's summed token loss over (global token count / world size), so that the mean over ranks
+        of the losses (DeepSpeed averages gradients over ranks) is the mean over all the global batch's target
+        tokens, whatever the captions' lengths on each rank; in one process it is the plain token mean.
+        """
         batch, n_prefix = prefix.shape[:2]
         prefix = prefix.to(self.dtype)
         if prefix_mask is None:
@@ -156,6 +165,7 @@ class FrozenLLM(nn.Module):
             else:
                 logits = self.model(inputs_embeds=inputs, attention_mask=mask).logits[:, -t - 1:-1]
         loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+        loss = over_global_tokens(loss, (labels != -100).sum(), mean_count_over_ranks)
         return PrefixLMOutput(loss=loss, logits=logits, target_ids=labels)
 
     @torch.no_grad()

@@ -14,10 +14,27 @@ import torch.nn.functional as F
 from dvlp_common.config import Config, param
 
 Gather = Callable[[torch.Tensor], torch.Tensor]
+# the mean of a tensor over the data-parallel ranks, without gradient (identity in one process)
+MeanOverRanks = Callable[[torch.Tensor], torch.Tensor]
 
 
 def identity_gather(x: torch.Tensor) -> torch.Tensor:
     return x
+
+
+def over_global_tokens(token_mean: torch.Tensor, count: torch.Tensor,
+                       mean_count_over_ranks: MeanOverRanks = identity_gather) -> torch.Tensor:
+    """A rank's token-mean loss, re-weighted so that the mean over ranks (what DeepSpeed's gradient averaging and
+    the logged loss take) is the mean over the tokens of the whole global batch.
+
+    ``token_mean``: this rank's loss averaged over its ``count`` valid tokens (a 0-d tensor); ``mean_count_over_ranks``
+    returns the mean of ``count`` over the ranks (global count / world size). The result is
+    sum_local / (global_count / world_size), computed as token_mean · (count / mean count) so that in one process it
+    is ``token_mean`` bit for bit (the factor is exactly 1). A rank without a valid token contributes 0 (its token
+    mean is NaN). With gradient accumulation each micro-step is normalised by its own global count.
+    """
+    factor = (count / mean_count_over_ranks(count)).to(token_mean.dtype)
+    return torch.where(count > 0, token_mean, torch.zeros_like(token_mean)) * factor
 
 
 @dataclass
@@ -64,4 +81,5 @@ def contrastive_loss(z_a: torch.Tensor, z_b: torch.Tensor, temperature: torch.Te
                   + F.cross_entropy(logits_ba, targets, label_smoothing=label_smoothing))
 
 
-__all__ = ["Stage1LossWeights", "nearest_embeddings", "vq_loss", "contrastive_loss", "identity_gather", "Gather"]
+__all__ = ["Stage1LossWeights", "nearest_embeddings", "vq_loss", "contrastive_loss", "identity_gather", "Gather",
+           "MeanOverRanks", "over_global_tokens"]

@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 
 from .llm import FrozenLLM
-from .losses import Gather, Stage1LossWeights, contrastive_loss, identity_gather, vq_loss
+from .losses import Gather, MeanOverRanks, Stage1LossWeights, contrastive_loss, identity_gather, vq_loss
 from .model import mask_tokens
 
 
@@ -52,14 +52,20 @@ class Stage1Collator:
 
 def stage1_loss(pformer: Callable[..., dict[str, torch.Tensor]], llm: FrozenLLM, batch: TextBatch,
                 weights: Stage1LossWeights, label_smoothing: float, gather: Gather = identity_gather,
-                rank: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """``pformer`` is the module or the DeepSpeed engine wrapping it (its forward returns features)."""
+                rank: int = 0, mean_count_over_ranks: MeanOverRanks = identity_gather
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``pformer`` is the module or the DeepSpeed engine wrapping it (its forward returns features).
+
+    ``gather`` and ``rank`` serve L_c over the global batch; ``mean_count_over_ranks`` (the mean of a tensor over the
+    ranks) makes L_lm a mean over the global batch's tokens (see ``FrozenLLM.prefix_lm``). Identity in one process.
+    """
     out = pformer(batch.input_ids, batch.attention_mask)
     b = batch.target_ids.shape[0]
     prompts = out["prompts"][:b]  # view A
     parts: dict[str, torch.Tensor] = {}
     zero = prompts.new_zeros(())
-    parts["lm"] = llm.prefix_lm(prompts, batch.target_ids, batch.target_mask).loss if weights.lm else zero
+    parts["lm"] = (llm.prefix_lm(prompts, batch.target_ids, batch.target_mask,
+                                 mean_count_over_ranks=mean_count_over_ranks).loss if weights.lm else zero)
     parts["vq"] = vq_loss(prompts, llm.embedding_table) if weights.vq else zero
     if weights.contrastive:
         emb = out["embedding"]

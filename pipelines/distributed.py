@@ -1,6 +1,6 @@
 """Processes, devices and collectives: the one place (with the engine in ``pipelines.optim``) that knows
 ``torch.distributed`` and DeepSpeed's process group. The libraries receive what they need from here as arguments:
-``gather`` functions for the global-batch losses and ``sum_over_ranks`` for the global token counts."""
+``gather`` functions for the global-batch losses and ``mean_over_ranks_tensor`` for the global token counts."""
 from __future__ import annotations
 
 import contextlib
@@ -95,6 +95,20 @@ def all_gather_nograd(x: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, x.contiguous())
     return torch.cat(parts, dim=0)
+
+
+@torch.no_grad()
+def mean_over_ranks_tensor(x: torch.Tensor) -> torch.Tensor:
+    """The mean of ``x`` over the ranks (an all-reduce; ``x`` itself in one process), without gradient: the
+    ``mean_count_over_ranks`` the token-averaged losses (the LLM's LM loss, ITG) receive, so that each rank divides its
+    summed token loss by global token count / world size."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return x
+    total = x.detach().to(torch.float64).clone()
+    dist.all_reduce(total)
+    return total / dist.get_world_size()
 
 
 def all_ranks_true(flag: bool, device: torch.device) -> bool:

@@ -104,7 +104,7 @@ def run_generative(cfg: GenerativeConfig, resume: bool = False, stop_after: int 
 
     def loss_fn(eng, batch):
         return generative_loss(eng, llm, batch, cfg.weights, cfg.align, inputs.stats,
-                               distributed.all_gather_with_grad, dist.rank)
+                               distributed.all_gather_with_grad, dist.rank, distributed.mean_over_ranks_tensor)
 
     def trained_front():
         """(front, tower) for use on the main rank outside the engine; call on every rank: under ZeRO-3 the weights

@@ -103,7 +103,7 @@ def run_stage1(cfg: Stage1Config, resume: bool = False, stop_after: int | None =
 
     def loss_fn(eng, batch):
         return stage1_loss(eng, llm, batch, cfg.loss, cfg.model.label_smoothing, distributed.all_gather_with_grad,
-                           dist.rank)
+                           dist.rank, distributed.mean_over_ranks_tensor)
 
     result = training.train(engine=engine, dist_info=dist, make_batch=make_batch, loss_fn=loss_fn,
                             num_samples=len(train_texts), optim=cfg.optim, logging=cfg.logging,

@@ -77,7 +77,7 @@ def run_stage2(cfg: Stage2Config, resume: bool = False, stop_after: int | None =
 
     def loss_fn(eng, batch):
         return representation_loss(eng, batch, cfg.losses, cfg.align, inputs.stats, distributed.all_gather_with_grad,
-                                   distributed.all_gather_nograd, dist.rank)
+                                   distributed.all_gather_nograd, dist.rank, distributed.mean_over_ranks_tensor)
 
     result = training.train(engine=engine, dist_info=dist, make_batch=collate, loss_fn=loss_fn,
                             num_samples=len(pairs), optim=cfg.optim, logging=cfg.logging,

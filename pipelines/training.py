@@ -31,6 +31,7 @@ from dvlp_common.seeding import seed_everything, step_seed
 from .checkpoint import CheckpointManager
 from .config import LoggingConfig, OptimConfig, ReliabilityConfig
 from .distributed import DistInfo, all_ranks_true, init_distributed, mean_over_ranks
+from .loss_scaling import LossScaleConfig, LossScaler
 
 
 class GlobalBatchOrder:
@@ -86,8 +87,12 @@ def train(*, engine, dist_info: DistInfo, make_batch: Callable[[list[int], int],
           optim: OptimConfig, logging: LoggingConfig, reliability: ReliabilityConfig, seed: int,
           dtype: torch.dtype, resume: bool = False, stop_after: int | None = None,
           record_ids: Callable[[Any], list] | None = None,
-          after_step: Callable[[int, float], None] | None = None) -> TrainResult:
+          after_step: Callable[[int, float], None] | None = None,
+          loss_scale: LossScaleConfig | None = None) -> TrainResult:
     """Run optimizer steps until ``optim.max_steps`` (or ``stop_after`` steps in this call).
+
+    With ``dtype`` float16 (fp16 autocast) the backward pass runs on a dynamically scaled loss
+    (``pipelines.loss_scaling``, schedule ``loss_scale``); its state is checkpointed with the trainer state.
 
     ``after_step(step, train_seconds)`` runs on every rank after each step (and its checkpoint), e.g. a periodic
     evaluation for quality-against-time curves; its time is excluded from the training time and throughput.
@@ -99,9 +104,12 @@ def train(*, engine, dist_info: DistInfo, make_batch: Callable[[list[int], int],
     result = TrainResult()
     step = 0
     earlier_seconds = 0.0  # training time before this call (a resumed run's curve continues its clock)
+    scaler = LossScaler(engine, enabled=dtype == torch.float16, config=loss_scale)
     if resume and (latest := ckpt.latest()) is not None:
         state = ckpt.load(engine, latest)
         step = result.resumed_from = state["step"]
+        if scaler.enabled and "loss_scaler" in state:
+            scaler.load_state_dict(state["loss_scaler"])
         earlier_seconds = float(state.get("train_seconds", 0.0))
         if dist_info.is_main:
             print(f"resumed from {latest} (step {step})", flush=True)
@@ -128,8 +136,9 @@ def train(*, engine, dist_info: DistInfo, make_batch: Callable[[list[int], int],
     engine.train()
 
     def state_at(s: int) -> dict[str, Any]:
-        return {"step": s, "seed": seed, "samples_seen": s * order.global_batch,
-                "train_seconds": time.perf_counter() - start_time}
+        state = {"step": s, "seed": seed, "samples_seen": s * order.global_batch,
+                 "train_seconds": time.perf_counter() - start_time}
+        return {**state, "loss_scaler": scaler.state_dict()} if scaler.enabled else state
 
     while step < last:
         seed_everything(step_seed(seed, step, dist_info.rank))
@@ -148,8 +157,8 @@ def train(*, engine, dist_info: DistInfo, make_batch: Callable[[list[int], int],
                 raise NonFiniteLoss(f"non-finite loss {float(loss.detach())} at step {step} (micro-step {micro}, rank "
                                     f"{dist_info.rank}); loss parts {named}; records {rec[:16]}; last good state "
                                     f"saved to {path}")
-            engine.backward(loss)
-            engine.step()
+            engine.backward(scaler.scale(loss))
+            scaler.step()  # engine.step(); under fp16 autocast also unscales, skips on inf/NaN, moves the scale
             for k, v in {"loss": loss, **parts}.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach()) / optim.grad_accum_steps
         sums = mean_over_ranks(sums, dist_info.device)  # log the global batch's loss, not rank 0's share
@@ -160,6 +169,8 @@ def train(*, engine, dist_info: DistInfo, make_batch: Callable[[list[int], int],
             row = {"step": step, **sums, "lr": engine.get_lr()[0], "epoch": order.epoch_of(step),
                    "samples_per_s": window_samples / max(now - window_time, 1e-9),
                    "elapsed_s": now - start_time}
+            if scaler.enabled:  # the scale the next step uses, and the steps skipped so far for inf/NaN gradients
+                row.update(loss_scale=scaler.scale_value, skipped_steps=scaler.skipped_steps)
             window_time, window_samples = now, 0
             result.history.append(row)
             with metrics_path.open("a") as fh:

@@ -8,8 +8,10 @@ ZeRO-0 reference run, within 1e-4. They can agree that closely, not only approxi
 * the models have no dropout; the stage-1 masking and the ITM hard-negative draws are seeded per sample of the
   global batch, not per rank;
 * ITC and L_c gather the other ranks' embeddings with gradient; hard negatives come from the global similarities;
-* the token-averaged losses (ITG, the LLM's LM loss) average over a rank's own tokens; every caption here has the
-  same token length in each tokenizer involved, so the mean of the per-rank means is the global mean;
+* the token-averaged losses (ITG, the LLM's LM loss) divide a rank's summed token loss by the global token count
+  over the world size (``pipelines.distributed.mean_over_ranks_tensor``), so the mean over ranks of the per-rank
+  losses is the global token mean; the captions here have clearly unequal token lengths (3 to 12 LLM tokens, checked
+  by the fixtures), so a per-rank token mean would not pass;
 * ITM, the MSE alignment and the contrastive losses are means over equally many rows on every rank.
 
 Under ZeRO-3 the weights that leave the engine (the saved P-Former / front, the evaluation after training) are
@@ -31,10 +33,18 @@ BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parent.parent
 TOL = 1e-4
 STEPS = 4
-# every caption is 5 MiniLM tokens and 3 SmolLM2 tokens (checked by the fixtures)
+# captions of unequal token lengths (5 to 14 MiniLM tokens, 3 to 12 SmolLM2 tokens; checked by the fixtures): the
+# token-averaged losses must weigh ranks by their token counts to follow one rank
 COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 170, 30), "black": (10, 10, 10)}
 SHAPES = ["circle", "square", "box", "line"]
-CAPTIONS = [f"a {c} {s}" for c in COLOURS for s in SHAPES]
+SUFFIXES = ["", " on white", " in the middle of the picture", " drawn on a noisy white background with nothing else"]
+
+
+def _caption(colour: str, shape: str) -> str:
+    return f"a {colour} {shape}" + SUFFIXES[(list(COLOURS).index(colour) + SHAPES.index(shape)) % len(SUFFIXES)]
+
+
+CAPTIONS = [_caption(c, s) for c in COLOURS for s in SHAPES]
 
 
 def _port() -> int:
@@ -105,8 +115,9 @@ def _report(name: str, **values: float) -> None:
 def text_corpus(tmp_path_factory, tiny_bert_dir, tiny_llm_dir) -> Path:
     from dvlp_common import zoo
 
-    for ref in (tiny_bert_dir, tiny_llm_dir):  # one token length per tokenizer: per-rank token means are global
-        assert len({len(zoo.load_tokenizer(ref)(t).input_ids) for t in CAPTIONS}) == 1
+    for ref in (tiny_bert_dir, tiny_llm_dir):  # unequal token lengths: per-rank token means would not be global
+        lengths = [len(zoo.load_tokenizer(ref)(t).input_ids) for t in CAPTIONS]
+        assert max(lengths) - min(lengths) >= 9, lengths
     path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
     path.write_text("\n".join(CAPTIONS) + "\n")
     return path
@@ -128,7 +139,7 @@ def pairs_file(tmp_path_factory, text_corpus) -> Path:
             {"circle": lambda: draw.ellipse(box, fill=rgb), "square": lambda: draw.rectangle(box, fill=rgb),
              "box": lambda: draw.rectangle(box, outline=rgb), "line": lambda: draw.line(box, fill=rgb, width=2)}[shape]()
             image.save(root / f"{colour}_{shape}.png")
-            lines.append(json.dumps({"image": f"{colour}_{shape}.png", "caption": f"a {colour} {shape}",
+            lines.append(json.dumps({"image": f"{colour}_{shape}.png", "caption": _caption(colour, shape),
                                      "image_id": f"{colour}_{shape}"}))
     (root / "pairs.jsonl").write_text("\n".join(lines) + "\n")
     return root / "pairs.jsonl"
@@ -261,8 +272,8 @@ def test_stage2_zero3_two_ranks_resume(tmp_path, stage2_reference, pairs_file, t
 
 def test_ranks_padding_captions_to_different_lengths_agree(spread_bert_dir):
     """Each rank pads its captions to its own longest; ITM's negatives come from other ranks. Two ranks simulated by
-    two threads whose gather exchanges tensors: ITC, ITM and the alignment equal those of one process (ITG, a mean
-    over each rank's tokens, differs when the token counts do)."""
+    two threads whose gather exchanges tensors: ITC, ITM, ITG (weighted by the ranks' token counts, which differ
+    here) and the alignment equal those of one process."""
     import threading
 
     import torch
@@ -287,7 +298,7 @@ def test_ranks_padding_captions_to_different_lengths_agree(spread_bert_dir):
     def losses(rows: slice, gather=lambda x: x, rank: int = 0) -> dict[str, float]:
         with torch.no_grad():
             _, parts = representation_loss(front, batch(rows), RepresentationWeights(), AlignmentConfig(), None,
-                                           gather, gather, rank)
+                                           gather, gather, rank, lambda c: gather(c[None]).double().mean())
         return {k: float(v) for k, v in parts.items()}
 
     slots, meet, results = [None, None], threading.Barrier(2), [None, None]
@@ -312,7 +323,7 @@ def test_ranks_padding_captions_to_different_lengths_agree(spread_bert_dir):
     assert all(results), "a simulated rank failed"
     assert len({len(tok(c).input_ids) for c in captions[:2]} | {len(tok(c).input_ids) for c in captions[2:]}) > 1
     one = losses(slice(0, 4))
-    for key in ("itc", "itm", "align"):
+    for key in ("itc", "itm", "itg", "align"):
         assert abs(one[key] - (results[0][key] + results[1][key]) / 2) < 1e-5, (key, one[key], results)
 
 

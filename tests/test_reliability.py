@@ -592,7 +592,7 @@ def test_cli_stage2_bad_records_are_counted_reported_and_thresholded(tmp_path, c
 
 def test_replace_folder_puts_the_old_folder_back_when_the_new_one_cannot_go_in(tmp_path, monkeypatch):
     """Used by the feature/prompt caches, the model zoo, export-hf and the DINOv2 conversion."""
-    from pformer import atomic
+    from dvlp_common import io as atomic
 
     out, new = tmp_path / "cache", tmp_path / "new"
     for folder, text in ((out, "old"), (new, "new")):

@@ -70,6 +70,33 @@ def test_itm_and_itg_losses():
     assert itg_loss(lm, ids, mask, label_smoothing=0.0) < 1e-6
 
 
+def test_itg_split_over_ranks_is_the_global_token_mean():
+    """Two simulated ranks whose captions have unequal token counts: the mean of their ITG losses and gradients is the
+    one-process loss over all tokens (label smoothing stays per token); one process is the plain token mean."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 9, (4, 7), generator=g)
+    mask = torch.tensor([[1] * 3 + [0] * 4, [1] * 2 + [0] * 5, [1] * 7, [1] * 6 + [0]])
+    logits = torch.randn(4, 7, 9, generator=g)
+
+    def loss_and_grad(rows: slice, **kw):
+        x = logits[rows].clone().requires_grad_(True)
+        loss = itg_loss(x, ids[rows], mask[rows], 0.1, **kw)
+        loss.backward()
+        return loss.detach(), x.grad
+
+    one, one_grad = loss_and_grad(slice(0, 4))
+    labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+    assert one == F.cross_entropy(logits[:, :-1].flatten(0, 1), labels.flatten(), ignore_index=-100,
+                                  label_smoothing=0.1)  # bit for bit
+    counts = [int(mask[r, 1:].sum()) for r in (slice(0, 2), slice(2, 4))]  # 3 and 11 tokens
+    mean_count = lambda c: torch.tensor(sum(counts) / 2)  # noqa: E731  what the all-reduce returns on each rank
+    (l0, g0), (l1, g1) = (loss_and_grad(r, mean_count_over_ranks=mean_count) for r in (slice(0, 2), slice(2, 4)))
+    assert torch.isclose((l0 + l1) / 2, one, rtol=1e-6, atol=0)
+    assert torch.allclose(torch.cat([g0, g1]) / 2, one_grad, rtol=1e-5, atol=1e-8)
+    per_rank_means = (loss_and_grad(slice(0, 2))[0] + loss_and_grad(slice(2, 4))[0]) / 2
+    assert abs(per_rank_means - one) > 1e-3  # what a per-rank token mean gives
+
+
 def test_alignment_variants():
     torch.manual_seed(0)
     center = torch.randn(2, 4)

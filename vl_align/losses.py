@@ -2,7 +2,8 @@
 P-Former alignment loss is in ``vl_align.alignment``.
 
 Losses over the global batch receive ``gather`` (differentiable all-gather along dim 0; identity in one process),
-``gather_nograd`` (for hard-negative mining) and ``rank``. Nothing here imports torch.distributed.
+``gather_nograd`` (for hard-negative mining) and ``rank``; the token-averaged ITG receives ``mean_count_over_ranks``
+(the mean of a tensor over the ranks; identity in one process). Nothing here imports torch.distributed.
 """
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+
+from pformer.losses import MeanOverRanks, over_global_tokens
 
 Gather = Callable[[torch.Tensor], torch.Tensor]
 
@@ -92,11 +95,18 @@ def itm_loss(itm_logits: torch.Tensor, num_positive: int) -> torch.Tensor:
 
 
 def itg_loss(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-             label_smoothing: float = 0.1) -> torch.Tensor:
-    """Causal LM loss of the Q-Former's text decoder: logits [B, T, V] at t predict token t+1."""
+             label_smoothing: float = 0.1, mean_count_over_ranks: MeanOverRanks = identity) -> torch.Tensor:
+    """Causal LM loss of the Q-Former's text decoder: logits [B, T, V] at t predict token t+1.
+
+    A mean over the global batch's tokens (label smoothing per token): this rank's summed token loss over (global
+    token count / world size), with ``mean_count_over_ranks`` the mean of a tensor over the ranks; so the mean over
+    ranks of the losses (DeepSpeed averages gradients over ranks) does not depend on how the captions' lengths fall
+    on the ranks. In one process: the plain token mean.
+    """
     labels = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)
-    return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels.flatten(), ignore_index=-100,
+    loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels.flatten(), ignore_index=-100,
                            label_smoothing=label_smoothing)
+    return over_global_tokens(loss, (labels != -100).sum(), mean_count_over_ranks)
 
 
 __all__ = ["Gather", "identity", "itc_loss", "sample_hard_negatives", "itm_loss", "itg_loss"]
