@@ -453,8 +453,8 @@ def measure_step(spec: dict) -> dict:
         return loss
 
     def update(loss):
-        if optim.grad_clip:
-            torch.nn.utils.clip_grad_norm_(params, optim.grad_clip)
+        if optim_cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, optim_cfg.grad_clip)
         optimizer.step()
         last["loss"] = float(loss.detach())  # the training loop reads the loss every step too
 
