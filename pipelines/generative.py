@@ -96,7 +96,7 @@ def run_generative(cfg: GenerativeConfig, resume: bool = False, stop_after: int 
     front = new_front(inputs.tower)
     if cfg.init_front:
         load_front_weights(front, cfg.init_front)
-    engine = optim.build_engine(front, cfg.optim, cfg.deepspeed, dist)
+    engine = optim.build_engine(front, cfg.optim, cfg.deepspeed, dist, dtype)
     collate = GenerativeCollator(
         pairs, llm, cfg.front.max_text_length, inputs.images, inputs.targets,
         qformer_tokenizer=zoo.load_tokenizer(cfg.front.init_from) if cfg.front.kind == "elip" else None,

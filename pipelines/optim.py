@@ -64,12 +64,42 @@ def build_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.A
     cannot tell a kernel difference from chaos; the default stays until a seeded comparison settles it. (That run
     had the prefix at the LLM's first position; the erratic training it showed was traced to that, see
     ``pformer.llm``, so the comparison should be redone with the BOS lead token.)"""
-    return torch.optim.AdamW(param_groups(model, optim.weight_decay), lr=optim.lr, betas=optim.betas, eps=optim.eps)
+    kernel = {"default": {}, "for_loop": {"foreach": False}, "foreach": {"foreach": True},
+              "fused": {"fused": True}}[optim.implementation]
+    return torch.optim.AdamW(param_groups(model, optim.weight_decay), lr=optim.lr, betas=optim.betas, eps=optim.eps,
+                             **kernel)
 
 
-def build_engine(model: torch.nn.Module, optim: OptimConfig, ds: DeepSpeedConfig, dist_info: DistInfo):
+def forward_under_autocast(module: torch.nn.Module, device: torch.device, dtype: torch.dtype | None) -> None:
+    """Make ``module``'s forward enter ``autocast(device, dtype)`` itself (nothing for fp32).
+
+    DeepSpeed's ``engine.forward`` (0.19, ``runtime/torch_autocast.autocast_if_enabled``) switches an outer autocast
+    OFF around the module unless its own ``torch_autocast`` section is configured. It tests
+    ``torch.is_autocast_enabled()``, the CUDA flag, so on a GPU the trainable module would silently compute in fp32
+    under a bf16/fp16 run (on CPU the check is false and the outer autocast stays). Its ``torch_autocast`` section is
+    not used instead: it also moves the gradient all-reduce of Linear weights to the low precision, and its fp16 path
+    is wrong under ZeRO-1/2 (see ``pipelines.loss_scaling``). The forward is wrapped on the instance (as accelerate's
+    ``prepare_model`` does), so parameter names, checkpoints and ZeRO-3's hooks are unchanged."""
+    if dtype in (None, torch.float32) or getattr(module, "_forward_outside_autocast", None) is not None:
+        return
+    plain = module.forward
+    device_type = torch.device(device).type
+
+    def forward(*args, **kwargs):
+        with torch.autocast(device_type=device_type, dtype=dtype):
+            return plain(*args, **kwargs)
+
+    module._forward_outside_autocast = plain
+    module.forward = forward
+
+
+def build_engine(model: torch.nn.Module, optim: OptimConfig, ds: DeepSpeedConfig, dist_info: DistInfo,
+                 dtype: torch.dtype | None = None):
+    """The DeepSpeed engine over ``model`` with our AdamW and schedule; ``dtype`` is the run's compute dtype (its
+    autocast must reach inside the engine's forward, see :func:`forward_under_autocast`)."""
     import deepspeed
 
+    forward_under_autocast(model, dist_info.device, dtype)
     optimizer = build_optimizer(model, optim)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, optim) / optim.lr)
     engine, _, _, _ = deepspeed.initialize(model=model.to(dist_info.device), optimizer=optimizer,

@@ -96,7 +96,7 @@ def run_stage1(cfg: Stage1Config, resume: bool = False, stop_after: int | None =
     untrained_state = {k: v.clone() for k, v in pformer.state_dict().items()} if cfg.eval.compare_untrained else None
 
     collate = Stage1Collator(tokenizer, llm, cfg.model.max_text_length, cfg.model.mask_prob, cfg.seed)
-    engine = optim.build_engine(pformer, cfg.optim, cfg.deepspeed, dist)
+    engine = optim.build_engine(pformer, cfg.optim, cfg.deepspeed, dist, dtype)
 
     def make_batch(ids: list[int], step: int):
         return collate([train_texts[i] for i in ids], ids, step_key=step, device=dist.device)

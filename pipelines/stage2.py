@@ -71,7 +71,7 @@ def run_stage2(cfg: Stage2Config, resume: bool = False, stop_after: int | None =
         return build_front(cfg.front, tower.hidden_size, inputs.llm_width, vision_tower=tower if live_tower else None)
 
     training.seed_everything(cfg.seed)  # the front's init must not depend on whether the caches existed
-    engine = optim.build_engine(new_front(inputs.tower), cfg.optim, cfg.deepspeed, dist)
+    engine = optim.build_engine(new_front(inputs.tower), cfg.optim, cfg.deepspeed, dist, dtype)
     collate = RepresentationCollator(pairs, tokenizer, cfg.front.max_text_length, inputs.caption_index,
                                      inputs.images, inputs.targets, cfg.seed, dist.device)
 
