@@ -158,18 +158,24 @@ class CaptionChecker:
         return self.min_len <= len(ws) <= self.max_len and all(w in self.vocabulary for w in ws)
 
 
+def _final(history: list[dict], key: str) -> float:
+    """The mean of ``key`` over the last 10% of the logged steps (nan where it was not logged)."""
+    tail = [r[key] for r in history[-max(1, len(history) // 10):] if key in r]
+    return sum(tail) / len(tail) if tail else float("nan")
+
+
 def summarize_cell(cell_dir: Path, has_stage2: bool, checker: CaptionChecker, collapse: CollapseConfig) -> dict:
     """Everything the report needs from one finished cell's files."""
     gen = cell_dir / "generative"
     scores = json.loads((gen / "eval.json").read_text())
     summary = json.loads((gen / "generative_summary.json").read_text())
     history = _read_jsonl(gen / "metrics.jsonl")
-    tail = history[-max(1, len(history) // 10):]  # the last 10% of logged steps
-    final_lm = sum(r["lm"] for r in tail) / len(tail) if tail else float("nan")
+    final_lm = _final(history, "lm")
     preds = json.loads((gen / "predictions.json").read_text())["captions"]
     validity = sum(checker(p["prediction"]) for p in preds) / max(len(preds), 1)
-    stage2_seconds, retrieval = 0.0, {}
+    stage2_seconds, retrieval, history_2a = 0.0, {}, []
     if has_stage2:
+        history_2a = _read_jsonl(cell_dir / "stage2" / "metrics.jsonl")
         stage2_seconds = json.loads((cell_dir / "stage2" / "stage2_summary.json").read_text())["wall_seconds"]
         if (cell_dir / "stage2" / "retrieval.json").exists():
             retrieval = json.loads((cell_dir / "stage2" / "retrieval.json").read_text())
@@ -182,6 +188,9 @@ def summarize_cell(cell_dir: Path, has_stage2: bool, checker: CaptionChecker, co
                prefix_tokens=summary["prefix_tokens"],
                retrieval_itc_r_mean=float(retrieval.get("itc", {}).get("r_mean", float("nan"))),
                retrieval_itm_r_mean=float(retrieval.get("itm_rerank", {}).get("r_mean", float("nan"))))
+    for stage, rows in (("2a", history_2a), ("2b", history)):  # the alignment diagnostics (nan without P(y))
+        for key in ("align_r2", "align_rel", "align_share"):
+            row[f"{key}_{stage}"] = _final(rows, key)
     row["collapsed"] = bool(not math.isfinite(final_lm) or final_lm > collapse.lm_loss
                             or validity < collapse.min_valid)
     row["curve"] = [{"step": r["step"], "train_seconds": stage2_seconds + r["train_seconds"], "CIDEr": r["CIDEr"],

@@ -8,7 +8,8 @@ import math
 
 # the metrics of a cell row that are averaged over seeds (the first five are the captioning scores)
 METRICS = ("CIDEr", "Bleu_4", "METEOR", "ROUGE_L", "exact_match", "vqa_accuracy", "caption_validity", "final_lm",
-           "retrieval_itc_r_mean", "retrieval_itm_r_mean")
+           "retrieval_itc_r_mean", "retrieval_itm_r_mean", "align_r2_2a", "align_r2_2b")
+NAN = float("nan")  # a metric a cell did not record (older cells, arms without P(y)) counts as missing
 
 
 def mean_std(values: list[float]) -> tuple[float, float, int]:
@@ -30,7 +31,7 @@ def group_cells(cells: list[dict]) -> list[dict]:
         row = {"arm": arm, "pairs": pairs, "lr": lr, "seeds": len(members),
                "collapse_rate": sum(c["collapsed"] for c in members) / len(members)}
         for metric in (*METRICS, "train_seconds", "samples_per_s", "prefix_tokens"):
-            mean, std, _ = mean_std([c[metric] for c in members])
+            mean, std, _ = mean_std([c.get(metric, NAN) for c in members])
             row[metric], row[f"{metric}_std"] = mean, std
         groups.append(row)
     return groups
@@ -65,13 +66,14 @@ def compare_to_baseline(cells: list[dict], baseline: str, metrics=("CIDEr", "exa
             continue
         base_by_seed = {c["seed"]: c for c in base}
         for metric in metrics:
-            ma, sa, na = mean_std([c[metric] for c in mine])
-            mb, sb, nb = mean_std([c[metric] for c in base])
+            ma, sa, na = mean_std([c.get(metric, NAN) for c in mine])
+            mb, sb, nb = mean_std([c.get(metric, NAN) for c in base])
             se = math.sqrt(sa ** 2 / na + sb ** 2 / nb) if na >= 2 and nb >= 2 else float("nan")
             delta = ma - mb
             verdict = ("one seed: no test" if not math.isfinite(se) else
                        "beyond seed spread" if abs(delta) > 2 * se else "within seed spread")
-            diffs = [c[metric] - base_by_seed[c["seed"]][metric] for c in mine if c["seed"] in base_by_seed]
+            diffs = [c.get(metric, NAN) - base_by_seed[c["seed"]].get(metric, NAN)
+                     for c in mine if c["seed"] in base_by_seed]
             d_mean, d_std, n = mean_std(diffs)
             if n >= 2:
                 p_se, t = d_std / math.sqrt(n), t_critical(n - 1)

@@ -32,6 +32,20 @@ def test_representation_stage_runs_each_front(tmp_path, kind, tiny_vit_dir, tiny
     assert summary["steps"] == 3 and (tmp_path / kind / "front" / "model.safetensors").is_file()
     rows = _rows(tmp_path / kind)
     assert all(r["itc"] > 0 and r["itm"] > 0 and r["itg"] > 0 and r["align"] > 0 for r in rows)
+    # the alignment diagnostics: the MSE is the alignment loss here (kind mse), the share its weighted part
+    assert all(r["align_mse"] == pytest.approx(r["align"], rel=1e-5) and r["align_r2"] < 1.0 and r["align_rel"] > 0
+               and r["align_share"] == pytest.approx(10 * r["align"] / (r["itc"] + r["itm"] + r["itg"]), rel=1e-4)
+               for r in rows)
+
+
+def test_the_baseline_logs_the_alignment_diagnostics_without_the_term(tmp_path, tiny_vit_dir, tiny_bert_dir,
+                                                                       tiny_llm_dir, tiny_pformer_dir):
+    """ω = 0 trains as BLIP-2 but, with a P-Former at hand, still reports how far W·Z is from P(y)."""
+    cfg = load_config(Stage2Config, None, _common(tmp_path, "base", tiny_vit_dir, tiny_bert_dir, tiny_llm_dir,
+                                                  tiny_pformer_dir) + ["align.weight=0"])
+    run_stage2(cfg)
+    rows = _rows(tmp_path / "base")
+    assert all(r["align"] == 0 and r["align_share"] == 0 and r["align_mse"] > 0 and "align_r2" in r for r in rows)
 
 
 def test_baseline_has_no_alignment_term(tmp_path, tiny_vit_dir, tiny_bert_dir, tiny_llm_dir):

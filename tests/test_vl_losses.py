@@ -110,3 +110,18 @@ def test_alignment_variants():
                                                                                    target, "contrastive", center)
     with pytest.raises(ValueError, match="corpus-mean"):
         alignment_loss(pred, target, "cosine")
+
+
+def test_alignment_diagnostics_have_their_reference_points():
+    from vl_align.alignment import alignment_diagnostics
+
+    torch.manual_seed(0)
+    center = torch.randn(4, 6)
+    target = center + 0.1 * torch.randn(5, 4, 6)  # P(y): a corpus-mean prompt plus a caption-specific part
+    at_target = alignment_diagnostics(target, target, center)
+    at_center = alignment_diagnostics(center.expand_as(target), target, center)
+    at_zero = alignment_diagnostics(torch.zeros_like(target), target, center)
+    assert at_target["align_mse"] == 0 and at_target["align_r2"] == 1
+    assert abs(float(at_center["align_r2"])) < 1e-6  # the caption-free prompt explains nothing caption-specific
+    assert float(at_zero["align_rel"]) == pytest.approx(1.0)
+    assert float(at_center["align_rel"]) < 0.02  # ... yet it is close in plain MSE: why R² is reported

@@ -84,4 +84,23 @@ def corpus_statistics(prompts: torch.Tensor) -> AlignmentStats:
     return AlignmentStats(center=center, scale=rms.expand_as(center))
 
 
-__all__ = ["AlignmentKind", "AlignmentConfig", "AlignmentStats", "alignment_loss", "corpus_statistics"]
+@torch.no_grad()
+def alignment_diagnostics(pred: torch.Tensor, target: torch.Tensor, center: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """How close W·Z [B, n, d] is to P(y) [B, n, d], whatever the loss (logged in every stage-2 run, the baseline's
+    too):
+
+    * ``align_mse``: MSE(W·Z, P(y)), the paper's loss;
+    * ``align_rel``: MSE / mean(P(y)²): 1 is no better than predicting zeros;
+    * ``align_r2``: the caption-specific R² = 1 - MSE(W·Z, P(y)) / MSE(corpus-mean prompt, P(y)): 0 is no better than
+      the one prompt of the whole corpus (which carries no information about the caption), 1 is P(y) itself.
+    """
+    pred, target = pred.float(), target.float()
+    mse = F.mse_loss(pred, target)
+    out = {"align_mse": mse, "align_rel": mse / target.pow(2).mean().clamp_min(1e-12)}
+    if center is not None:
+        out["align_r2"] = 1.0 - mse / F.mse_loss(center.float().expand_as(target), target).clamp_min(1e-12)
+    return out
+
+
+__all__ = ["AlignmentKind", "AlignmentConfig", "AlignmentStats", "alignment_loss", "alignment_diagnostics",
+           "corpus_statistics"]

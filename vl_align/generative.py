@@ -14,7 +14,7 @@ import torch
 from dvlp_common.config import Config, ConfigError, param
 from pformer.llm import FrozenLLM
 
-from .alignment import AlignmentConfig, AlignmentStats, alignment_loss
+from .alignment import AlignmentConfig, AlignmentStats, alignment_diagnostics, alignment_loss
 from .losses import Gather, MeanOverRanks, identity
 
 
@@ -59,14 +59,19 @@ def generative_loss(front, llm: FrozenLLM, batch: GenerativeBatch, weights: Gene
                                     prompt_mask=batch.prompt_mask, mean_count_over_ranks=mean_count_over_ranks).loss
     else:
         parts["lm"] = zero
+    comparable = batch.targets is not None and prefix.shape[1:] == batch.targets.shape[1:]
     if align.weight and batch.targets is not None:
-        if prefix.shape[1:] != batch.targets.shape[1:]:
+        if not comparable:
             raise ConfigError("align.weight", f"the prefix is {list(prefix.shape[1:])} but P(y) is "
                                               f"{list(batch.targets.shape[1:])}; alignment needs equal shapes")
         parts["align"] = alignment_loss(prefix, batch.targets, align.kind, stats.center if stats else None,
                                         stats.scale if stats else None, gather, rank)
     else:
         parts["align"] = zero
+    if comparable:  # diagnostics, the baseline's (ω = 0) included
+        parts.update(alignment_diagnostics(prefix, batch.targets, stats.center if stats else None))
+        if weights.lm:
+            parts["align_share"] = (align.weight * parts["align"] / parts["lm"].clamp_min(1e-12)).detach()
     return weights.lm * parts["lm"] + align.weight * parts["align"], parts
 
 

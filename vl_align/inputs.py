@@ -103,18 +103,23 @@ def prepare_stage_inputs(*, data: PairDataConfig, vision: VisionTowerConfig, liv
     images = ImageInputs.build(tower, [r.image for r in pairs], live_tower, device, dtype)
     width = llm_width_of(llm)
     targets = None
-    if align.weight:
-        if not Path(pformer).is_dir():
-            raise FileNotFoundError(f"pformer={pformer} does not exist; run stage 1 first or set align.weight=0")
+    if align.weight and not Path(pformer).is_dir():
+        raise FileNotFoundError(f"pformer={pformer} does not exist; run stage 1 first or set align.weight=0")
+    if Path(pformer).is_dir():  # aligning, or (ω = 0) the alignment diagnostics of the baseline
         cache = prompt_target_cache(pformer, captions, zoo.cache_root(), device=device, dtype=dtype)
         shape = list(cache.array.shape[1:])
         if shape[1] != width or (num_prompt_slots is not None and shape[0] != num_prompt_slots):
-            raise ConfigError("front.num_query_tokens", f"W·Z is [{num_prompt_slots}, {width}] but the P-Former "
-                                                        f"prompts are {shape}")
-        stats = None
-        if align.kind != "mse" or align.target == "corpus_mean":
+            if align.weight:
+                raise ConfigError("front.num_query_tokens", f"W·Z is [{num_prompt_slots}, {width}] but the "
+                                                            f"P-Former prompts are {shape}")
+            if verbose:
+                print(f"alignment diagnostics off: W·Z is [{num_prompt_slots}, {width}], the P-Former's prompts "
+                      f"{shape}", flush=True)
+        else:  # the corpus statistics serve the centred variants, the control and the diagnostics' R²
             stats = corpus_prompt_statistics(pformer, align_stats_source, device, dtype)
-        targets = PromptTargets(cache, align.target, stats)
+            targets = PromptTargets(cache, align.target, stats)
+    elif verbose:
+        print(f"alignment diagnostics off: no P-Former at {pformer}", flush=True)
     return StageInputs(pairs, report, caption_index, tower, images, targets, width)
 
 

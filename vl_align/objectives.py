@@ -9,7 +9,7 @@ import torch
 from dvlp_common.config import Config, param
 from dvlp_common.seeding import step_seed
 
-from .alignment import AlignmentConfig, AlignmentStats, alignment_loss
+from .alignment import AlignmentConfig, AlignmentStats, alignment_diagnostics, alignment_loss
 from .losses import Gather, MeanOverRanks, identity, itc_loss, itg_loss, itm_loss, sample_hard_negatives
 
 
@@ -92,9 +92,11 @@ def representation_loss(front: Callable[..., dict], batch: RepresentationBatch, 
                                         gather, rank)
     else:
         parts["align"] = zero
-    total = (weights.itc * parts["itc"] + weights.itm * parts["itm"] + weights.itg * parts["itg"]
-             + align.weight * parts["align"])
-    return total, parts
+    primary = weights.itc * parts["itc"] + weights.itm * parts["itm"] + weights.itg * parts["itg"]
+    if batch.targets is not None:  # diagnostics, the baseline's (ω = 0) included
+        parts.update(alignment_diagnostics(queries["prompt_pred"], batch.targets, stats.center if stats else None))
+        parts["align_share"] = (align.weight * parts["align"] / primary.clamp_min(1e-12)).detach()
+    return primary + align.weight * parts["align"], parts
 
 
 def decoder_start_id(tokenizer) -> int:
