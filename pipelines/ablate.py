@@ -90,6 +90,9 @@ class AblateConfig(Config):
     stage2_config: str = param(str(CONFIG_DIR / "stage2.yaml"), help="base YAML of the representation stage")
     generative_config: str = param(str(CONFIG_DIR / "generative.yaml"), help="base YAML of the generative stage")
     stage1_overrides: list[str] = param(default_factory=list, help="extra key=value overrides of stage 1")
+    zero_shot_images: int = param(0, ge=0, help="held-out images captioned from W·Z through the frozen LLM at the "
+                                                "end of each stage 2a, with the LLM's held-out caption loss there "
+                                                "(the generative stage's step 0; 0: off)")
     stage2_overrides: list[str] = param(default_factory=list, help="extra overrides of every representation stage")
     generative_overrides: list[str] = param(default_factory=list, help="extra overrides of every generative stage")
     collapse: CollapseConfig = field(default_factory=CollapseConfig)
@@ -173,10 +176,11 @@ def summarize_cell(cell_dir: Path, has_stage2: bool, checker: CaptionChecker, co
     final_lm = _final(history, "lm")
     preds = json.loads((gen / "predictions.json").read_text())["captions"]
     validity = sum(checker(p["prediction"]) for p in preds) / max(len(preds), 1)
-    stage2_seconds, retrieval, history_2a = 0.0, {}, []
+    stage2_seconds, retrieval, history_2a, zero_shot = 0.0, {}, [], {}
     if has_stage2:
         history_2a = _read_jsonl(cell_dir / "stage2" / "metrics.jsonl")
-        stage2_seconds = json.loads((cell_dir / "stage2" / "stage2_summary.json").read_text())["wall_seconds"]
+        stage2_summary = json.loads((cell_dir / "stage2" / "stage2_summary.json").read_text())
+        stage2_seconds, zero_shot = stage2_summary["wall_seconds"], stage2_summary.get("zero_shot") or {}
         if (cell_dir / "stage2" / "retrieval.json").exists():
             retrieval = json.loads((cell_dir / "stage2" / "retrieval.json").read_text())
     cap = scores["captioning"]
@@ -188,6 +192,9 @@ def summarize_cell(cell_dir: Path, has_stage2: bool, checker: CaptionChecker, co
                prefix_tokens=summary["prefix_tokens"],
                retrieval_itc_r_mean=float(retrieval.get("itc", {}).get("r_mean", float("nan"))),
                retrieval_itm_r_mean=float(retrieval.get("itm_rerank", {}).get("r_mean", float("nan"))))
+    row["zero_shot_CIDEr_2a"] = float((zero_shot.get("captioning") or {}).get("CIDEr", float("nan")))
+    row["zero_shot_exact_2a"] = float((zero_shot.get("captioning") or {}).get("exact_match", float("nan")))
+    row["heldout_lm_step0"] = float((zero_shot.get("heldout_lm") or {}).get("lm_loss", float("nan")))
     for stage, rows in (("2a", history_2a), ("2b", history)):  # the alignment diagnostics (nan without P(y))
         for key in ("align_r2", "align_rel", "align_share"):
             row[f"{key}_{stage}"] = _final(rows, key)
@@ -230,7 +237,8 @@ def run_cell(cfg: AblateConfig, arm_name: str, pairs: int, lr: float, seed: int,
             f"align.weight={arm.w1}", f"optim.max_steps={cfg.stage2_steps}",
             f"optim.warmup_steps={_warmup(cfg.stage2_steps, 5)}", f"logging.output_dir={cell_dir / 'stage2'}",
             "logging.progress_bar=false", f"eval.enabled={bool(cfg.retrieval_images)}",
-            f"eval.max_images={cfg.retrieval_images or 1}", *cfg.stage2_overrides])
+            f"eval.max_images={cfg.retrieval_images or 1}", f"zero_shot.enabled={bool(cfg.zero_shot_images)}",
+            f"zero_shot.max_images={cfg.zero_shot_images or 1}", "zero_shot.meteor=false", *cfg.stage2_overrides])
         run_stage2(s2, resume=True)
     run_generative(gen, resume=True)
     row = {"arm": arm_name, "front": arm.front, "pairs": pairs, "lr": lr, "seed": seed,

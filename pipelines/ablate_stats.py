@@ -8,7 +8,8 @@ import math
 
 # the metrics of a cell row that are averaged over seeds (the first five are the captioning scores)
 METRICS = ("CIDEr", "Bleu_4", "METEOR", "ROUGE_L", "exact_match", "vqa_accuracy", "caption_validity", "final_lm",
-           "retrieval_itc_r_mean", "retrieval_itm_r_mean", "align_r2_2a", "align_r2_2b")
+           "retrieval_itc_r_mean", "retrieval_itm_r_mean", "align_r2_2a", "align_r2_2b", "zero_shot_CIDEr_2a",
+           "heldout_lm_step0")
 NAN = float("nan")  # a metric a cell did not record (older cells, arms without P(y)) counts as missing
 
 

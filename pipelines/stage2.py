@@ -13,12 +13,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from dvlp_common import zoo
+import torch
+
+from dvlp_common import precision, zoo
 from dvlp_common.config import Config, ConfigError, param
 from dvlp_common.io import write_json_atomic
+from pformer.llm import FrozenLLM
 from pformer.model import read_pformer_config
 from vl_align.alignment import AlignmentConfig
-from vl_align.evaluation import RetrievalEvalConfig, evaluate_retrieval
+from vl_align.evaluation import (EvalConfig, RetrievalEvalConfig, evaluate_generative, evaluate_retrieval,
+                                 heldout_lm_loss)
 from vl_align.fronts import FrontConfig, build_front, needs_live_tower, save_front
 from vl_align.inputs import prepare_stage_inputs
 from vl_align.objectives import RepresentationCollator, RepresentationWeights, representation_loss
@@ -45,6 +49,8 @@ class Stage2Config(Config):
     logging: LoggingConfig = field(default_factory=lambda: LoggingConfig(output_dir="runs/stage2"))
     reliability: ReliabilityConfig = field(default_factory=ReliabilityConfig)
     eval: RetrievalEvalConfig = field(default_factory=RetrievalEvalConfig)
+    zero_shot: EvalConfig = field(default_factory=lambda: EvalConfig(enabled=False, max_images=100,
+                                                                      max_questions=0))
     seed: int = param(0, help="seed of initialisation, data order and negative sampling")
 
     def check(self) -> None:
@@ -64,7 +70,8 @@ def run_stage2(cfg: Stage2Config, resume: bool = False, stop_after: int | None =
             max_skip_fraction=cfg.reliability.max_skip_fraction, num_prompt_slots=cfg.front.num_query_tokens,
             device=dist.device, dtype=dtype, verbose=dist.is_main)
     tokenizer = zoo.load_tokenizer(cfg.front.init_from)
-    pairs = within_caption_limit(inputs.pairs, inputs.report, lambda caps: [len(ids) for ids in tokenizer(caps).input_ids],
+    pairs = within_caption_limit(inputs.pairs, inputs.report,
+                                 lambda caps: [len(ids) for ids in tokenizer(caps).input_ids],
                                  cfg.front.max_text_length, dist.is_main)
 
     def new_front(tower: VisionTower):
@@ -107,5 +114,22 @@ def run_stage2(cfg: Stage2Config, resume: bool = False, stop_after: int | None =
         else:
             summary["retrieval"] = evaluate_retrieval(trained, tower, tokenizer, cfg.eval, held_out, run_dir,
                                                       dist.device, dtype, cfg.front.max_text_length)
+    if cfg.zero_shot.enabled:
+        summary["zero_shot"] = zero_shot_mechanism(trained, tower, cfg, layout, run_dir / "zero_shot", dist.device,
+                                                   dtype)
     write_json_atomic(run_dir / "stage2_summary.json", summary)
     return summary
+
+
+def zero_shot_mechanism(front, tower, cfg: Stage2Config, bos_before_prefix: bool, out_dir, device, dtype) -> dict:
+    """What the P-Former alignment is for, measured before any LM training: held-out captions generated from W·Z
+    through the frozen LLM, and the LLM's held-out caption loss with W·Z as its prefix (the generative stage's step
+    0; the authors' P-Former run starts it 1.27 nats below their baseline). Written to ``out_dir``."""
+    llm = FrozenLLM.load(cfg.llm, dtype=dtype, bos_before_prefix=bos_before_prefix).to(device)
+    front.eval()
+    with torch.no_grad(), precision.autocast(device, dtype):
+        captions = evaluate_generative(front, llm, tower, cfg.zero_shot, cfg.data.source, out_dir, device, dtype)
+    lm = heldout_lm_loss(front, llm, tower, cfg.zero_shot, cfg.data.source, device, dtype, cfg.front.max_text_length)
+    result = {"captioning": (captions or {}).get("captioning"), "heldout_lm": lm}
+    write_json_atomic(out_dir / "zero_shot.json", result)
+    return result

@@ -131,7 +131,7 @@ def test_tiny_grid_end_to_end_and_rerun_skips_finished_cells(tmp_path, tiny_vit_
     overrides = [
         f"output_dir={tmp_path / 'ab'}", "arms=[blip2,pformer,tome]", "pairs=[16]", "lrs=[1e-3]", "seeds=[0,1]",
         "stage1_steps=2", "stage2_steps=2", "generative_steps=4", "curve_every=2", "curve_images=4",
-        "eval_images=6", "eval_questions=4", "gallery_images=3", "retrieval_images=4",
+        "eval_images=6", "eval_questions=4", "gallery_images=3", "retrieval_images=4", "zero_shot_images=3",
         f"stage1_overrides=[model.text_encoder={tiny_bert_dir},model.llm={tiny_llm_dir},model.num_prompts=4,"
         f"data.holdout=4,data.max_records=64,optim.micro_batch_size=8,{','.join(tiny)}]",
         f"stage2_overrides=[{','.join(vl)}]",
@@ -154,6 +154,10 @@ def test_tiny_grid_end_to_end_and_rerun_skips_finished_cells(tmp_path, tiny_vit_
         assert cell["prefix_tokens"] == (4 if cell["arm"] != "tome" else cell["prefix_tokens"])
         assert (cell["arm"] == "tome") == (cell["stage2_seconds"] == 0.0)
         assert (cell["arm"] == "tome") == math.isnan(cell["retrieval_itc_r_mean"])  # 2a only
+        # the mechanism after 2a (zero-shot captions from W·Z, the LLM's held-out loss) and the alignment
+        # diagnostics, the baseline's included; tome has no 2a and a prefix of another size than P(y)
+        for key in ("zero_shot_CIDEr_2a", "heldout_lm_step0", "align_r2_2a", "align_r2_2b"):
+            assert (cell["arm"] == "tome") == math.isnan(cell[key]), key
     # a finished cell keeps its fronts and results, not its checkpoints (a grid would fill the disk)
     cells_dir = out / "cells"
     assert not list(cells_dir.rglob("checkpoints")) and len(list(cells_dir.rglob("front/model.safetensors"))) == 10

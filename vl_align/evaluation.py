@@ -168,6 +168,32 @@ def evaluate_generative(front, llm, tower, cfg: EvalConfig, data_source: str, ru
     return result
 
 
+@torch.no_grad()
+def heldout_lm_loss(front, llm, tower, cfg: EvalConfig, data_source: str, device, dtype,
+                    max_text_length: int | None = None) -> dict | None:
+    """The frozen LLM's caption loss on held-out images with the front's prefix W·Z, as the generative stage would
+    score it before any LM training (its step 0): the mean over all caption tokens (and their count). The images
+    and references are those of :func:`evaluate_generative`. None without a held-out set."""
+    records = _test_records(cfg, data_source)
+    if records is None:
+        return None
+    pairs = records[0]
+    chosen = set(sorted({r["image_id"] for r in pairs}, key=lambda i: (len(i), i))[:cfg.max_images or None])
+    pairs = [r for r in pairs if r["image_id"] in chosen]
+    images = ImageInputs.build(tower, [r["image_path"] for r in pairs], live_tower=front.vision is not None,
+                               device=device, dtype=dtype)
+    total, tokens = 0.0, 0
+    with autocast(device, dtype):
+        for start in range(0, len(pairs), cfg.batch_size):
+            chunk = pairs[start:start + cfg.batch_size]
+            prefix = front("queries", **images([r["image_path"] for r in chunk], device))["prompt_pred"]
+            target_ids, target_mask = llm.tokenize_targets([r["caption"] for r in chunk], max_text_length, device)
+            count = int(target_mask.sum())
+            total += float(llm.prefix_lm(prefix, target_ids, target_mask).loss) * count
+            tokens += count
+    return {"lm_loss": total / max(tokens, 1), "tokens": tokens, "pairs": len(pairs)}
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # image <-> text retrieval (stage 2a)
 # ----------------------------------------------------------------------------------------------------------------
