@@ -22,6 +22,9 @@ class OptimConfig(Config):
     betas: tuple[float, float] = param((0.9, 0.999), help="AdamW betas")
     eps: float = param(1e-8, gt=0.0, help="AdamW epsilon")
     grad_clip: float = param(1.0, ge=0.0, help="global gradient-norm clip; 0 disables")
+    lr_scale: dict[str, float] = param(default_factory=dict, help="learning-rate multipliers by parameter-name "
+                                                                  "prefix, e.g. {llm_proj: 30}: W, the projection "
+                                                                  "to the LLM, at 30x the rate (same schedule)")
     micro_batch_size: int = param(32, ge=1, help="samples per process per forward")
     grad_accum_steps: int = param(1, ge=1, help="forwards per optimizer step")
     implementation: Literal["default", "for_loop", "foreach", "fused"] = param(
@@ -35,6 +38,9 @@ class OptimConfig(Config):
             raise ConfigError("warmup_steps", f"must be <= max_steps ({self.max_steps}), got {self.warmup_steps}")
         if not all(0.0 <= b < 1.0 for b in self.betas):
             raise ConfigError("betas", f"each beta must be in [0, 1), got {list(self.betas)}")
+        for prefix, scale in self.lr_scale.items():
+            if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+                raise ConfigError(f"lr_scale.{prefix}", f"must be a number > 0, got {scale!r}")
 
 
 @dataclass

@@ -37,14 +37,30 @@ def deepspeed_config(optim: OptimConfig, ds: DeepSpeedConfig, world_size: int) -
     return merged
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: no weight decay on biases, norms and 0-/1-d parameters (temperatures, gates)."""
-    decay, no_decay = [], []
+def param_groups(model: torch.nn.Module, weight_decay: float, base_lr: float | None = None,
+                 lr_scale: dict[str, float] | None = None) -> list[dict[str, Any]]:
+    """AdamW groups: no weight decay on biases, norms and 0-/1-d parameters (temperatures, gates); parameters whose
+    name starts with a key of ``lr_scale`` get their own groups at ``base_lr`` x its value (the schedule scales
+    every group alike)."""
+    lr_scale = lr_scale or {}
+    groups: dict[tuple[bool, str | None], list] = {(True, None): [], (False, None): []}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        scaled = next((prefix for prefix in lr_scale if name == prefix or name.startswith(prefix + ".")), None)
+        groups.setdefault((p.ndim >= 2 and "norm" not in name.lower(), scaled), []).append(p)
+    out = []
+    for (decays, prefix), params in groups.items():
+        if prefix is not None and not params:
+            continue
+        group = {"params": params, "weight_decay": weight_decay if decays else 0.0}
+        if prefix is not None:
+            group["lr"] = base_lr * lr_scale[prefix]
+        out.append(group)
+    unmatched = [prefix for prefix in lr_scale if not any(k[1] == prefix for k in groups)]
+    if unmatched:
+        raise ConfigError("optim.lr_scale", f"no trainable parameter's name starts with {unmatched}")
+    return out
 
 
 def lr_at(step: int, optim: OptimConfig) -> float:
@@ -66,7 +82,7 @@ def build_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.A
     ``pformer.llm``, so the comparison should be redone with the BOS lead token.)"""
     kernel = {"default": {}, "for_loop": {"foreach": False}, "foreach": {"foreach": True},
               "fused": {"fused": True}}[optim.implementation]
-    return torch.optim.AdamW(param_groups(model, optim.weight_decay), lr=optim.lr, betas=optim.betas, eps=optim.eps,
+    return torch.optim.AdamW(param_groups(model, optim.weight_decay, optim.lr, optim.lr_scale), lr=optim.lr, betas=optim.betas, eps=optim.eps,
                              **kernel)
 
 
