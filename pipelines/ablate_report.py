@@ -145,6 +145,20 @@ def write_plots(out: Path, cfg, cells: list[dict], groups: list[dict]) -> list[P
     return paths
 
 
+def _thumbnail(image_path: str, folder: Path, index: int, size: int = 128) -> str:
+    """A small PNG copy of a held-out image beside the report, linked by a relative path, so that the report renders
+    wherever its folder is moved (the images themselves live in the data cache)."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    name = f"{index:03d}.png"
+    with Image.open(image_path) as image:
+        image = image.convert("RGB")
+        image.thumbnail((size, size))
+        image.save(folder / name)
+    return f"{folder.name}/{name}"
+
+
 def write_gallery(out: Path, cfg, cell_dirs: dict[str, Path]) -> Path | None:
     """captions.md: a few held-out images with every arm's caption (``cell_dirs``: arm -> its first pairs/lr/seed
     cell)."""
@@ -162,7 +176,7 @@ def write_gallery(out: Path, cfg, cell_dirs: dict[str, Path]) -> Path | None:
              "| image | reference | " + " | ".join(arms) + " |", "|---|---|" + "---|" * len(arms)]
     for i, item in enumerate(preds[arms[0]]):
         cells = [preds[a][i]["prediction"].replace("|", "/") if i < len(preds[a]) else "" for a in arms]
-        lines.append(f"| ![]({Path(item['image_path']).resolve()}) | {item['references'][0]} | "
+        lines.append(f"| ![]({_thumbnail(item['image_path'], out / 'gallery', i)}) | {item['references'][0]} | "
                      + " | ".join(cells) + " |")
     path = out / "captions.md"
     path.write_text("\n".join(lines) + "\n")

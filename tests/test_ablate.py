@@ -167,7 +167,9 @@ def test_tiny_grid_end_to_end_and_rerun_skips_finished_cells(tmp_path, tiny_vit_
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
     assert "beyond seed spread" in (out / "results.md").read_text() or "within seed spread" in (
         out / "results.md").read_text()
-    assert (out / "captions.md").read_text().count("![](") == 3
+    gallery = (out / "captions.md").read_text()
+    assert gallery.count("![](gallery/") == 3  # thumbnails beside the report: it renders wherever it is moved
+    assert all((out / "gallery" / f"{i:03d}.png").read_bytes()[:4] == b"\x89PNG" for i in range(3))
 
     # a second invocation reuses every finished cell and stage 1
     def must_not_run(*args, **kwargs):
