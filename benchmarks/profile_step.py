@@ -1,0 +1,159 @@
+"""Where a training step's time goes: torch.profiler over whole steps built exactly as ``benchmarks.bench`` builds
+them (the stages' own library parts and shipped configs).
+
+    python -m benchmarks.profile_step [--out DIR] [--batch 8] [--steps 3] [--only NAME] [key=value overrides ...]
+
+Per step (stage 1, representation ``qformer`` / ``elip``, generative ``qformer`` / ``tome`` / ``elip``): the time of
+the forward, backward, clipping and optimizer phases; the operators' self time grouped into matmuls, attention,
+the optimizer's elementwise passes, copies and dtype conversions, other elementwise work; what is outside any
+operator (Python and dispatch overhead); and the frozen parameters that received a gradient (there should be none).
+Writes ``DIR/profile.json`` and ``DIR/profile.md``. Overrides (``optim.implementation=fused``) apply to every step.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+from benchmarks import bench
+
+STEPS = {"stage1": ("stage1", None), "representation_qformer": ("representation", "qformer"),
+         "representation_elip": ("representation", "elip"), "generative_qformer": ("generative", "qformer"),
+         "generative_tome": ("generative", "tome"), "generative_elip": ("generative", "elip")}
+PHASES = ("forward", "backward", "clip", "optimizer")
+MATMUL = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear", "mkldnn",
+          "aten::_mkl", "onednn")
+ATTENTION = ("scaled_dot_product", "flash_attention", "_efficient_attention")
+OPTIMIZER = ("_fused_adam", "_foreach_", "aten::addcdiv", "aten::addcmul", "aten::lerp", "aten::sqrt")
+COPIES = ("aten::copy_", "aten::_to_copy", "aten::to", "aten::clone", "aten::contiguous", "aten::cat",
+          "aten::index", "aten::gather", "aten::expand", "aten::fill_", "aten::zero_", "aten::zeros", "aten::empty")
+
+
+def _category(name: str, phase: str) -> str:
+    if any(k in name for k in ATTENTION):
+        return "attention"
+    if any(k in name for k in MATMUL):
+        return "matmul"
+    if phase == "optimizer" or any(k in name for k in OPTIMIZER):
+        return "optimizer"
+    if any(name.startswith(k) for k in COPIES):
+        return "copies / conversions"
+    return "other elementwise"
+
+
+def profile_one(name: str, batch: int, steps: int, overrides: list[str]) -> dict:
+    import torch
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    from dvlp_common import precision
+    from dvlp_common.seeding import seed_everything
+    from pipelines import optim
+
+    stage, front = STEPS[name]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = precision.compute_dtype("auto", device)
+    spec = {"stage": stage, "front": front, "image_size": bench.MAIN_SIZE, "batch": batch,
+            "overrides": overrides, "vision_input": None}
+    seed_everything(0)
+    model, loss_fn, ledger, _tokens, _shapes, optim_cfg = bench._SETUPS[stage](spec, device, dtype)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = optim.build_optimizer(model, optim_cfg)
+
+    def step(marked: bool):
+        regions = {phase: (record_function(phase) if marked else _Null()) for phase in PHASES}
+        optimizer.zero_grad(set_to_none=True)
+        with regions["forward"], precision.autocast(device, dtype):
+            loss, _ = loss_fn()
+        with regions["backward"]:
+            loss.backward()
+        with regions["clip"]:
+            if optim_cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, optim_cfg.grad_clip)
+        with regions["optimizer"]:
+            optimizer.step()
+
+    step(False)  # warm-up: kernels chosen, optimizer state allocated
+    start = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step(True)
+    wall = (time.perf_counter() - start) / steps
+
+    events = prof.events()
+    phase_ms = {p: sum(e.cpu_time_total for e in events if e.name == p) / steps / 1e3 for p in PHASES}
+    # each operator's self time, attributed to the phase it ran in (the innermost record_function around it)
+    by_category: dict[str, float] = {}
+    by_op: dict[str, float] = {}
+    spans = sorted(((e.time_range.start, e.time_range.end, e.name) for e in events if e.name in PHASES))
+    for e in events:
+        if e.name in PHASES or e.self_cpu_time_total <= 0:
+            continue
+        phase = next((n for s, t, n in spans if s <= e.time_range.start <= t), "")
+        cat = _category(e.name, phase)
+        by_category[cat] = by_category.get(cat, 0.0) + e.self_cpu_time_total
+        by_op[e.name] = by_op.get(e.name, 0.0) + e.self_cpu_time_total
+    op_ms = sum(by_category.values()) / steps / 1e3
+    frozen_with_grad = [n for n, p in model.named_parameters() if not p.requires_grad and p.grad is not None]
+    return {
+        "step": name, "batch": batch, "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
+        "wall_ms": wall * 1e3, "phase_ms": phase_ms,
+        "category_ms": {k: v / steps / 1e3 for k, v in sorted(by_category.items(), key=lambda kv: -kv[1])},
+        "outside_operators_ms": max(0.0, wall * 1e3 - op_ms),
+        "top_ops_ms": {k: v / steps / 1e3 for k, v in sorted(by_op.items(), key=lambda kv: -kv[1])[:12]},
+        "gflop_per_step": ledger.total / 1e9,
+        "trainable_params": sum(p.numel() for p in params),
+        "frozen_params_with_grad": frozen_with_grad,
+    }
+
+
+class _Null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def write(results: list[dict], out: Path, overrides: list[str]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "profile.json").write_text(json.dumps({"cpu": platform.processor() or platform.machine(),
+                                                  "overrides": overrides, "steps": results}, indent=1))
+    lines = [f"# Step profiles ({', '.join(overrides) or 'shipped configs'})", "",
+             "| step | ms/step | forward | backward | clip | optimizer | matmul | attention | optimizer ops | copies / "
+             "conversions | other elementwise | outside operators | frozen params with grad |",
+             "|---|" + "---|" * 12]
+    for r in results:
+        c = r["category_ms"]
+        lines.append(f"| {r['step']} (b{r['batch']}, {r['dtype']}) | {r['wall_ms']:.0f} | "
+                     + " | ".join(f"{r['phase_ms'][p]:.0f}" for p in PHASES) + " | "
+                     + " | ".join(f"{c.get(k, 0.0):.0f}" for k in ("matmul", "attention", "optimizer",
+                                                                   "copies / conversions", "other elementwise"))
+                     + f" | {r['outside_operators_ms']:.0f} | {len(r['frozen_params_with_grad'])} |")
+    for r in results:
+        lines += ["", f"## {r['step']}: top operators (self ms/step)", ""]
+        lines += [f"- `{k}`: {v:.1f}" for k, v in r["top_ops_ms"].items()]
+    (out / "profile.md").write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.profile_step", description=__doc__.split("\n")[0])
+    p.add_argument("--out", default=str(bench.REPO / "runs" / "profile"))
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--only", default=None, help="profile only the steps whose name contains this")
+    p.add_argument("overrides", nargs="*", help="config overrides of every step, e.g. optim.implementation=fused")
+    args = p.parse_args(argv)
+    results = []
+    for name in STEPS:
+        if args.only and args.only not in name:
+            continue
+        results.append(profile_one(name, args.batch, args.steps, args.overrides))
+        print(f"{name}: {results[-1]['wall_ms']:.0f} ms/step", flush=True)
+    write(results, Path(args.out), args.overrides)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
