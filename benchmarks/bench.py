@@ -567,11 +567,14 @@ def measure_in_subprocess(spec: dict, log_dir: Path, timeout_s: float) -> dict:
     return out
 
 
-def plan(quick: bool, device: str, dtype: str, batch: int | None = None, steps: int | None = None) -> list[dict]:
-    """The measurements of a run; ``overrides`` (config ``key=value`` words) stay empty: the shipped configs."""
+def plan(quick: bool, device: str, dtype: str, batch: int | None = None, steps: int | None = None,
+         overrides: list[str] | None = None) -> list[dict]:
+    """The measurements of a run; ``overrides`` (config ``key=value`` words, e.g. ``optim.implementation=fused``)
+    apply to every step; none: the shipped configs."""
     b = batch or (8 if quick else 32)
     n_steps = steps or (2 if quick else 3)
-    common = {"kind": "step", "device": device, "warmup": 1, "steps": n_steps, "batch": b, "overrides": []}
+    common = {"kind": "step", "device": device, "warmup": 1, "steps": n_steps, "batch": b,
+              "overrides": list(overrides or [])}
     other = "bfloat16" if dtype != "bfloat16" else "float32"
 
     def step(stage, front=None, size=MAIN_SIZE, dt=dtype, **kw):
@@ -707,7 +710,7 @@ def assemble(results: list[dict], machine: dict, args, dtype: str, dtype_rule: s
     stage2["dtype"] = dtype
     machine = {**machine, "load_average_end": list(os.getloadavg())}
     return {
-        "mode": "quick" if args.quick else "full", "machine": machine,
+        "mode": "quick" if args.quick else "full", "overrides": args.set, "machine": machine,
         "compute_dtype": dtype, "compute_dtype_rule": dtype_rule, "flop_convention": CONVENTION,
         "timing": "median of the timed steps after warm-up; a step = zero_grad + forward (autocast in the compute "
                   "dtype) + backward + grad-norm clipping + AdamW step + reading the loss; one fixed batch; "
@@ -748,7 +751,8 @@ def write_markdown(report: dict, path: Path) -> None:
     hw = f"GPU {m['gpu']}" if m.get("gpu") else f"CPU {m['cpu']}"
     mem_label = "CUDA peak MB" if m["device"] == "cuda" else "peak RSS MB"
     parts = [
-        f"# Training-step benchmark ({report['mode']} mode)\n",
+        f"# Training-step benchmark ({report['mode']} mode"
+        + (f"; every step with {', '.join(report['overrides'])}" if report.get("overrides") else "") + ")\n",
         f"Machine: {hw}; {m['usable_cores']} cores, {m['torch_threads']} torch threads; torch {m['torch']}, "
         f"transformers {m['transformers']}, Python {m['python']}. Load average (1/5/15 min) at start "
         f"{', '.join(f'{x:.2f}' for x in m['load_average_start'])}, at end "
@@ -831,6 +835,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="compute dtype rule, as deepspeed.precision of the stages")
     p.add_argument("--only", default=None, help="run only the measurements whose name contains this")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config override of every step (repeatable), e.g. --set optim.implementation=fused")
     p.add_argument("--timeout", type=float, default=None, help="seconds per measurement (default 600, full 1200)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--result", default=None, help=argparse.SUPPRESS)
@@ -858,7 +864,7 @@ def main(argv: list[str] | None = None) -> int:
     machine = machine_info(device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    cases = plan(args.quick, device, dtype, args.batch, args.steps)
+    cases = plan(args.quick, device, dtype, args.batch, args.steps, args.set)
     if args.only:
         cases = [c for c in cases if args.only in c["name"] or c["kind"] == "peak"]
     timeout = args.timeout or (600 if args.quick else 1200)
