@@ -152,3 +152,14 @@ def test_plan_covers_every_stage_and_front():
         assert any(part in n for n in names), part
     full = plan(quick=False, device="cpu", dtype="float32")
     assert {c["image_size"] for c in full if c.get("scaling")} == {112, 224, 448}
+
+
+def test_elip_schedule_analysis_counts_the_look_ahead():
+    """The paper's look-ahead (7 extra full-length blocks of 12) costs more than its 29% token saving returns."""
+    from benchmarks.elip_schedules import analyse
+
+    rows = {(r["tower"], r["schedule"]): r for r in analyse()}
+    paper, cheap = rows["dinov2-s14", "paper"], rows["dinov2-s14", "paper, look-ahead 1"]
+    assert paper["token_reduction"] == pytest.approx(cheap["token_reduction"]) == pytest.approx(0.29, abs=0.01)
+    assert paper["speedup_bound"] < 1.0 < cheap["speedup_bound"]
+    assert paper["lookahead_share"] > 0.4 > cheap["lookahead_share"]
