@@ -40,6 +40,7 @@ class Arm:
     kind: str = "mse"
     target: str = "caption"
     description: str = ""
+    sequential: bool = False  # generative stage in two phases: ω₂·align alone, then the LM loss alone
 
 
 ARMS: dict[str, Arm] = {
@@ -47,6 +48,9 @@ ARMS: dict[str, Arm] = {
     "pformer": Arm("qformer", 10.0, 100.0, description="P-Former as in the paper: 10·MSE, 100·MSE"),
     "control": Arm("qformer", 10.0, 100.0, target="corpus_mean",
                    description="caption-free control: same weights, target = the corpus-mean P(y)"),
+    "pformer_seq": Arm("qformer", 10.0, 100.0, sequential=True,
+                       description="P-Former, generative stage in two phases as the authors' video recipe: 100·MSE "
+                                   "alone, then the LM loss alone, at the same total steps"),
     "pformer_std": Arm("qformer", 1.0, 1.0, kind="standardized_mse",
                        description="MSE after removing the corpus-mean prompt and dividing by the corpus std"),
     "pformer_cos": Arm("qformer", 1.0, 1.0, kind="cosine", description="cosine to the centred P(y)"),
@@ -90,6 +94,8 @@ class AblateConfig(Config):
     stage2_config: str = param(str(CONFIG_DIR / "stage2.yaml"), help="base YAML of the representation stage")
     generative_config: str = param(str(CONFIG_DIR / "generative.yaml"), help="base YAML of the generative stage")
     stage1_overrides: list[str] = param(default_factory=list, help="extra key=value overrides of stage 1")
+    seq_align_fraction: float = param(0.5, gt=0.0, lt=1.0, help="sequential arms (pformer_seq): the share of "
+                                                                 "the generative steps spent on alignment alone")
     zero_shot_images: int = param(0, ge=0, help="held-out images captioned from W·Z through the frozen LLM at the "
                                                 "end of each stage 2a, with the LLM's held-out caption loss there "
                                                 "(the generative stage's step 0; 0: off)")
@@ -183,11 +189,18 @@ def summarize_cell(cell_dir: Path, has_stage2: bool, checker: CaptionChecker, co
         stage2_seconds, zero_shot = stage2_summary["wall_seconds"], stage2_summary.get("zero_shot") or {}
         if (cell_dir / "stage2" / "retrieval.json").exists():
             retrieval = json.loads((cell_dir / "stage2" / "retrieval.json").read_text())
+    # a sequential arm's alignment-only phase counts as generative training time before the LM phase's clock
+    align_phase = cell_dir / "generative_align" / "generative_summary.json"
+    align_seconds, align_steps = 0.0, 0
+    if align_phase.exists():
+        phase = json.loads(align_phase.read_text())
+        align_seconds, align_steps = phase["train_seconds"], phase["steps"]
+    generative_seconds = align_seconds + summary["train_seconds"]
     cap = scores["captioning"]
     row = {metric: float(cap.get(metric, float("nan"))) for metric in METRICS[:5]}
     row.update(vqa_accuracy=float(scores.get("vqa", {}).get("accuracy", float("nan"))), caption_validity=validity,
-               final_lm=final_lm, stage2_seconds=stage2_seconds, generative_seconds=summary["train_seconds"],
-               train_seconds=stage2_seconds + summary["train_seconds"],
+               final_lm=final_lm, stage2_seconds=stage2_seconds, generative_seconds=generative_seconds,
+               train_seconds=stage2_seconds + generative_seconds,
                samples_per_s=sum(r["samples_per_s"] for r in history) / max(len(history), 1),
                prefix_tokens=summary["prefix_tokens"],
                retrieval_itc_r_mean=float(retrieval.get("itc", {}).get("r_mean", float("nan"))),
@@ -200,8 +213,10 @@ def summarize_cell(cell_dir: Path, has_stage2: bool, checker: CaptionChecker, co
             row[f"{key}_{stage}"] = _final(rows, key)
     row["collapsed"] = bool(not math.isfinite(final_lm) or final_lm > collapse.lm_loss
                             or validity < collapse.min_valid)
-    row["curve"] = [{"step": r["step"], "train_seconds": stage2_seconds + r["train_seconds"], "CIDEr": r["CIDEr"],
-                     "exact_match": r.get("exact_match", float("nan"))} for r in _read_jsonl(gen / "eval_curve.jsonl")]
+    before_lm = stage2_seconds + align_seconds
+    row["curve"] = [{"step": align_steps + r["step"], "train_seconds": before_lm + r["train_seconds"],
+                     "CIDEr": r["CIDEr"], "exact_match": r.get("exact_match", float("nan"))}
+                    for r in _read_jsonl(gen / "eval_curve.jsonl")]
     row["loss_curve"] = [{"step": r["step"], "lm": r["lm"]} for r in history]
     return row
 
@@ -232,6 +247,19 @@ def run_cell(cfg: AblateConfig, arm_name: str, pairs: int, lr: float, seed: int,
             return _re_evaluate_cell(cfg, row, cell_dir, gen, protocol, has_stage2, checker)
         return row
     started = time.perf_counter()
+    if arm.sequential:  # phase 2 (``gen``) takes the rest of the steps and starts from phase 1's front
+        align_steps = max(1, round(cfg.seq_align_fraction * cfg.generative_steps))
+        if align_steps >= cfg.generative_steps:
+            raise ConfigError("seq_align_fraction", f"leaves no LM steps of generative_steps="
+                                                    f"{cfg.generative_steps}")
+        phase1 = load_config(GenerativeConfig, cfg.generative_config, common + [
+            f"align.weight={arm.w2}", "weights.lm=0", f"optim.lr={lr}", f"optim.min_lr={lr / 10}",
+            f"optim.max_steps={align_steps}", f"optim.warmup_steps={_warmup(align_steps, 10)}",
+            f"init_front={cell_dir / 'stage2' / 'front'}", f"logging.output_dir={cell_dir / 'generative_align'}",
+            "logging.progress_bar=false", "eval.enabled=false", "curve.every=0", *cfg.generative_overrides])
+        lm_steps = cfg.generative_steps - align_steps
+        gen = gen.replace(align=gen.align.replace(weight=0.0), init_front=str(cell_dir / "generative_align" / "front"),
+                          optim=gen.optim.replace(max_steps=lm_steps, warmup_steps=_warmup(lm_steps, 10)))
     if has_stage2:
         s2 = load_config(Stage2Config, cfg.stage2_config, common + [
             f"align.weight={arm.w1}", f"optim.max_steps={cfg.stage2_steps}",
@@ -240,13 +268,15 @@ def run_cell(cfg: AblateConfig, arm_name: str, pairs: int, lr: float, seed: int,
             f"eval.max_images={cfg.retrieval_images or 1}", f"zero_shot.enabled={bool(cfg.zero_shot_images)}",
             f"zero_shot.max_images={cfg.zero_shot_images or 1}", "zero_shot.meteor=false", *cfg.stage2_overrides])
         run_stage2(s2, resume=True)
+    if arm.sequential:
+        run_generative(phase1, resume=True)
     run_generative(gen, resume=True)
     row = {"arm": arm_name, "front": arm.front, "pairs": pairs, "lr": lr, "seed": seed,
            **summarize_cell(cell_dir, has_stage2, checker, cfg.collapse),
            "wall_seconds": time.perf_counter() - started, "eval_protocol": protocol}
     write_json_atomic(done, row)  # its presence marks the cell finished: never half written
     if not cfg.keep_cell_checkpoints:  # only an unfinished cell resumes from them
-        for stage in ("stage2", "generative"):
+        for stage in ("stage2", "generative_align", "generative"):
             shutil.rmtree(cell_dir / stage / "checkpoints", ignore_errors=True)
     return row
 

@@ -9,7 +9,7 @@ import pytest
 
 from dvlp_common.config import ConfigError, load_config
 from pipelines import ablate_stats
-from pipelines.ablate import AblateConfig, CaptionChecker, CollapseConfig, run_ablation
+from pipelines.ablate import AblateConfig, CaptionChecker, CollapseConfig, cell_name, run_ablation
 from pipelines.ablate_stats import compare_to_baseline, group_cells, mean_std, time_to_baseline_quality
 
 
@@ -202,3 +202,31 @@ def test_tiny_grid_end_to_end_and_rerun_skips_finished_cells(tmp_path, tiny_vit_
     assert len(evaluated) == 6  # already under these settings: not evaluated again
     with pytest.raises(ConfigError, match="re_evaluate"):
         load_config(AblateConfig, None, [*overrides, "re_evaluate=true", "report_only=true"])
+
+
+@pytest.mark.slow
+def test_the_sequential_arm_aligns_then_trains_the_lm_within_the_same_steps(tmp_path, tiny_vit_dir, tiny_bert_dir,
+                                                                             tiny_llm_dir):
+    """pformer_seq (the authors' video recipe): ω₂·MSE alone for a share of the generative steps, then the LM loss
+    alone from that front, the two adding up to the baseline's steps."""
+    tiny = ["deepspeed.precision=fp32", "logging.tensorboard=false", "logging.log_every=1"]
+    vl = [f"vision.model={tiny_vit_dir}", "vision.image_size=16", f"front.init_from={tiny_bert_dir}",
+          "front.num_query_tokens=4", f"llm={tiny_llm_dir}", "optim.micro_batch_size=4", *tiny]
+    cfg = load_config(AblateConfig, None, [
+        f"output_dir={tmp_path / 'ab'}", "arms=[blip2,pformer_seq]", "pairs=[16]", "lrs=[1e-3]", "seeds=[0]",
+        "stage1_steps=2", "stage2_steps=2", "generative_steps=4", "seq_align_fraction=0.25", "curve_every=1",
+        "curve_images=2", "eval_images=4", "eval_questions=0", "gallery_images=0",
+        f"stage1_overrides=[model.text_encoder={tiny_bert_dir},model.llm={tiny_llm_dir},model.num_prompts=4,"
+        f"data.holdout=4,data.max_records=64,optim.micro_batch_size=8,{','.join(tiny)}]",
+        f"stage2_overrides=[{','.join(vl)}]",
+        f"generative_overrides=[{','.join(vl)},eval.max_new_tokens=3,eval.meteor=false]"])
+    cells = {c["arm"]: c for c in run_ablation(cfg)["cells"]}
+    seq_dir = tmp_path / "ab" / "cells" / cell_name("pformer_seq", 16, 1e-3, 0)
+    align = [json.loads(line) for line in (seq_dir / "generative_align" / "metrics.jsonl").read_text().splitlines()]
+    lm = [json.loads(line) for line in (seq_dir / "generative" / "metrics.jsonl").read_text().splitlines()]
+    assert len(align) == 1 and align[0]["lm"] == 0 and align[0]["align"] > 0  # phase 1: alignment alone
+    assert len(lm) == 3 and all(r["align"] == 0 and r["lm"] > 0 for r in lm)  # phase 2: the LM loss alone
+    assert [p["step"] for p in cells["pformer_seq"]["curve"]] == [2, 3, 4]  # on the baseline's step axis
+    assert [p["step"] for p in cells["blip2"]["curve"]] == [1, 2, 3, 4]
+    assert cells["pformer_seq"]["generative_seconds"] > json.loads(
+        (seq_dir / "generative" / "generative_summary.json").read_text())["train_seconds"]
