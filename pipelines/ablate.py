@@ -20,7 +20,7 @@ import math
 import re
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -61,6 +61,24 @@ ARMS: dict[str, Arm] = {
 }
 
 
+def arm_of(name: str) -> Arm:
+    """An arm by name; ``<arm>:<ω₂>`` is that arm with the generative weight ω₂ and ω₁ = ω₂ / 10 (the paper's 1:10),
+    e.g. ``pformer:30``, for calibrating the weights (``arms=[blip2,pformer:1,pformer:3,pformer:10]``)."""
+    base, _, weight = name.partition(":")
+    if base not in ARMS:
+        raise ConfigError("arms", f"unknown arm {name!r}; allowed values: {', '.join(ARMS)}, or <arm>:<ω₂>")
+    arm = ARMS[base]
+    if not weight:
+        return arm
+    try:
+        w2 = float(weight)
+    except ValueError:
+        raise ConfigError("arms", f"{name!r}: the weight after ':' must be a number") from None
+    if not arm.w2 or w2 <= 0:
+        raise ConfigError("arms", f"{name!r}: only an aligning arm takes a weight, and it must be > 0")
+    return replace(arm, w1=w2 / 10, w2=w2, description=f"{arm.description}; ω₂ = {w2:g}, ω₁ = {w2 / 10:g}")
+
+
 @dataclass
 class CollapseConfig(Config):
     lm_loss: float = param(2.0, gt=0.0, help="a run whose final training LM loss is above this has collapsed")
@@ -94,6 +112,11 @@ class AblateConfig(Config):
     stage2_config: str = param(str(CONFIG_DIR / "stage2.yaml"), help="base YAML of the representation stage")
     generative_config: str = param(str(CONFIG_DIR / "generative.yaml"), help="base YAML of the generative stage")
     stage1_overrides: list[str] = param(default_factory=list, help="extra key=value overrides of stage 1")
+    validation_images: int = param(0, ge=0, help="training images held out of every cell's pairs as the validation "
+                                                 "split (data.validation_images of every stage)")
+    eval_split: Literal["test", "validation"] = param("test", help="what the cells are evaluated on: the test "
+                                                                   "split, or (choosing settings, e.g. the "
+                                                                   "alignment weights) the validation images")
     seq_align_fraction: float = param(0.5, gt=0.0, lt=1.0, help="sequential arms (pformer_seq): the share of "
                                                                  "the generative steps spent on alignment alone")
     zero_shot_images: int = param(0, ge=0, help="held-out images captioned from W·Z through the frozen LLM at the "
@@ -115,8 +138,7 @@ class AblateConfig(Config):
 
     def check(self) -> None:
         for arm in self.arms:
-            if arm not in ARMS:
-                raise ConfigError("arms", f"unknown arm {arm!r}; allowed values: {', '.join(ARMS)}")
+            arm_of(arm)
         if not self.arms:
             raise ConfigError("arms", "needs at least one arm")
         if self.baseline not in self.arms:
@@ -129,6 +151,8 @@ class AblateConfig(Config):
             raise ConfigError("pairs", f"must be positive, got {self.pairs}")
         if any(lr <= 0 for lr in self.lrs):
             raise ConfigError("lrs", f"must be positive, got {self.lrs}")
+        if self.eval_split == "validation" and not self.validation_images:
+            raise ConfigError("eval_split", "'validation' needs validation_images > 0")
         if self.re_evaluate and self.report_only:
             raise ConfigError("re_evaluate", "runs evaluations; report_only runs nothing: set one of them")
 
@@ -136,7 +160,7 @@ class AblateConfig(Config):
 # ---------------------------------------------------------------------------------------------------------------
 # one cell
 def cell_name(arm: str, pairs: int, lr: float, seed: int) -> str:
-    return f"{arm}/pairs{pairs}_lr{lr:g}_seed{seed}"
+    return f"{arm.replace(':', '_w')}/pairs{pairs}_lr{lr:g}_seed{seed}"  # no ':' in file names
 
 
 def _warmup(steps: int, wanted: int) -> int:
@@ -226,12 +250,13 @@ def run_cell(cfg: AblateConfig, arm_name: str, pairs: int, lr: float, seed: int,
     from .generative import GenerativeConfig, run_generative
     from .stage2 import Stage2Config, run_stage2
 
-    arm = ARMS[arm_name]
+    arm = arm_of(arm_name)
     cell_dir = Path(cfg.output_dir) / "cells" / cell_name(arm_name, pairs, lr, seed)
     done = cell_dir / "cell.json"
     common = [f"seed={seed}", f"data.source={cfg.dataset}", f"align_stats_source={cfg.dataset}",
               f"pformer={pformer_dir}", f"data.max_pairs={pairs}", f"front.kind={arm.front}",
-              f"align.kind={arm.kind}", f"align.target={arm.target}"]
+              f"align.kind={arm.kind}", f"align.target={arm.target}",
+              f"data.validation_images={cfg.validation_images}"]
     has_stage2 = arm.front != "tome"
     gen = load_config(GenerativeConfig, cfg.generative_config, common + [
         f"align.weight={arm.w2}", f"optim.lr={lr}", f"optim.min_lr={lr / 10}",
@@ -239,6 +264,7 @@ def run_cell(cfg: AblateConfig, arm_name: str, pairs: int, lr: float, seed: int,
         f"init_front={cell_dir / 'stage2' / 'front' if has_stage2 else 'null'}",
         f"logging.output_dir={cell_dir / 'generative'}", "logging.progress_bar=false",
         f"eval.max_images={cfg.eval_images}", f"eval.max_questions={cfg.eval_questions}",
+        f"eval.split={cfg.eval_split}",
         f"curve.every={cfg.curve_every}", f"curve.images={cfg.curve_images}", *cfg.generative_overrides])
     protocol = to_dict(gen.eval)
     if done.exists():
@@ -266,7 +292,8 @@ def run_cell(cfg: AblateConfig, arm_name: str, pairs: int, lr: float, seed: int,
             f"optim.warmup_steps={_warmup(cfg.stage2_steps, 5)}", f"logging.output_dir={cell_dir / 'stage2'}",
             "logging.progress_bar=false", f"eval.enabled={bool(cfg.retrieval_images)}",
             f"eval.max_images={cfg.retrieval_images or 1}", f"zero_shot.enabled={bool(cfg.zero_shot_images)}",
-            f"zero_shot.max_images={cfg.zero_shot_images or 1}", "zero_shot.meteor=false", *cfg.stage2_overrides])
+            f"zero_shot.max_images={cfg.zero_shot_images or 1}", "zero_shot.meteor=false",
+            f"zero_shot.split={cfg.eval_split}", *cfg.stage2_overrides])
         run_stage2(s2, resume=True)
     if arm.sequential:
         run_generative(phase1, resume=True)
@@ -351,7 +378,7 @@ def run_ablation(cfg: AblateConfig) -> dict:
     speed = time_to_baseline_quality(cells, cfg.baseline)
     wall = time.perf_counter() - start
     text = write_report(out, cfg, cells, groups, comparisons, speed, stage1_md, wall, missing,
-                        descriptions={a: ARMS[a].description for a in cfg.arms})
+                        descriptions={a: arm_of(a).description for a in cfg.arms})
     write_gallery(out, cfg, {a: out / "cells" / cell_name(a, cfg.pairs[0], cfg.lrs[0], cfg.seeds[0]) for a in cfg.arms})
     print(text, flush=True)
     return {"cells": cells, "groups": groups, "comparisons": comparisons, "time_to_baseline_quality": speed,

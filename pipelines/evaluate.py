@@ -13,6 +13,7 @@ from dvlp_common.config import Config, ConfigError, param
 from dvlp_common.precision import autocast, compute_dtype
 from vl_align.evaluation import EvalConfig, evaluate_generative
 from vl_align.fronts import load_front
+from vl_align.pairs import PairDataConfig
 
 
 @dataclass
@@ -32,8 +33,8 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     front, tower, llm = front.to(device), tower.to(device), llm.to(device)
     started = time.perf_counter()
     with torch.no_grad(), autocast(device, dtype):
-        result = evaluate_generative(front, llm, tower, cfg.eval, cfg.data_source, Path(cfg.output_dir), device,
-                                     dtype)
+        result = evaluate_generative(front, llm, tower, cfg.eval, PairDataConfig(source=cfg.data_source),
+                                     Path(cfg.output_dir), device, dtype)
     if result is None:
         raise ConfigError("eval.captions_source", f"no held-out set for data_source={cfg.data_source}")
     print(f"evaluated in {time.perf_counter() - started:.0f} s -> {cfg.output_dir}/eval.json", flush=True)

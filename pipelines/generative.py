@@ -140,7 +140,7 @@ def run_generative(cfg: GenerativeConfig, resume: bool = False, stop_after: int 
     if cfg.eval.enabled:
         trained.eval()
         with torch.no_grad(), precision.autocast(dist.device, dtype):
-            summary["eval"] = evaluate_generative(trained, llm, tower, cfg.eval, cfg.data.source, run_dir,
+            summary["eval"] = evaluate_generative(trained, llm, tower, cfg.eval, cfg.data, run_dir,
                                                   dist.device, dtype)
     write_json_atomic(run_dir / "generative_summary.json", summary)
     return summary
@@ -164,7 +164,7 @@ def _append_curve_point(front, llm, tower, cfg: GenerativeConfig, run_dir: Path,
     was_training = front.training
     front.eval()
     with torch.no_grad(), precision.autocast(device, dtype):
-        result = evaluate_generative(front, llm, tower, eval_cfg, cfg.data.source, point_dir, device, dtype)
+        result = evaluate_generative(front, llm, tower, eval_cfg, cfg.data, point_dir, device, dtype)
     front.train(was_training)
     if result is None:  # no held-out set: no curve
         return

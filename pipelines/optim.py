@@ -82,8 +82,8 @@ def build_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.A
     ``pformer.llm``, so the comparison should be redone with the BOS lead token.)"""
     kernel = {"default": {}, "for_loop": {"foreach": False}, "foreach": {"foreach": True},
               "fused": {"fused": True}}[optim.implementation]
-    return torch.optim.AdamW(param_groups(model, optim.weight_decay, optim.lr, optim.lr_scale), lr=optim.lr, betas=optim.betas, eps=optim.eps,
-                             **kernel)
+    return torch.optim.AdamW(param_groups(model, optim.weight_decay, optim.lr, optim.lr_scale), lr=optim.lr,
+                             betas=optim.betas, eps=optim.eps, **kernel)
 
 
 def forward_under_autocast(module: torch.nn.Module, device: torch.device, dtype: torch.dtype | None) -> None:

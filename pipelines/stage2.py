@@ -128,8 +128,8 @@ def zero_shot_mechanism(front, tower, cfg: Stage2Config, bos_before_prefix: bool
     llm = FrozenLLM.load(cfg.llm, dtype=dtype, bos_before_prefix=bos_before_prefix).to(device)
     front.eval()
     with torch.no_grad(), precision.autocast(device, dtype):
-        captions = evaluate_generative(front, llm, tower, cfg.zero_shot, cfg.data.source, out_dir, device, dtype)
-    lm = heldout_lm_loss(front, llm, tower, cfg.zero_shot, cfg.data.source, device, dtype, cfg.front.max_text_length)
+        captions = evaluate_generative(front, llm, tower, cfg.zero_shot, cfg.data, out_dir, device, dtype)
+    lm = heldout_lm_loss(front, llm, tower, cfg.zero_shot, cfg.data, device, dtype, cfg.front.max_text_length)
     result = {"captioning": (captions or {}).get("captioning"), "heldout_lm": lm}
     write_json_atomic(out_dir / "zero_shot.json", result)
     return result

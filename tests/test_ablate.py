@@ -230,3 +230,19 @@ def test_the_sequential_arm_aligns_then_trains_the_lm_within_the_same_steps(tmp_
     assert [p["step"] for p in cells["blip2"]["curve"]] == [1, 2, 3, 4]
     assert cells["pformer_seq"]["generative_seconds"] > json.loads(
         (seq_dir / "generative" / "generative_summary.json").read_text())["train_seconds"]
+
+
+def test_weighted_arm_names_calibrate_the_alignment_at_the_papers_ratio():
+    from pipelines.ablate import arm_of
+
+    arm = arm_of("pformer:30")
+    assert (arm.w1, arm.w2, arm.kind, arm.target) == (3.0, 30.0, "mse", "caption")
+    assert arm_of("control:3").target == "corpus_mean" and arm_of("pformer_seq:1").sequential
+    for bad in ("blip2:10", "pformer:x", "pformer:0", "nope:1"):
+        with pytest.raises(ConfigError, match="arms"):
+            arm_of(bad)
+    cfg = load_config(AblateConfig, None, ["arms=[blip2,pformer:10,pformer:100]", "validation_images=50",
+                                           "eval_split=validation"])
+    assert cfg.arms[1] == "pformer:10"
+    with pytest.raises(ConfigError, match="eval_split"):
+        load_config(AblateConfig, None, ["eval_split=validation"])

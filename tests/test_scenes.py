@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from dvlp_common.config import ConfigError
 from pformer.data import load_text_corpus
 from vl_align.data import load_image_text_pairs
 
@@ -288,8 +289,21 @@ def test_pipeline_loaders_read_embedded_scenes(tmp_path, monkeypatch):
 
     from vl_align.evaluation import EvalConfig, _test_records
 
-    pairs_test, vqa_test = _test_records(EvalConfig(), "embedded:scenes")
+    pairs_test, vqa_test = _test_records(EvalConfig(), PairDataConfig(source="embedded:scenes"))
     assert len(pairs_test) == 80 and len(vqa_test) == 640
+
+    # the validation split: images carved out of the training pairs, the same for every seed, never trained on
+    with_val = PairDataConfig(source="embedded:scenes", validation_images=10)
+    val_pairs, val_questions = _test_records(EvalConfig(split="validation"), with_val)
+    val_images = {r["image_path"] for r in val_pairs}
+    assert len(val_pairs) == 10 and val_images <= {r.image_path for r in records}
+    assert val_questions and {q["image_path"] for q in val_questions} <= val_images  # their training questions
+    for seed in (0, 1):
+        train, _ = load_pairs(with_val.replace(max_pairs=100), seed=seed)
+        assert len(train) == 100 and not {r.image_path for r in train} & val_images
+    assert len(load_pairs(with_val, seed=0)[0]) == 150
+    with pytest.raises(ConfigError, match="validation_images"):
+        _test_records(EvalConfig(split="validation"), PairDataConfig(source="embedded:scenes"))
 
 
 def test_bad_parameters():

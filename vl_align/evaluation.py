@@ -15,7 +15,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 
@@ -27,7 +27,7 @@ from .generative import generate
 from .inputs import ImageInputs
 from .metrics import java_available, load_metric
 from .data import load_image_text_pairs
-from .pairs import ImageTextPair
+from .pairs import ImageTextPair, PairDataConfig, load_pairs
 from .retrieval import itc_similarity, recalls, rerank_with_itm, top_k
 from .sources import embedded_files
 
@@ -58,16 +58,35 @@ class EvalConfig(Config):
                                                        "answer | answers: [...]}, paths relative to the file; "
                                                        "None: those of an embedded data.source")
 
+    split: Literal["test", "validation"] = param("test", help="the held-out images: the test split, or the "
+                                                            "validation images carved out of the training pairs "
+                                                            "(data.validation_images) for choosing settings")
+
     def check(self) -> None:
         if self.min_new_tokens > self.max_new_tokens:
             raise ConfigError("min_new_tokens", f"{self.min_new_tokens} is above max_new_tokens "
                                                 f"{self.max_new_tokens}")
 
 
-def _test_records(cfg: EvalConfig, data_source: str) -> tuple[list[dict], list[dict]] | None:
-    """Held-out (pairs, questions): ``cfg.captions_source`` / ``cfg.questions_source``, else the test split of an
-    embedded ``data_source``; None when there is no held-out caption set to evaluate on."""
-    files = embedded_files(data_source.split(":", 1)[1]) if data_source.startswith("embedded:") else {}
+def _test_records(cfg: EvalConfig, data: PairDataConfig) -> tuple[list[dict], list[dict]] | None:
+    """Held-out (pairs, questions): the validation images of ``data`` (``cfg.split``), or ``cfg.captions_source`` /
+    ``cfg.questions_source``, else the test split of an embedded ``data.source``; None when there is no held-out
+    caption set to evaluate on."""
+    source = data.source
+    files = embedded_files(source.split(":", 1)[1]) if source.startswith("embedded:") else {}
+    if cfg.split == "validation":
+        if not data.validation_images:
+            raise ConfigError("eval.split", "'validation' needs data.validation_images > 0")
+        held = load_pairs(data, seed=0, split="validation")[0]
+        if any(r.image_path is None for r in held):
+            raise ConfigError("eval.split", f"'validation' evaluates images by path; {source} has none")
+        pairs = [{"image_id": r.image_id, "image_path": r.image_path, "caption": r.caption} for r in held]
+        paths = {r["image_path"] for r in pairs}
+        questions = [q for q in _read_jsonl_records(files["vqa_train"], ("image_path", "question"))
+                     if q["image_path"] in paths] if files and not cfg.questions_source else []
+        if cfg.questions_source:
+            questions = _questions_file(cfg.questions_source)
+        return pairs, questions
     if cfg.captions_source:
         dataset = load_image_text_pairs(cfg.captions_source)
         if "image_path" not in dataset.column_names:
@@ -80,16 +99,21 @@ def _test_records(cfg: EvalConfig, data_source: str) -> tuple[list[dict], list[d
     else:
         return None
     if cfg.questions_source:
-        questions = _read_jsonl_records(Path(cfg.questions_source), ("image_path", "question"))
-        root = Path(cfg.questions_source).resolve().parent
-        for q in questions:
-            q["image_path"] = str(root / q["image_path"])  # an absolute path stays as it is
+        questions = _questions_file(cfg.questions_source)
     else:
         questions = _read_jsonl_records(files["vqa_test"], ("image_path", "question")) if files else []
+    return pairs, questions
+
+
+def _questions_file(path: str) -> list[dict]:
+    """A JSONL of ``image_path`` (relative to the file), ``question`` and ``answer`` or ``answers``."""
+    questions = _read_jsonl_records(Path(path), ("image_path", "question"))
+    root = Path(path).resolve().parent
     for i, q in enumerate(questions):
+        q["image_path"] = str(root / q["image_path"])  # an absolute path stays as it is
         if "answer" not in q and "answers" not in q:
             raise ConfigError("eval.questions_source", f"question {i + 1} has neither 'answer' nor 'answers'")
-    return pairs, questions
+    return questions
 
 
 def _read_jsonl_records(path: Path, required: tuple[str, ...]) -> list[dict]:
@@ -110,13 +134,13 @@ def _read_jsonl_records(path: Path, required: tuple[str, ...]) -> list[dict]:
     return records
 
 
-def evaluate_generative(front, llm, tower, cfg: EvalConfig, data_source: str, run_dir: Path, device,
+def evaluate_generative(front, llm, tower, cfg: EvalConfig, data: PairDataConfig, run_dir: Path, device,
                         dtype) -> dict | None:
     """Held-out captioning (BLEU, METEOR, ROUGE-L, CIDEr, exact match) and zero-shot VQA; eval.json, eval.md and
     predictions.json in ``run_dir``. None, with a message, when there is no held-out set (see ``_test_records``)."""
-    records = _test_records(cfg, data_source)
+    records = _test_records(cfg, data)
     if records is None:
-        print(f"caption/VQA evaluation skipped: data.source={data_source} has no known held-out split; set "
+        print(f"caption/VQA evaluation skipped: data.source={data.source} has no known held-out split; set "
               "eval.captions_source (and eval.questions_source)", flush=True)
         return None
     pairs, questions = records
@@ -169,12 +193,12 @@ def evaluate_generative(front, llm, tower, cfg: EvalConfig, data_source: str, ru
 
 
 @torch.no_grad()
-def heldout_lm_loss(front, llm, tower, cfg: EvalConfig, data_source: str, device, dtype,
+def heldout_lm_loss(front, llm, tower, cfg: EvalConfig, data: PairDataConfig, device, dtype,
                     max_text_length: int | None = None) -> dict | None:
     """The frozen LLM's caption loss on held-out images with the front's prefix W·Z, as the generative stage would
     score it before any LM training (its step 0): the mean over all caption tokens (and their count). The images
     and references are those of :func:`evaluate_generative`. None without a held-out set."""
-    records = _test_records(cfg, data_source)
+    records = _test_records(cfg, data)
     if records is None:
         return None
     pairs = records[0]

@@ -23,6 +23,9 @@ class PairDataConfig(Config):
     format: Literal["auto", "coco", "jsonl", "disk", "webdataset"] = param("auto", help="format of source")
     image_root: Optional[str] = param(None, help="folder the image paths are relative to (COCO, jsonl)")
     max_pairs: Optional[int] = param(None, help="train on this many pairs (a seeded subset); None: all")
+    validation_images: int = param(0, ge=0, help="training images (with all their pairs) held out of every training "
+                                                 "subset as the validation split, the same for every seed: for "
+                                                 "choosing settings without the test split; 0: none")
     verify_images: bool = param(True, help="open every image once at load; bad ones are counted skips")
 
 
@@ -48,15 +51,24 @@ def resolve_pair_source(data: PairDataConfig, split: str = "train") -> tuple[str
 
 def load_pairs(data: PairDataConfig, seed: int, max_skip_fraction: float = 0.05,
                split: str = "train") -> tuple[list[ImageTextPair], SkipReport]:
-    """(pairs, SkipReport); for training a seeded subset of ``max_pairs`` (the same subset for every arm of a seed)."""
+    """(pairs, SkipReport) of ``split``: "train" (a seeded subset of ``max_pairs``, the same subset for every arm of
+    a seed, never a validation image's pair), "validation" (the pairs of ``validation_images`` images of the
+    training source, the same for every seed) or "test"."""
     report = SkipReport(max_skip_fraction=max_skip_fraction, name=f"image-text pairs ({split})")
-    source, fmt = resolve_pair_source(data, split)
+    source, fmt = resolve_pair_source(data, "train" if split == "validation" else split)
     # undecoded: a shard's or datasets folder's image stays its encoded bytes (hashed for the feature cache, decoded
     # by the tower); decoding here would hold every image as pixels and lose the bytes the cache is keyed by
     ds = load_image_text_pairs(source, fmt=fmt, image_root=data.image_root, report=report,
                                verify_images=data.verify_images, decode_images=False)
     root = data.image_root if data.image_root is not None else str(Path(source).parent)  # data.py's rule for disk
     records = [_record(r, root) for r in ds]
+    if split in ("train", "validation") and data.validation_images:
+        images = sorted({r.image_id for r in records})
+        if data.validation_images >= len(images):
+            raise ConfigError("data.validation_images", f"asks for {data.validation_images} of the {len(images)} "
+                                                        f"images of {source}, leaving none to train on")
+        held = {images[i] for i in np.random.default_rng(29).permutation(len(images))[:data.validation_images]}
+        records = [r for r in records if (r.image_id in held) == (split == "validation")]
     if data.max_pairs is not None and split == "train":
         if data.max_pairs > len(records):
             raise ConfigError("data.max_pairs", f"asks for {data.max_pairs} pairs but {source} has {len(records)}")
