@@ -106,3 +106,21 @@ def tiny_pformer_dir(tmp_path_factory, tiny_bert_dir, tiny_llm_dir):
     out = tmp_path_factory.mktemp("tiny_pformer") / "pformer"
     model.save_pretrained(out, tokenizer=zoo.load_tokenizer(tiny_bert_dir))
     return str(out)
+
+
+def shape_png(colour: tuple[int, int, int], shape: str, size: int = 16) -> bytes:
+    """A small PNG of a filled ``square`` or circle in ``colour`` on white: test images whose content differs."""
+    import io
+
+    from PIL import Image
+
+    im = Image.new("RGB", (size, size), (255, 255, 255))
+    px, c = im.load(), size // 2
+    for y in range(size):
+        for x in range(size):
+            inside = (abs(x - c) < 5 and abs(y - c) < 5) if shape == "square" else (x - c) ** 2 + (y - c) ** 2 < 30
+            if inside:
+                px[x, y] = colour
+    buf = io.BytesIO()
+    im.save(buf, "PNG")
+    return buf.getvalue()

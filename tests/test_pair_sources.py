@@ -9,23 +9,12 @@ from pathlib import Path
 
 import datasets
 import pytest
-from PIL import Image
+
+from conftest import shape_png
 
 from vl_align.pairs import ImageTextPair, PairDataConfig, load_pairs
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 20)}
-
-
-def _png(colour, shape: str) -> bytes:
-    im = Image.new("RGB", (16, 16), (255, 255, 255))
-    px = im.load()
-    for y in range(16):
-        for x in range(16):
-            if (abs(x - 8) < 5 and abs(y - 8) < 5) if shape == "square" else (x - 8) ** 2 + (y - 8) ** 2 < 30:
-                px[x, y] = colour
-    buf = io.BytesIO()
-    im.save(buf, "PNG")
-    return buf.getvalue()
 
 
 def _write_sources(root: Path, bad: bool = False) -> dict:
@@ -37,7 +26,7 @@ def _write_sources(root: Path, bad: bool = False) -> dict:
     for i, (name, rgb) in enumerate(COLOURS.items()):
         for j, shape in enumerate(("square", "circle", "square")):
             path = files / f"img_{i}_{j}.png"
-            path.write_bytes(_png(rgb, shape))
+            path.write_bytes(shape_png(rgb, shape))
             rows.append({"image_id": f"{i}-{j}", "caption": f"a {name} {shape}", "image_path": str(path)})
     if bad:
         (files / "bad.png").write_text("not an image\n")

@@ -28,6 +28,8 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import shape_png
+
 from dvlp_common.config import load_config
 from dvlp_common.records import SkipReport
 from pipelines import checkpoint, training
@@ -46,19 +48,6 @@ MAX_STEPS, SAVE_EVERY = 10, 3
 COLOURS = {"red": (220, 20, 20), "green": (20, 200, 20), "blue": (20, 20, 220), "yellow": (230, 230, 20)}
 
 
-def _png(colour, shape: str) -> bytes:
-    im = Image.new("RGB", (16, 16), (255, 255, 255))
-    px = im.load()
-    for y in range(16):
-        for x in range(16):
-            inside = (abs(x - 8) < 5 and abs(y - 8) < 5) if shape == "square" else (x - 8) ** 2 + (y - 8) ** 2 < 30
-            if inside:
-                px[x, y] = colour
-    buf = io.BytesIO()
-    im.save(buf, "PNG")
-    return buf.getvalue()
-
-
 def _write_pairs(folder: Path, extra_lines: list[bytes] = ()) -> Path:
     """12 good image-text pairs (16-px PNGs) in ``folder/pairs.jsonl``, then ``extra_lines``."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -66,7 +55,7 @@ def _write_pairs(folder: Path, extra_lines: list[bytes] = ()) -> Path:
     for i, (name, rgb) in enumerate(COLOURS.items()):
         for j, shape in enumerate(("square", "circle", "square")):
             file = f"img_{i}_{j}.png"
-            (folder / file).write_bytes(_png(rgb, shape))
+            (folder / file).write_bytes(shape_png(rgb, shape))
             lines.append(json.dumps({"image": file, "caption": f"a {name} {shape}", "image_id": f"{i}-{j}"}).encode())
     path = folder / "pairs.jsonl"
     path.write_bytes(b"".join(line + b"\n" for line in [*lines, *extra_lines]))
@@ -542,7 +531,7 @@ def test_webdataset_caption_with_invalid_utf8_is_a_counted_skip(tmp_path):
     shard = tmp_path / "000.tar"
     with tarfile.open(shard, "w") as tf:
         for key, caption in (("a0", b"a red square"), ("a1", b"caf\xe9 au lait"), ("a2", b"a green circle")):
-            for name, payload in ((f"{key}.png", _png(COLOURS["red"], "square")), (f"{key}.txt", caption)):
+            for name, payload in ((f"{key}.png", shape_png(COLOURS["red"], "square")), (f"{key}.txt", caption)):
                 info = tarfile.TarInfo(name)
                 info.size = len(payload)
                 tf.addfile(info, io.BytesIO(payload))

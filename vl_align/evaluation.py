@@ -116,6 +116,12 @@ def _questions_file(path: str) -> list[dict]:
     return questions
 
 
+def first_images(image_ids, max_images: int | None) -> list[str]:
+    """The held-out images every evaluation takes: the first ``max_images`` by id (shorter ids first, so "10" comes
+    after "9"); all of them for None."""
+    return sorted(image_ids, key=lambda i: (len(i), i))[:max_images or None]
+
+
 def _read_jsonl_records(path: Path, required: tuple[str, ...]) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found")
@@ -149,7 +155,7 @@ def evaluate_generative(front, llm, tower, cfg: EvalConfig, data: PairDataConfig
     for r in pairs:
         by_image[r["image_id"]].append(r["caption"])
         paths[r["image_id"]] = r["image_path"]
-    image_ids = sorted(by_image, key=lambda i: (len(i), i))[:cfg.max_images or None]
+    image_ids = first_images(by_image, cfg.max_images)
     gen_kwargs = dict(max_new_tokens=cfg.max_new_tokens, num_beams=cfg.num_beams, do_sample=cfg.do_sample,
                       top_p=cfg.top_p, min_new_tokens=cfg.min_new_tokens)
     qs = questions[:cfg.max_questions or None] if cfg.max_questions != 0 else []
@@ -202,7 +208,7 @@ def heldout_lm_loss(front, llm, tower, cfg: EvalConfig, data: PairDataConfig, de
     if records is None:
         return None
     pairs = records[0]
-    chosen = set(sorted({r["image_id"] for r in pairs}, key=lambda i: (len(i), i))[:cfg.max_images or None])
+    chosen = set(first_images({r["image_id"] for r in pairs}, cfg.max_images))
     pairs = [r for r in pairs if r["image_id"] in chosen]
     images = ImageInputs.build(tower, [r["image_path"] for r in pairs], live_tower=front.vision is not None,
                                device=device, dtype=dtype)
@@ -251,7 +257,7 @@ def build_gallery(pairs: list[ImageTextPair], max_images: int | None = None) -> 
         if caption not in by_image[image_id]:
             by_image[image_id].append(caption)
         images[image_id] = r.image
-    image_ids = sorted(by_image, key=lambda i: (len(i), i))[:max_images or None]
+    image_ids = first_images(by_image, max_images)
     texts = list(dict.fromkeys(c for i in image_ids for c in by_image[i]))
     text_index = {t: j for j, t in enumerate(texts)}
     gold = torch.zeros(len(image_ids), len(texts), dtype=torch.bool)
