@@ -50,7 +50,6 @@ class PromptTargets:
 
     def __init__(self, cache, target: str, stats: AlignmentStats | None):
         self.cache, self.target, self.stats = cache, target, stats
-        self.shape = tuple(cache.array.shape[1:])  # (n, d_llm)
 
     def __call__(self, captions: Sequence[str], device) -> torch.Tensor:
         if self.target == "corpus_mean":
