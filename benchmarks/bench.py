@@ -844,6 +844,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.worker:  # inside a measurement subprocess
         spec = json.loads(Path(args.worker).read_text())
+        if spec.get("keep_freed_memory", True):  # as `dvlp` does for the stages (dvlp_common.memory)
+            from dvlp_common.memory import keep_freed_memory
+
+            keep_freed_memory()
         Path(args.result).write_text(json.dumps(run_case(spec)))
         return 0
 

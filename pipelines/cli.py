@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dvlp_common.config import ConfigError, describe, load_config
+from dvlp_common.memory import keep_freed_memory
 
 from .config import CONFIG_DIR
 
@@ -108,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    keep_freed_memory()  # CPU steps reuse their large buffers instead of faulting fresh pages every step
     command = COMMANDS[args.command]
     try:
         runner = _load(command.runner)
