@@ -5,9 +5,9 @@ from pathlib import Path
 
 from dvlp_common import zoo
 
-from . import embedded, scenes
+from . import embedded, motion, scenes
 
-EMBEDDED = ("easy-vqa", "scenes")
+EMBEDDED = ("easy-vqa", "scenes", "motion")  # motion: video clips (vl_align.video_data reads its pairs)
 
 
 def embedded_files(name: str) -> dict[str, Path]:
@@ -16,6 +16,8 @@ def embedded_files(name: str) -> dict[str, Path]:
         return {k: Path(v) for k, v in embedded.build_embedded_easy_vqa(zoo.cache_root() / "data" / "easy-vqa").items()}
     if name == "scenes":
         return {k: Path(v) for k, v in scenes.build_embedded_scenes(zoo.cache_root() / "data" / "scenes").items()}
+    if name == "motion":
+        return {k: Path(v) for k, v in motion.build_embedded_motion(zoo.cache_root() / "data" / "motion").items()}
     raise ValueError(f"unknown embedded dataset '{name}'; available: {', '.join(EMBEDDED)}")
 
 
