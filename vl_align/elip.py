@@ -73,7 +73,8 @@ from torch import nn
 
 from dvlp_common.config import Config, ConfigError, param
 
-__all__ = ["ElipConfig", "ElipStats", "ElipVisionTower", "prune_and_fuse", "token_schedule", "num_kept"]
+__all__ = ["ElipConfig", "ElipStats", "ElipVisionTower", "num_kept", "prune_and_fuse", "token_schedule", "vit_blocks",
+           "vit_embed", "vit_final", "vit_kind"]
 
 
 @dataclass
@@ -178,6 +179,50 @@ def prune_and_fuse(
     return torch.cat([special, kept, fused], dim=1), kept_index
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# model adapters: run a HF ViT-like tower piecewise from the outside (embeddings, blocks, final norm); shared with
+# the video tower (vl_align.video), which inserts temporal modules between the blocks' halves
+_VIT_CLASSES = (("dinov2", "Dinov2Model"), ("dinov2", "Dinov2WithRegistersModel"), ("vit", "ViTModel"),
+                ("clip", "CLIPVisionModel"))
+
+
+def vit_kind(model: nn.Module, user: str) -> str:
+    """``dinov2`` / ``vit`` / ``clip``: the layout of ``model``; any other class is a TypeError naming it."""
+    import transformers as tf
+
+    for kind, name in _VIT_CLASSES:
+        cls = getattr(tf, name, None)
+        if cls is not None and isinstance(model, cls):
+            return kind
+    raise TypeError(f"{user} supports {', '.join(name for _, name in _VIT_CLASSES)}, got {type(model).__name__}")
+
+
+def vit_blocks(model: nn.Module, kind: str) -> nn.ModuleList:
+    if kind == "dinov2":
+        return model.encoder.layer
+    if kind == "vit":
+        return model.layers if hasattr(model, "layers") else model.encoder.layer
+    return model.encoder.layers  # clip
+
+
+def vit_embed(model: nn.Module, kind: str, pixel_values: torch.Tensor) -> torch.Tensor:
+    """The tokens entering the first block, ``[B, N, D]``. Position embeddings are interpolated as
+    ``VisionTower`` does (a no-op at the model's own resolution; DINOv2 always interpolates)."""
+    if kind == "dinov2":
+        return model.embeddings(pixel_values)
+    if kind == "vit":
+        pixel_values = pixel_values.to(model.embeddings.patch_embeddings.projection.weight.dtype)
+        return model.embeddings(pixel_values, interpolate_pos_encoding=True)
+    return model.pre_layrnorm(model.embeddings(pixel_values, interpolate_pos_encoding=True))
+
+
+def vit_final(model: nn.Module, kind: str, hidden: torch.Tensor) -> torch.Tensor:
+    """``last_hidden_state`` from the last block's output."""
+    if kind in ("dinov2", "vit"):
+        return model.layernorm(hidden)
+    return hidden  # CLIPVisionModel.last_hidden_state is not normed (post_layernorm is on the pooled token)
+
+
 @dataclass
 class ElipStats:
     """What :meth:`ElipVisionTower.forward` did.
@@ -234,43 +279,17 @@ class ElipVisionTower(nn.Module):
     # ------------------------------------------------------------------ model adapters
     @staticmethod
     def _detect_kind(model: nn.Module) -> str:
-        import transformers as tf
-
-        checks = [
-            ("dinov2", getattr(tf, "Dinov2Model", None)),
-            ("dinov2", getattr(tf, "Dinov2WithRegistersModel", None)),
-            ("vit", getattr(tf, "ViTModel", None)),
-            ("clip", getattr(tf, "CLIPVisionModel", None)),
-        ]
-        for kind, cls in checks:
-            if cls is not None and isinstance(model, cls):
-                return kind
-        raise TypeError(
-            "ElipVisionTower supports Dinov2Model, Dinov2WithRegistersModel, ViTModel and CLIPVisionModel, "
-            f"got {type(model).__name__}"
-        )
+        return vit_kind(model, "ElipVisionTower")
 
     @property
     def blocks(self) -> nn.ModuleList:
-        if self._kind == "dinov2":
-            return self.model.encoder.layer
-        if self._kind == "vit":
-            return self.model.layers if hasattr(self.model, "layers") else self.model.encoder.layer
-        return self.model.encoder.layers  # clip
+        return vit_blocks(self.model, self._kind)
 
     def _embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        m = self.model
-        if self._kind == "dinov2":
-            return m.embeddings(pixel_values)
-        if self._kind == "vit":
-            pixel_values = pixel_values.to(m.embeddings.patch_embeddings.projection.weight.dtype)
-            return m.embeddings(pixel_values)
-        return m.pre_layrnorm(m.embeddings(pixel_values))
+        return vit_embed(self.model, self._kind, pixel_values)
 
     def _final(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self._kind in ("dinov2", "vit"):
-            return self.model.layernorm(hidden)
-        return hidden  # CLIPVisionModel.last_hidden_state is not normed (post_layernorm is on the pooled token)
+        return vit_final(self.model, self._kind, hidden)
 
     def _attn_parts(self, block: nn.Module):
         if self._kind == "dinov2":

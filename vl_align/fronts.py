@@ -5,6 +5,10 @@
 * ``elip``: the same Q-Former fed by a vision tower that prunes and fuses patches under text guidance (ELIP).
 * ``tome``: SimVLG's connector, a BERT-like encoder over all vision tokens that merges tokens in every layer.
 
+``video.enabled`` turns a ``tome`` or ``qformer`` front into a video front: its tower (``vl_align.video``) carries
+SimVLG's temporal modules, runs live on ``pixel_values_videos`` [B, T, 3, H, W] and averages the frames into the
+[B, N, D] tokens the connector takes.
+
 This module is their one entry point: ``build_front`` for every kind, ``needs_live_tower`` (does the tower run inside
 the front, or do its features come from the cache), ``save_front`` / ``load_front``. The ideas themselves live in
 ``qformer.py`` (Q-Former), ``elip.py`` (ELIP's pruning) and ``simvlg.py`` (SimVLG's connector and front).
@@ -34,6 +38,7 @@ from pformer.llm import FrozenLLM
 from .elip import ElipConfig, ElipVisionTower
 from .qformer import QFormer, QFormerConfig
 from .simvlg import TomeConnector, TomeConnectorConfig, TomeFront
+from .video import VideoConfig, VideoVisionTower
 from .vision import VisionTower, VisionTowerConfig
 
 
@@ -48,6 +53,12 @@ class FrontConfig(Config):
     max_text_length: int = param(32, ge=4, help="token limit of the Q-Former's text input")
     elip: ElipConfig = field(default_factory=ElipConfig)
     tome: TomeConnectorConfig = field(default_factory=TomeConnectorConfig)
+    video: VideoConfig = field(default_factory=VideoConfig)
+
+    def check(self) -> None:
+        if self.video.enabled and self.kind == "elip":
+            raise ConfigError("video.enabled", "the video front runs on the 'tome' or 'qformer' connector; ELIP's "
+                                               "text-guided pruning has no video form here")
 
 
 class QFormerFront(nn.Module):
@@ -60,13 +71,22 @@ class QFormerFront(nn.Module):
     Every output also carries ``temperature``.
     """
 
-    def __init__(self, config: FrontConfig, vision_width: int, llm_hidden_size: int, vision: nn.Module | None = None):
+    def __init__(self, config: FrontConfig, vision_width: int, llm_hidden_size: int, vision: nn.Module | None = None,
+                 qformer: QFormer | None = None):
         super().__init__()
         self.config = config
-        init = zoo.resolve(config.init_from) if config.init_from else None
-        self.qformer = QFormer(QFormerConfig(vision_width=vision_width, init_from=init,
-                                             num_query_tokens=config.num_query_tokens,
-                                             cross_attention_frequency=config.cross_attention_frequency))
+        if qformer is None:
+            init = zoo.resolve(config.init_from) if config.init_from else None
+            qformer = QFormer(QFormerConfig(vision_width=vision_width, init_from=init,
+                                            num_query_tokens=config.num_query_tokens,
+                                            cross_attention_frequency=config.cross_attention_frequency))
+        else:  # built elsewhere with a checkpoint's sizes (vl_align.checkpoints): it must be what config says
+            built = (qformer.num_query_tokens, qformer.config.cross_attention_frequency, qformer.config.vision_width)
+            wanted = (config.num_query_tokens, config.cross_attention_frequency, vision_width)
+            if built != wanted:
+                raise ValueError(f"the given Q-Former has (queries, cross-attention frequency, vision width) {built}, "
+                                 f"the front config {wanted}")
+        self.qformer = qformer
         hidden = self.qformer.hidden_size
         self.vision_proj = nn.Linear(hidden, config.embed_dim)
         self.text_proj = nn.Linear(hidden, config.embed_dim)
@@ -79,20 +99,23 @@ class QFormerFront(nn.Module):
     def _temperature(self) -> torch.Tensor:
         return self.temperature.clamp(0.001, 0.5)
 
-    def _image(self, image_embeds=None, pixel_values=None, text_cls=None):
+    def _image(self, image_embeds=None, pixel_values=None, text_cls=None, pixel_values_videos=None):
         if self.vision is None:
             return image_embeds
         if self.config.kind == "elip":
             return self.vision(pixel_values, text_cls=text_cls)[0]  # (tokens, pruning stats)
+        if isinstance(self.vision, VideoVisionTower):
+            return self.vision(pixel_values_videos)  # [B, N, D]: the mean over the frames
         return self.vision(pixel_values)
 
     def forward(self, mode: str, image_embeds: torch.Tensor | None = None, image_atts: torch.Tensor | None = None,
                 input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                pixel_values: torch.Tensor | None = None, text_cls: torch.Tensor | None = None) -> dict:
+                pixel_values: torch.Tensor | None = None, text_cls: torch.Tensor | None = None,
+                pixel_values_videos: torch.Tensor | None = None) -> dict:
         q = self.qformer
         out: dict[str, torch.Tensor] = {"temperature": self._temperature()}
         if mode == "queries":
-            image = self._image(image_embeds, pixel_values, text_cls)
+            image = self._image(image_embeds, pixel_values, text_cls, pixel_values_videos)
             z = q.forward_queries(image, image_atts)  # [B, Q, H]
             out.update(query_output=z, image_feats=F.normalize(self.vision_proj(z), dim=-1),
                        prompt_pred=self.llm_proj(z), image_embeds=image)
@@ -111,13 +134,20 @@ class QFormerFront(nn.Module):
 
 def needs_live_tower(front: FrontConfig, vision: VisionTowerConfig) -> bool:
     """Whether the frozen tower runs inside the front at every step (pixels in) instead of serving features from the
-    vision-feature cache: ELIP prunes inside the tower under the text's guidance, and a tower whose features are not
+    vision-feature cache: ELIP prunes inside the tower under the text's guidance, a video front's temporal modules
+    train inside the tower's blocks (cached features would not follow them), and a tower whose features are not
     cached (``vision.cache_features=false``) has nothing to serve them from."""
-    return front.kind == "elip" or not vision.cache_features
+    return front.kind == "elip" or front.video.enabled or not vision.cache_features
 
 
 def build_front(config: FrontConfig, vision_width: int, llm_hidden_size: int, vision_tower=None) -> nn.Module:
     """The front of ``config.kind``; ``vision_tower`` is given when the tower runs inside it (``needs_live_tower``)."""
+    if config.video.enabled:
+        if vision_tower is None:
+            raise ConfigError("front.video.enabled", "the video front's temporal modules train inside the vision "
+                                                     "tower's blocks, so the vision-feature cache cannot serve it; "
+                                                     "build it with the live tower (needs_live_tower is true)")
+        vision_tower = VideoVisionTower(vision_tower, config.video)
     if config.kind == "tome":
         connector = TomeConnector.build(config.tome, vision_width)
         return TomeFront(connector, connector.hidden_size, llm_hidden_size, vision=vision_tower)
@@ -136,15 +166,21 @@ def build_front(config: FrontConfig, vision_width: int, llm_hidden_size: int, vi
 
 # ---------------------------------------------------------------------------------------------------------------
 # saving and loading: ``front/`` = model.safetensors (the trained weights; a tower inside the front is frozen and
-# not saved) + front_config.json (the configs that rebuild it, the LLM and the input layout W was trained for)
+# not saved, except a video tower's temporal modules) + front_config.json (the configs that rebuild it, the LLM and
+# the input layout W was trained for)
 WEIGHTS_NAME, CONFIG_NAME = "model.safetensors", "front_config.json"
+TRAINED_IN_TOWER = "vision.temporal."  # VideoVisionTower.temporal: trained inside the tower, saved with the front
+
+
+def _frozen_tower_key(key: str) -> bool:
+    return key.startswith("vision.") and not key.startswith(TRAINED_IN_TOWER)
 
 
 def save_front(front: nn.Module, out_dir: str | Path, front_config: FrontConfig, vision_config: VisionTowerConfig,
                llm: str, bos_before_prefix: bool) -> Path:
     """Write ``out_dir`` atomically; ``bos_before_prefix`` is the LLM input layout (``FrozenLLM``) W was trained for."""
     out_dir = Path(out_dir)
-    state = {k: v.detach().contiguous().cpu() for k, v in front.state_dict().items() if not k.startswith("vision.")}
+    state = {k: v.detach().contiguous().cpu() for k, v in front.state_dict().items() if not _frozen_tower_key(k)}
     with building_folder(out_dir) as tmp:
         save_file(state, str(tmp / WEIGHTS_NAME))
         (tmp / CONFIG_NAME).write_text(json.dumps({"front": to_dict(front_config), "vision": to_dict(vision_config),
@@ -157,7 +193,7 @@ def load_front_weights(front: nn.Module, folder: str | Path, key: str = "init_fr
     front of another shape is a ConfigError naming ``key``."""
     state = load_file(str(Path(folder) / WEIGHTS_NAME))
     missing, unexpected = front.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.startswith("vision.")]  # a live tower's frozen weights are not saved
+    missing = [k for k in missing if not _frozen_tower_key(k)]  # a live tower's frozen weights are not saved
     if missing or unexpected:
         raise ConfigError(key, f"{folder} does not fit this front: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
@@ -165,7 +201,8 @@ def load_front_weights(front: nn.Module, folder: str | Path, key: str = "init_fr
 def load_front(front_dir: str | Path):
     """A ``front/`` folder of any kind, with the frozen tower and LLM it was trained with: ``(front in eval mode,
     tower, llm, front_config.json)``. An ELIP front loads as the Q-Former front it is outside pre-training (pruning
-    runs only in training), over the tower's features."""
+    runs only in training), over the tower's features; a video front loads with the tower inside it (it takes
+    ``pixel_values_videos``)."""
     folder = Path(front_dir)
     for name in (WEIGHTS_NAME, CONFIG_NAME):
         if not (folder / name).is_file():
@@ -177,7 +214,8 @@ def load_front(front_dir: str | Path):
     if front_cfg.kind == "elip":  # no tower inside: the Q-Former front over cached features
         front = QFormerFront(front_cfg, tower.hidden_size, llm.hidden_size)
     else:
-        front = build_front(front_cfg, tower.hidden_size, llm.hidden_size)
+        front = build_front(front_cfg, tower.hidden_size, llm.hidden_size,
+                            vision_tower=tower if front_cfg.video.enabled else None)
     load_front_weights(front, folder, key="front")
     return front.eval(), tower, llm, meta
 

@@ -282,11 +282,11 @@ class TomeFront(nn.Module):
         self.vision = vision
 
     def forward(self, mode: str, image_embeds: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
-                **_unused) -> dict:
+                pixel_values_videos: torch.Tensor | None = None, **_unused) -> dict:
         if mode != "queries":
             raise ValueError(f"the tome front only has the 'queries' mode, got '{mode}'")
-        if self.vision is not None:
-            image_embeds = self.vision(pixel_values)
+        if self.vision is not None:  # a video tower (vl_align.video) takes the clips, a plain one the images
+            image_embeds = self.vision(pixel_values_videos if pixel_values_videos is not None else pixel_values)
         out = self.connector(image_embeds)
         return {"prompt_pred": self.llm_proj(out["tokens"]), "image_embeds": image_embeds,
                 "token_size": out["size"], "tokens_per_layer": out["tokens_per_layer"]}
