@@ -55,7 +55,8 @@ class _StopOnlyAfterText(LogitsProcessor):
 class FrozenLLM(nn.Module):
     """Wraps a frozen ``AutoModelForCausalLM`` / ``AutoModelForSeq2SeqLM`` and its tokenizer."""
 
-    def __init__(self, model: nn.Module, tokenizer, text_suffix: str = "\n", bos_before_prefix: bool = True):
+    def __init__(self, model: nn.Module, tokenizer, text_suffix: str = "\n", bos_before_prefix: bool = True,
+                 prompt_special_tokens: bool = False):
         super().__init__()
         self.model = model.eval()
         self.model.requires_grad_(False)
@@ -68,11 +69,15 @@ class FrozenLLM(nn.Module):
         # the token before the prefix (decoder-only; see the module docstring); None: the prefix comes first
         lead = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         self.lead_token_id: int | None = lead if bos_before_prefix and not self.is_encoder_decoder else None
+        # generation prompts tokenised with the tokenizer's special tokens (BLIP-2's layout: [queries][BOS][prompt]
+        # for OPT, [queries][prompt][EOS] into T5's encoder), for published checkpoints (vl_align.checkpoints)
+        self.prompt_special_tokens = prompt_special_tokens
 
     @classmethod
     def load(cls, ref: str, dtype: torch.dtype = torch.float32, text_suffix: str = "\n",
-             bos_before_prefix: bool = True) -> "FrozenLLM":
-        return cls(zoo.load_language_model(ref, dtype=dtype), zoo.load_tokenizer(ref), text_suffix, bos_before_prefix)
+             bos_before_prefix: bool = True, prompt_special_tokens: bool = False) -> "FrozenLLM":
+        return cls(zoo.load_language_model(ref, dtype=dtype), zoo.load_tokenizer(ref), text_suffix, bos_before_prefix,
+                   prompt_special_tokens)
 
     def train(self, mode: bool = True) -> "FrozenLLM":  # always eval: the LLM is frozen, dropout stays off
         return super().train(False)
@@ -172,10 +177,12 @@ class FrozenLLM(nn.Module):
     def generate(self, prefix: torch.Tensor, prefix_mask: torch.Tensor | None = None,
                  prompts: list[str] | None = None, max_new_tokens: int = 30, num_beams: int = 1,
                  do_sample: bool = False, top_p: float = 0.9, temperature: float = 1.0,
-                 min_new_tokens: int = 0) -> list[str]:
+                 min_new_tokens: int = 0, length_penalty: float = 1.0) -> list[str]:
         """Batched generation from a prefix [B, P, d_llm], optionally followed by a text prompt per sample.
         ``min_new_tokens``: the stop tokens (EOS, the target suffix) are suppressed until this many new tokens with
-        visible text (a lone space before the newline is no answer).
+        visible text (a lone space before the newline is no answer). ``length_penalty``: beam search only, a beam's
+        score is its summed log-probability / length**length_penalty (LAVIS's BLIP-2 VQA: 0 for OPT, -1 for
+        Flan-T5, both favouring short answers).
 
         Prompts of different lengths are left-padded as a block ``[pad, lead token, prefix, prompt]`` so every
         sequence ends where generation starts.
@@ -186,7 +193,8 @@ class FrozenLLM(nn.Module):
         if prefix_mask is None:
             prefix_mask = torch.ones(batch, n_prefix, dtype=torch.long, device=device)
         prefix, prefix_mask = self._with_lead(prefix, prefix_mask)
-        prompt_ids = [self.tokenizer(p, add_special_tokens=False).input_ids if p else []
+        specials = self.prompt_special_tokens  # an empty prompt then still gets them ([queries][BOS])
+        prompt_ids = [self.tokenizer(p, add_special_tokens=specials).input_ids if p or specials else []
                       for p in (prompts or [""] * batch)]
         width = max(len(p) for p in prompt_ids)
         pad_id = self.tokenizer.pad_token_id
@@ -203,6 +211,7 @@ class FrozenLLM(nn.Module):
         stop = self.stop_token_ids()
         out = self.model.generate(inputs_embeds=inputs, attention_mask=mask, max_new_tokens=max_new_tokens,
                                   num_beams=num_beams, do_sample=do_sample, top_p=top_p if do_sample else None,
+                                  length_penalty=length_penalty if num_beams > 1 else None,
                                   temperature=temperature if do_sample else None, eos_token_id=stop,
                                   pad_token_id=pad_id, logits_processor=self._text_before_stop(min_new_tokens))
         # with inputs_embeds, decoder-only generate returns only the new tokens

@@ -140,6 +140,16 @@ def _read_jsonl_records(path: Path, required: tuple[str, ...]) -> list[dict]:
     return records
 
 
+def generate_batched(front, llm, images: ImageInputs, image_refs: list[str | bytes], prompts: list[str],
+                     batch_size: int, device, **gen_kwargs) -> list[str]:
+    """One generated text per (image, prompt), ``batch_size`` at a time; ``gen_kwargs`` go to ``FrozenLLM.generate``."""
+    out: list[str] = []
+    for start in range(0, len(image_refs), batch_size):
+        inputs = images(image_refs[start:start + batch_size], device)
+        out += generate(front, llm, prompts=prompts[start:start + batch_size], **inputs, **gen_kwargs)
+    return out
+
+
 def evaluate_generative(front, llm, tower, cfg: EvalConfig, data: PairDataConfig, run_dir: Path, device,
                         dtype) -> dict | None:
     """Held-out captioning (BLEU, METEOR, ROUGE-L, CIDEr, exact match) and zero-shot VQA; eval.json, eval.md and
@@ -161,11 +171,8 @@ def evaluate_generative(front, llm, tower, cfg: EvalConfig, data: PairDataConfig
     qs = questions[:cfg.max_questions or None] if cfg.max_questions != 0 else []
     images = ImageInputs.build(tower, [paths[i] for i in image_ids] + [q["image_path"] for q in qs],
                                live_tower=front.vision is not None, device=device, dtype=dtype)
-    captions = []
-    for start in range(0, len(image_ids), cfg.batch_size):
-        chunk = image_ids[start:start + cfg.batch_size]
-        inputs = images([paths[i] for i in chunk], device)
-        captions += generate(front, llm, prompts=[cfg.caption_prompt] * len(chunk), **inputs, **gen_kwargs)
+    captions = generate_batched(front, llm, images, [paths[i] for i in image_ids],
+                                [cfg.caption_prompt] * len(image_ids), cfg.batch_size, device, **gen_kwargs)
     refs = [by_image[i] for i in image_ids]
     use_meteor = cfg.meteor and java_available()
     caption_scores = load_metric("coco_caption").compute(predictions=captions, references=refs, meteor=use_meteor)
@@ -178,12 +185,9 @@ def evaluate_generative(front, llm, tower, cfg: EvalConfig, data: PairDataConfig
     vqa_rows = []
     if qs:
         vqa_kwargs = {**gen_kwargs, "max_new_tokens": max(min(cfg.max_new_tokens, 8), cfg.min_new_tokens)}
-        answers = []
-        for start in range(0, len(qs), cfg.batch_size):
-            chunk = qs[start:start + cfg.batch_size]
-            inputs = images([q["image_path"] for q in chunk], device)
-            answers += generate(front, llm, prompts=[cfg.vqa_prompt.format(q["question"]) for q in chunk],
-                                **inputs, **vqa_kwargs)
+        answers = generate_batched(front, llm, images, [q["image_path"] for q in qs],
+                                   [cfg.vqa_prompt.format(q["question"]) for q in qs], cfg.batch_size, device,
+                                   **vqa_kwargs)
         acc = load_metric("vqa_accuracy").compute(predictions=answers,
                                                   references=[q.get("answers") or [q["answer"]] for q in qs])
         result["vqa"] = {"num_questions": len(qs), **acc}
@@ -245,6 +249,9 @@ class Gallery:
     captions: list[list[str]]  # each image's distinct captions
     texts: list[str]  # the distinct captions of all images, in first-seen order
     gold: torch.Tensor  # [I, T] bool: text t is one of image i's captions
+    # what ``gold`` means, for the report: after the number of texts
+    ground_truth: str = ("distinct captions; a text counts as correct for every image that has it as a caption "
+                         "(caption equality)")
 
 
 def build_gallery(pairs: list[ImageTextPair], max_images: int | None = None) -> Gallery:
@@ -284,7 +291,14 @@ def evaluate_retrieval(front, tower, tokenizer, cfg: RetrievalEvalConfig, pairs:
     eval mode (ELIP then does not prune: pruning is for pre-training). Writes ``retrieval.json`` (sections ``itc``,
     ``itm_rerank``, ``gallery``), ``retrieval.md`` and ``retrieval_predictions.json`` (top 5 per query, both rankings).
     """
-    gallery = build_gallery(pairs, cfg.max_images)
+    return evaluate_gallery(front, tower, tokenizer, cfg, build_gallery(pairs, cfg.max_images), run_dir, device,
+                            dtype, max_text_length)
+
+
+def evaluate_gallery(front, tower, tokenizer, cfg: RetrievalEvalConfig, gallery: Gallery, run_dir: Path, device,
+                     dtype=None, max_text_length: int = 32) -> dict:
+    """R@1/5/10 both ways of a representation front on a prepared ``gallery`` (its ``gold`` is the ground truth;
+    ``cfg.max_images`` is not applied here); the ranking and the files are those of :func:`evaluate_retrieval`."""
     image_ids, texts, gold = gallery.image_ids, gallery.texts, gallery.gold
     paths = dict(zip(image_ids, gallery.images))
     by_image = dict(zip(image_ids, gallery.captions))
@@ -326,10 +340,9 @@ def evaluate_retrieval(front, tower, tokenizer, cfg: RetrievalEvalConfig, pairs:
     keys = [f"{d}_r{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)] + ["r_mean"]
     rows = [{"ranking": "ITC", **{k: rec["itc"][k] for k in keys}},
             {"ranking": f"ITM re-rank of top {cfg.k}", **{k: rec["itm"][k] for k in keys}}]
-    note = (f"{len(texts)} distinct captions; a text counts as correct for every image that has it as a caption "
-            "(caption equality). ITC: max over queries of the query-text cosine. ITM re-rank: each query's top "
-            f"{cfg.k} by ITC scored ITM positive logit + ITC cosine (LAVIS compute_sim_matrix); i2t = image->text, "
-            "t2i = text->image.")
+    note = (f"{len(texts)} {gallery.ground_truth}. ITC: max over queries of the query-text cosine. ITM re-rank: "
+            f"each query's top {cfg.k} by ITC scored ITM positive logit + ITC cosine (LAVIS compute_sim_matrix); "
+            "i2t = image->text, t2i = text->image.")
 
     def listing(ranked, key, names, correct):  # the top 5 of one query: name, score, whether it is correct
         return [{key: names[j], "score": round(v, 4), "hit": bool(correct[j])} for j, v in ranked]
