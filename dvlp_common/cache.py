@@ -125,4 +125,56 @@ class KeyedArrayCache:
         return len(self.keys)
 
 
-__all__ = ["KeyedArrayCache", "fingerprint", "file_digest"]
+def key_digests(keys: Sequence[str]) -> np.ndarray:
+    """The 128-bit blake2b digests of string keys as ``[n, 2]`` uint64 (high, low words)."""
+    out = np.empty((len(keys), 2), dtype=np.uint64)
+    for i, k in enumerate(keys):
+        d = hashlib.blake2b(k.encode(), digest_size=16).digest()
+        out[i, 0], out[i, 1] = int.from_bytes(d[:8], "big"), int.from_bytes(d[8:], "big")
+    return out
+
+
+class DigestArrayCache:
+    """Rows of a float array addressed by the 128-bit digest of string keys, everything memory-mapped: for key sets
+    too large for :class:`KeyedArrayCache`'s ``keys.json`` and dict (10M captions). The folder holds ``data.npy``
+    ``[n, ...]``, ``digests.npy`` ``[n, 2]`` uint64 sorted by (high, low) word, and ``meta.json``; a lookup is a binary
+    search. Written by a builder (e.g. ``pformer.targets.streamed_prompt_cache``) under a temporary name."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.meta = json.loads((self.folder / "meta.json").read_text())
+        self.digests = np.load(self.folder / "digests.npy", mmap_mode="r")
+        self.array = np.load(self.folder / "data.npy", mmap_mode="r")
+        if self.array.shape[0] != self.digests.shape[0]:
+            raise ValueError(f"{self.folder}: {self.array.shape[0]} rows for {self.digests.shape[0]} keys (corrupt)")
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.array.shape[1:])
+
+    def rows_of(self, keys: Sequence[str]) -> np.ndarray:
+        """Row index of each key; a missing key is a KeyError naming it."""
+        q = key_digests(keys)
+        hi = self.digests[:, 0]
+        idx = np.searchsorted(hi, q[:, 0], side="left")
+        for i, (h, lo) in enumerate(q):
+            j = int(idx[i])
+            while j < len(hi) and hi[j] == h and self.digests[j, 1] != lo:  # equal high words: scan (rare)
+                j += 1
+            if j >= len(hi) or hi[j] != h:
+                raise KeyError(f"{self.folder}: no cached row for {keys[i]!r}; rebuild the cache")
+            idx[i] = j
+        return idx
+
+    def get(self, keys: Sequence[str]) -> torch.Tensor:
+        idx = self.rows_of(keys)
+        order = np.argsort(idx)  # memory-mapped reads in file order
+        rows = np.empty((len(keys), *self.shape), dtype=np.float32)
+        rows[order] = self.array[idx[order]]
+        return torch.from_numpy(rows)
+
+    def __len__(self) -> int:
+        return int(self.digests.shape[0])
+
+
+__all__ = ["DigestArrayCache", "KeyedArrayCache", "fingerprint", "file_digest", "key_digests"]

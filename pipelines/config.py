@@ -78,3 +78,13 @@ class TextDataConfig(Config):
     text_field: str = param("text", help="field holding the sentence (jsonl, datasets)")
     max_records: Optional[int] = param(None, help="use at most this many sentences (None: all)")
     holdout: int = param(200, ge=0, help="sentences held out of training for the stage-1 evaluation")
+    streaming: bool = param(False, help="stream the corpus (for 10M+ sentences): never read into a list, shards "
+                                        "split over ranks, block-shuffled, resumed at the checkpoint's position; "
+                                        "the held-out sentences come from the corpus's head (pformer.text_stream)")
+    shuffle_buffer: int = param(10_000, ge=1, help="streaming: sentences shuffled together (one block)")
+    shard_bytes: int = param(64 << 20, ge=1, help="streaming: text files are cut into byte ranges of this size "
+                                                  "(the unit split over ranks and ordered by the shuffle)")
+
+    def check(self) -> None:
+        if self.streaming and self.max_records is not None:
+            raise ConfigError("max_records", "is for in-memory corpora; a streamed corpus is read whole")

@@ -131,6 +131,17 @@ def mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str,
     return {k: float(v) / dist.get_world_size() for k, v in zip(values, t.tolist())}
 
 
+def gather_objects(obj):
+    """Every rank's ``obj`` (picklable), in rank order: e.g. the data positions a checkpoint keeps per rank."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def barrier() -> None:
     import torch.distributed as dist
 

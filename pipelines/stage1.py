@@ -21,6 +21,8 @@ from pformer.losses import Stage1LossWeights
 from pformer.model import PFormer, PFormerConfig
 from pformer.objective import Stage1Collator, stage1_loss
 from dvlp_common.records import SkipReport, skip_too_long
+from dvlp_common.stream import ShardedStream, Skip
+from pformer.text_stream import TextRecord, corpus_shards, heldout_from_head, stream_text_corpus
 from dvlp_common import zoo
 
 from . import distributed, optim, training
@@ -63,33 +65,66 @@ def within_text_limit(texts: list[str], tokenizer, llm: FrozenLLM, cfg: Stage1Co
     """The sentences that fit ``model.max_text_length`` tokens for the P-Former and as the LLM's target; longer ones
     are counted skips (then the report's threshold applies to all skips)."""
     seen, limit = len(texts) + report.total, cfg.model.max_text_length
+    lengths = text_lengths(texts, tokenizer, llm)
+    keep = skip_too_long(lengths, limit, report, lambda i: f"{cfg.data.source}: sentence {i + 1} {texts[i][:40]!r}")
+    report.check(seen)
+    return [texts[i] for i in keep]
+
+
+def text_lengths(texts: list[str], tokenizer, llm: FrozenLLM) -> list[int]:
+    """Each sentence's token count, the longer of the P-Former's and the LLM target's."""
     lengths = []
     for start in range(0, len(texts), 1024):
         chunk = texts[start:start + 1024]
         encoder = [len(ids) for ids in tokenizer(chunk).input_ids]
         _, target_mask = llm.tokenize_targets(chunk, max_length=None)
         lengths += [max(a, int(b)) for a, b in zip(encoder, target_mask.sum(1))]
-    keep = skip_too_long(lengths, limit, report, lambda i: f"{cfg.data.source}: sentence {i + 1} {texts[i][:40]!r}")
-    report.check(seen)
-    return [texts[i] for i in keep]
+    return lengths
+
+
+def streamed_corpus(cfg: Stage1Config, tokenizer, llm: FrozenLLM, report: SkipReport, rank: int,
+                    world_size: int) -> tuple[ShardedStream, list[str]]:
+    """(this rank's stream of training sentences, the held-out sentences) of ``data.streaming``: the corpus is never
+    a list; sentences over the token limit are counted skips, tokenised block by block as the stream reads them."""
+    source = resolve_text_source(cfg.data.source)
+    shards, kind = corpus_shards(source, cfg.data.format, cfg.data.shard_bytes, text_field=cfg.data.text_field)
+    heldout = heldout_from_head(shards, kind, cfg.data.holdout, cfg.seed, cfg.data.text_field)
+    limit = cfg.model.max_text_length
+
+    def within_limit(records: list[TextRecord]) -> list[Skip | None]:
+        lengths = text_lengths([r.text for r in records], tokenizer, llm)
+        return [Skip("too_long", f"{r.where} {r.text[:40]!r} ({n} tokens > {limit})") if n > limit else None
+                for r, n in zip(records, lengths)]
+
+    stream = stream_text_corpus(source, rank=rank, world_size=world_size, seed=cfg.seed,
+                                buffer=cfg.data.shuffle_buffer, fmt=cfg.data.format, text_field=cfg.data.text_field,
+                                shard_bytes=cfg.data.shard_bytes, exclude=heldout, keep=within_limit, report=report)
+    return stream, heldout
 
 
 def run_stage1(cfg: Stage1Config, resume: bool = False, stop_after: int | None = None) -> dict:
     dist, dtype, run_dir = training.start_run(cfg)
 
     report = SkipReport(max_skip_fraction=cfg.reliability.max_skip_fraction, name="stage-1 corpus")
-    corpus = load_text_corpus(resolve_text_source(cfg.data.source), fmt=cfg.data.format,
-                              text_field=cfg.data.text_field, max_records=cfg.data.max_records, report=report)
+    if not cfg.data.streaming:
+        corpus = load_text_corpus(resolve_text_source(cfg.data.source), fmt=cfg.data.format,
+                                  text_field=cfg.data.text_field, max_records=cfg.data.max_records, report=report)
     training.seed_everything(cfg.seed)
     llm = FrozenLLM.load(cfg.model.llm, dtype=dtype if dtype != torch.float16 else torch.float16,
                          text_suffix=cfg.model.text_suffix, bos_before_prefix=cfg.model.bos_before_prefix
                          ).to(dist.device)
     tokenizer = zoo.load_tokenizer(cfg.model.text_encoder)
-    texts = within_text_limit(list(corpus["text"]), tokenizer, llm, cfg, report)
-    train_texts, heldout = split_holdout(texts, cfg.data.holdout, cfg.seed)
+    stream = None
+    if cfg.data.streaming:
+        stream, heldout = streamed_corpus(cfg, tokenizer, llm, report, dist.rank, dist.world_size)
+        train_texts: list[str] = []
+    else:
+        texts = within_text_limit(list(corpus["text"]), tokenizer, llm, cfg, report)
+        train_texts, heldout = split_holdout(texts, cfg.data.holdout, cfg.seed)
     if dist.is_main:
         (run_dir / "heldout.txt").write_text("".join(t + "\n" for t in heldout))
-        print(f"stage 1: {len(train_texts)} training sentences, {len(heldout)} held out; "
+        size = f"{len(stream.shards)} shards streamed" if stream else f"{len(train_texts)} training sentences"
+        print(f"stage 1: {size}, {len(heldout)} held out; "
               f"skipped records: {report.total}" + (f"\n{report.summary()}" if report.total else ""), flush=True)
 
     pformer = PFormer.build(cfg.model, llm_hidden_size=llm.hidden_size)
@@ -98,7 +133,12 @@ def run_stage1(cfg: Stage1Config, resume: bool = False, stop_after: int | None =
     collate = Stage1Collator(tokenizer, llm, cfg.model.max_text_length, cfg.model.mask_prob, cfg.seed)
     engine = optim.build_engine(pformer, cfg.optim, cfg.deepspeed, dist, dtype)
 
+    streamed_where: list[str] = []  # the last streamed batch's sentences, for the non-finite-loss message
+
     def make_batch(ids: list[int], step: int):
+        if stream is not None:  # the records themselves; a record's masking is seeded by its stable id
+            streamed_where[:] = [r.where for r in ids]
+            return collate([r.text for r in ids], [r.uid for r in ids], step_key=step, device=dist.device)
         return collate([train_texts[i] for i in ids], ids, step_key=step, device=dist.device)
 
     def loss_fn(eng, batch):
@@ -108,9 +148,13 @@ def run_stage1(cfg: Stage1Config, resume: bool = False, stop_after: int | None =
     result = training.train(engine=engine, dist_info=dist, make_batch=make_batch, loss_fn=loss_fn,
                             num_samples=len(train_texts), optim=cfg.optim, logging=cfg.logging,
                             reliability=cfg.reliability, seed=cfg.seed, dtype=dtype, resume=resume,
-                            stop_after=stop_after, record_ids=lambda b: [train_texts[i] for i in b.sample_ids])
+                            stop_after=stop_after, stream=stream,
+                            record_ids=lambda b: (list(streamed_where) if stream is not None
+                                                  else [train_texts[i] for i in b.sample_ids]))
     summary = {"steps": result.final_step, "wall_seconds": result.wall_seconds, "resumed_from": result.resumed_from,
                "train_sentences": len(train_texts), "heldout_sentences": len(heldout), "skipped": report.as_dict()}
+    if stream is not None:  # a streamed corpus is never counted whole
+        summary.update(train_sentences=None, streamed={"shards": len(stream.shards), **stream.state_dict()})
     if result.final_step < cfg.optim.max_steps:
         return summary
     # every rank: under ZeRO-3 the weights are gathered from the ranks' partitions into a fresh P-Former

@@ -9,6 +9,10 @@ What a stage supplies: the trainable module (its forward returns features), ``ma
   per-epoch permutations, G = world_size x micro_batch x accumulation; rank r takes slice r of each micro-step.
   Random state (dropout, masking) is re-seeded from (seed, step, rank) at every step. So a resumed run follows the
   uninterrupted one exactly, and 2 ranks x batch b see the same global batch as 1 rank x batch 2b.
+* A streamed source (``stream``: ``take(n)``, ``state_dict()``, ``load_state_dict()``, e.g.
+  ``dvlp_common.stream.ShardedStream``) replaces the permutation stream: each rank takes its micro-batches from its
+  own shards, ``make_batch`` receives the records instead of ids, and every checkpoint keeps each rank's data position
+  (``data_position``, one per rank), which the resume restores: the next batch is the uninterrupted run's.
 * ``resume`` continues from the latest complete checkpoint.
 * A non-finite loss stops the run with the step, the record ids and the loss parts, after checkpointing the last
   good state.
@@ -30,7 +34,7 @@ from dvlp_common.seeding import seed_everything, step_seed
 
 from .checkpoint import CheckpointManager
 from .config import LoggingConfig, OptimConfig, ReliabilityConfig
-from .distributed import DistInfo, all_ranks_true, init_distributed, mean_over_ranks
+from .distributed import DistInfo, all_ranks_true, gather_objects, init_distributed, mean_over_ranks
 from .loss_scaling import LossScaleConfig, LossScaler
 
 
@@ -88,7 +92,7 @@ def train(*, engine, dist_info: DistInfo, make_batch: Callable[[list[int], int],
           dtype: torch.dtype, resume: bool = False, stop_after: int | None = None,
           record_ids: Callable[[Any], list] | None = None,
           after_step: Callable[[int, float], None] | None = None,
-          loss_scale: LossScaleConfig | None = None) -> TrainResult:
+          loss_scale: LossScaleConfig | None = None, stream=None) -> TrainResult:
     """Run optimizer steps until ``optim.max_steps`` (or ``stop_after`` steps in this call).
 
     With ``dtype`` float16 (fp16 autocast) the backward pass runs on a dynamically scaled loss
@@ -99,7 +103,8 @@ def train(*, engine, dist_info: DistInfo, make_batch: Callable[[list[int], int],
     """
     run_dir = Path(logging.output_dir)
     ckpt = CheckpointManager(run_dir, logging.keep_checkpoints, dist_info)
-    order = GlobalBatchOrder(num_samples, optim, dist_info.world_size, seed)
+    order = GlobalBatchOrder(num_samples, optim, dist_info.world_size, seed) if stream is None else None
+    global_batch = optim.micro_batch_size * optim.grad_accum_steps * dist_info.world_size
     metrics_path = run_dir / "metrics.jsonl"
     result = TrainResult()
     step = 0
@@ -111,6 +116,8 @@ def train(*, engine, dist_info: DistInfo, make_batch: Callable[[list[int], int],
         if scaler.enabled and "loss_scaler" in state:
             scaler.load_state_dict(state["loss_scaler"])
         earlier_seconds = float(state.get("train_seconds", 0.0))
+        if stream is not None:
+            _restore_position(stream, state, latest, dist_info)
         if dist_info.is_main:
             print(f"resumed from {latest} (step {step})", flush=True)
     if dist_info.is_main:  # the metric log holds exactly the steps before `step`
@@ -135,23 +142,26 @@ def train(*, engine, dist_info: DistInfo, make_batch: Callable[[list[int], int],
     window_time, window_samples = time.perf_counter(), 0
     engine.train()
 
-    def state_at(s: int) -> dict[str, Any]:
-        state = {"step": s, "seed": seed, "samples_seen": s * order.global_batch,
+    def state_at(s: int, position: dict | None = None) -> dict[str, Any]:
+        state = {"step": s, "seed": seed, "samples_seen": s * global_batch,
                  "train_seconds": time.perf_counter() - start_time}
+        if stream is not None:  # collective: every rank's position, kept by the main rank
+            state["data_position"] = gather_objects(position if position is not None else stream.state_dict())
         return {**state, "loss_scaler": scaler.state_dict()} if scaler.enabled else state
 
     while step < last:
         seed_everything(step_seed(seed, step, dist_info.rank))
         sums: dict[str, float] = {}
+        step_position = stream.state_dict() if stream is not None else None  # where this step's data begins
         for micro in range(optim.grad_accum_steps):
-            ids = order.ids(step, micro, dist_info.rank)
+            ids = order.ids(step, micro, dist_info.rank) if stream is None else stream.take(optim.micro_batch_size)
             batch = make_batch(ids, step)
             with autocast(dist_info.device, dtype):
                 loss, parts = loss_fn(engine, batch)
             finite = all_ranks_true(bool(torch.isfinite(loss.detach()).item()), dist_info.device)
             if not finite and reliability.stop_on_nonfinite:
                 # nothing of this step was applied yet: the engine holds the last good state
-                path = ckpt.save(engine, state_at(step))
+                path = ckpt.save(engine, state_at(step, step_position))
                 named = {k: float(v.detach()) for k, v in parts.items()}
                 rec = record_ids(batch) if record_ids else ids
                 raise NonFiniteLoss(f"non-finite loss {float(loss.detach())} at step {step} (micro-step {micro}, rank "
@@ -163,10 +173,11 @@ def train(*, engine, dist_info: DistInfo, make_batch: Callable[[list[int], int],
                 sums[k] = sums.get(k, 0.0) + float(v.detach()) / optim.grad_accum_steps
         sums = mean_over_ranks(sums, dist_info.device)  # log the global batch's loss, not rank 0's share
         step += 1
-        window_samples += order.global_batch
+        window_samples += global_batch
         if dist_info.is_main and (step % logging.log_every == 0 or step == last):
             now = time.perf_counter()
-            row = {"step": step, **sums, "lr": engine.get_lr()[0], "epoch": order.epoch_of(step),
+            epoch = order.epoch_of(step) if order is not None else stream.state_dict()["epoch"]
+            row = {"step": step, **sums, "lr": engine.get_lr()[0], "epoch": epoch,
                    "samples_per_s": window_samples / max(now - window_time, 1e-9),
                    "elapsed_s": now - start_time}
             if scaler.enabled:  # the scale the next step uses, and the steps skipped so far for inf/NaN gradients
@@ -200,3 +211,14 @@ def train(*, engine, dist_info: DistInfo, make_batch: Callable[[list[int], int],
     result.train_seconds = time.perf_counter() - start_time
     result.wall_seconds = result.train_seconds - earlier_seconds
     return result
+
+
+def _restore_position(stream, state: dict, path: Path, dist_info: DistInfo) -> None:
+    positions = state.get("data_position")
+    if positions is None:
+        raise ValueError(f"checkpoint {path} has no data position: it was written by a run that did not stream its "
+                         "data; resume it with the same data settings")
+    if len(positions) != dist_info.world_size:
+        raise ValueError(f"checkpoint {path} holds the data positions of {len(positions)} ranks, this run has "
+                         f"{dist_info.world_size}: a streamed run resumes on as many ranks as it was saved from")
+    stream.load_state_dict(positions[dist_info.rank])

@@ -44,7 +44,6 @@ PIL + numpy only (shorter side resized with bicubic, centre crop, scale to [0, 1
 
 from __future__ import annotations
 
-import glob
 import io
 import json
 import os
@@ -60,6 +59,7 @@ from datasets.distributed import split_dataset_by_node
 from PIL import Image, UnidentifiedImageError
 
 from dvlp_common.records import SkipReport, iter_json_objects
+from dvlp_common.stream import expand_paths
 
 __all__ = [
     "load_image_text_pairs",
@@ -180,56 +180,13 @@ def load_image(
 # ----------------------------------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------------------------------
-_RANGE = re.compile(r"\{(\d+)\.\.(\d+)\}")
-_ALTS = re.compile(r"\{([^{}]*,[^{}]*)\}")
-
-
-def _brace_expand(pattern: str) -> list[str]:
-    m = _RANGE.search(pattern)
-    if m:
-        a, b = m.group(1), m.group(2)
-        width = len(a) if (a.startswith("0") and len(a) > 1) or len(a) == len(b) else 0
-        lo, hi = int(a), int(b)
-        step = 1 if hi >= lo else -1
-        out = []
-        for i in range(lo, hi + step, step):
-            out.extend(_brace_expand(pattern[: m.start()] + str(i).zfill(width) + pattern[m.end() :]))
-        return out
-    m = _ALTS.search(pattern)
-    if m:
-        out = []
-        for alt in m.group(1).split(","):
-            out.extend(_brace_expand(pattern[: m.start()] + alt + pattern[m.end() :]))
-        return out
-    return [pattern]
-
-
 def expand_shards(spec: str | os.PathLike | Iterable[str | os.PathLike]) -> list[str]:
     """Expand a shard spec to a list of existing absolute tar paths.
 
     ``spec`` is a path, a brace pattern (``shards/{000..009}.tar``, ``{a,b}.tar``), a glob (``shards/*.tar``)
     or a list of those. Raises ``FileNotFoundError`` naming the shards (or the pattern) that do not exist.
     """
-    items = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
-    if not items:
-        raise ValueError("empty list of webdataset shards")
-    out: list[str] = []
-    missing: list[str] = []
-    for item in items:
-        for pat in _brace_expand(os.fspath(item)):
-            if glob.has_magic(pat):
-                hits = sorted(glob.glob(pat))
-                if not hits:
-                    missing.append(pat)
-                out.extend(os.path.abspath(h) for h in hits)
-            elif os.path.isfile(pat):
-                out.append(os.path.abspath(pat))
-            else:
-                missing.append(pat)
-    if missing:
-        shown = ", ".join(repr(m) for m in missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise FileNotFoundError(f"webdataset shard(s) not found: {shown}")
-    return out
+    return expand_paths(spec, what="webdataset shard")
 
 
 def detect_pair_format(source: Any) -> str:
