@@ -711,6 +711,7 @@ def assemble(results: list[dict], machine: dict, args, dtype: str, dtype_rule: s
     machine = {**machine, "load_average_end": list(os.getloadavg())}
     return {
         "mode": "quick" if args.quick else "full", "overrides": args.set, "machine": machine,
+        "malloc": getattr(args, "malloc", "reuse"),
         "compute_dtype": dtype, "compute_dtype_rule": dtype_rule, "flop_convention": CONVENTION,
         "timing": "median of the timed steps after warm-up; a step = zero_grad + forward (autocast in the compute "
                   "dtype) + backward + grad-norm clipping + AdamW step + reading the loss; one fixed batch; "
@@ -758,6 +759,8 @@ def write_markdown(report: dict, path: Path) -> None:
         f"{', '.join(f'{x:.2f}' for x in m['load_average_start'])}, at end "
         f"{', '.join(f'{x:.2f}' for x in m['load_average_end'])}. Total wall time {report['wall_s']:.0f} s.\n",
         f"Compute dtype: **{report['compute_dtype']}** ({report['compute_dtype_rule']}).\n",
+        f"Host allocator: {report.get('malloc', 'reuse')} (reuse: freed memory kept for the next step, as `dvlp` "
+        "runs the stages; system: glibc's default).\n",
         f"Timing: {report['timing']}.\n",
         f"Shortcuts: {report['shortcuts']}.\n",
         "## Matmul peak\n",
@@ -838,13 +841,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a config override of every step (repeatable), e.g. --set optim.implementation=fused")
     p.add_argument("--timeout", type=float, default=None, help="seconds per measurement (default 600, full 1200)")
+    p.add_argument("--malloc", default="reuse", choices=["reuse", "system"],
+                   help="host allocator of the measured steps: reuse freed memory as `dvlp` does "
+                        "(dvlp_common.memory) or glibc's default")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--result", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
     if args.worker:  # inside a measurement subprocess
         spec = json.loads(Path(args.worker).read_text())
-        if spec.get("keep_freed_memory", True):  # as `dvlp` does for the stages (dvlp_common.memory)
+        if spec.get("malloc", "reuse") == "reuse":  # as `dvlp` does for the stages (dvlp_common.memory)
             from dvlp_common.memory import keep_freed_memory
 
             keep_freed_memory()
@@ -869,6 +875,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cases = plan(args.quick, device, dtype, args.batch, args.steps, args.set)
+    for spec in cases:
+        spec["malloc"] = args.malloc
     if args.only:
         cases = [c for c in cases if args.only in c["name"] or c["kind"] == "peak"]
     timeout = args.timeout or (600 if args.quick else 1200)

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from benchmarks import bench
+from dvlp_common.memory import keep_freed_memory
 
 STEPS = {"stage1": ("stage1", None), "representation_qformer": ("representation", "qformer"),
          "representation_elip": ("representation", "elip"), "generative_qformer": ("generative", "qformer"),
@@ -145,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", default=None, help="profile only the steps whose name contains this")
     p.add_argument("overrides", nargs="*", help="config overrides of every step, e.g. optim.implementation=fused")
     args = p.parse_args(argv)
+    keep_freed_memory()  # profile the steps as `dvlp` runs them
     results = []
     for name in STEPS:
         if args.only and args.only not in name:
