@@ -26,6 +26,7 @@ from typing import Literal, Optional
 
 from dvlp_common.config import Config, ConfigError, load_config, param, save_config, to_dict
 from dvlp_common.io import write_json_atomic
+from vl_align.video_inputs import is_video_source
 
 from .ablate_report import write_gallery, write_report
 from .ablate_stats import METRICS, compare_to_baseline, group_cells, time_to_baseline_quality
@@ -41,6 +42,9 @@ class Arm:
     target: str = "caption"
     description: str = ""
     sequential: bool = False  # generative stage in two phases: ω₂·align alone, then the LM loss alone
+    video: tuple[str, ...] | None = None  # a video front (front.video.enabled) with these front overrides
+    representation: bool = True  # a qformer arm runs stage 2a first
+    reference: str | None = None  # the arm this one is compared with (default: the grid's baseline)
 
 
 ARMS: dict[str, Arm] = {
@@ -58,6 +62,24 @@ ARMS: dict[str, Arm] = {
                        description="in-batch InfoNCE between centred W·Z and P(y)"),
     "tome": Arm("tome", 0.0, 0.0, description="SimVLG: ToMe connector, generative stage and LM loss only"),
     "elip": Arm("elip", 0.0, 0.0, description="BLIP-2 with ELIP's text-guided pruning in the ViT"),
+    # video (issue 20; dataset embedded:motion or a video caption file): SimVLG's recipe (tome connector, LM loss)
+    # with the temporal modules varied, and P-Former on the video front against the same front without it
+    "video_frame": Arm("tome", 0.0, 0.0, video=("front.video.num_frames=1", "front.video.blocks=[]"),
+                       description="single frame: T = 1, no temporal modules (the image model on one frame)"),
+    "video_mean": Arm("tome", 0.0, 0.0, video=("front.video.blocks=[]",),
+                      description="mean pooling: T frames averaged, temporal modules frozen at α = 0 (none built)"),
+    "video_faithful": Arm("tome", 0.0, 0.0, video=(),
+                          description="SimVLG's temporal modules in every block, frames averaged (blind to order)"),
+    "video_position": Arm("tome", 0.0, 0.0, video=("front.video.max_frames=8",),
+                          description="the faithful modules plus learned per-frame positions (max_frames=8, our "
+                                      "extension: order-aware)"),
+    "video_qformer": Arm("qformer", 0.0, 0.0, video=(), representation=False,
+                         description="Q-Former video front with the faithful modules, LM loss only (the reference "
+                                     "of video_pformer)"),
+    "video_pformer": Arm("qformer", 0.0, 100.0, sequential=True, video=(), representation=False,
+                         reference="video_qformer",
+                         description="P-Former on the Q-Former video front as BLIText-video: 100·MSE(W·Z, P(y)) "
+                                     "alone, then the LM loss alone (seq_align_fraction of the steps aligning)"),
 }
 
 
@@ -124,6 +146,9 @@ class AblateConfig(Config):
                                                 "(the generative stage's step 0; 0: off)")
     stage2_overrides: list[str] = param(default_factory=list, help="extra overrides of every representation stage")
     generative_overrides: list[str] = param(default_factory=list, help="extra overrides of every generative stage")
+    frame_orders: list[Literal["reversed", "shuffled"]] = param(
+        default_factory=lambda: ["reversed", "shuffled"], help="video arms: the held-out clips evaluated again with "
+                                                               "their frames in these orders (eval.frame_order)")
     collapse: CollapseConfig = field(default_factory=CollapseConfig)
     keep_cell_checkpoints: bool = param(False, help="keep a finished cell's training checkpoints (weights + AdamW "
                                                      "state, ~0.4 GB per stage at the default sizes: hundreds of "
@@ -141,6 +166,13 @@ class AblateConfig(Config):
             arm_of(arm)
         if not self.arms:
             raise ConfigError("arms", "needs at least one arm")
+        video = {a for a in self.arms if arm_of(a).video is not None}
+        if video and len(video) != len(self.arms):
+            raise ConfigError("arms", f"mixes video arms {sorted(video)} with image arms: one grid has one dataset")
+        if video and self.dataset.startswith("embedded:") and not is_video_source(self.dataset):
+            raise ConfigError("dataset", f"{self.dataset} is an image set; the video arms need embedded:motion")
+        if not video and is_video_source(self.dataset):
+            raise ConfigError("arms", f"{self.dataset} is a video set; its arms are the video_* arms")
         if self.baseline not in self.arms:
             raise ConfigError("baseline", f"{self.baseline!r} is not among arms {self.arms}")
         for key in ("pairs", "lrs", "seeds"):
@@ -235,6 +267,9 @@ def summarize_cell(cell_dir: Path, has_stage2: bool, checker: CaptionChecker, co
     for stage, rows in (("2a", history_2a), ("2b", history)):  # the alignment diagnostics (nan without P(y))
         for key in ("align_r2", "align_rel", "align_share"):
             row[f"{key}_{stage}"] = _final(rows, key)
+    row.update(_video_metrics(gen, scores))
+    steps = align_steps + summary["steps"]
+    row["seconds_per_step"] = generative_seconds / steps if steps else float("nan")  # 2b, against the image arms
     row["collapsed"] = bool(not math.isfinite(final_lm) or final_lm > collapse.lm_loss
                             or validity < collapse.min_valid)
     before_lm = stage2_seconds + align_seconds
@@ -242,6 +277,22 @@ def summarize_cell(cell_dir: Path, has_stage2: bool, checker: CaptionChecker, co
                      "CIDEr": r["CIDEr"], "exact_match": r.get("exact_match", float("nan"))}
                     for r in _read_jsonl(gen / "eval_curve.jsonl")]
     row["loss_curve"] = [{"step": r["step"], "lm": r["lm"]} for r in history]
+    return row
+
+
+def _video_metrics(gen: Path, scores: dict) -> dict:
+    """Key-word accuracy per caption family (nan where the held-out set has no key words, as for images): as fed
+    (``kw_order``, ``kw_set``), and on the frames reversed and shuffled (``frames_<order>/eval.json``); reversed is
+    also scored against what the reversed frames show (``kw_order_reversed_shown``: the pair partner's labels)."""
+    row = {}
+    for suffix, result in (("", scores), ("_reversed", None), ("_shuffled", None)):
+        if result is None:
+            path = gen / f"frames{suffix}" / "eval.json"
+            result = json.loads(path.read_text()) if path.exists() else {}
+        for family in ("order", "set"):
+            row[f"kw_{family}{suffix}"] = float(result.get("keywords", {}).get(family, float("nan")))
+        if suffix == "_reversed":
+            row["kw_order_reversed_shown"] = float(result.get("keywords_shown", {}).get("order", float("nan")))
     return row
 
 
@@ -257,7 +308,9 @@ def run_cell(cfg: AblateConfig, arm_name: str, pairs: int, lr: float, seed: int,
               f"pformer={pformer_dir}", f"data.max_pairs={pairs}", f"front.kind={arm.front}",
               f"align.kind={arm.kind}", f"align.target={arm.target}",
               f"data.validation_images={cfg.validation_images}"]
-    has_stage2 = arm.front != "tome"
+    # what makes the arm (a video front's frames, modules, positions) wins over the grid's stage overrides
+    arm_video = ["front.video.enabled=true", *arm.video] if arm.video is not None else []
+    has_stage2 = arm.front != "tome" and arm.representation
     gen = load_config(GenerativeConfig, cfg.generative_config, common + [
         f"align.weight={arm.w2}", f"optim.lr={lr}", f"optim.min_lr={lr / 10}",
         f"optim.max_steps={cfg.generative_steps}", f"optim.warmup_steps={_warmup(cfg.generative_steps, 10)}",
@@ -265,7 +318,8 @@ def run_cell(cfg: AblateConfig, arm_name: str, pairs: int, lr: float, seed: int,
         f"logging.output_dir={cell_dir / 'generative'}", "logging.progress_bar=false",
         f"eval.max_images={cfg.eval_images}", f"eval.max_questions={cfg.eval_questions}",
         f"eval.split={cfg.eval_split}",
-        f"curve.every={cfg.curve_every}", f"curve.images={cfg.curve_images}", *cfg.generative_overrides])
+        f"curve.every={cfg.curve_every}", f"curve.images={cfg.curve_images}", *cfg.generative_overrides,
+        *arm_video])
     protocol = to_dict(gen.eval)
     if done.exists():
         row = json.loads(done.read_text())
@@ -281,8 +335,10 @@ def run_cell(cfg: AblateConfig, arm_name: str, pairs: int, lr: float, seed: int,
         phase1 = load_config(GenerativeConfig, cfg.generative_config, common + [
             f"align.weight={arm.w2}", "weights.lm=0", f"optim.lr={lr}", f"optim.min_lr={lr / 10}",
             f"optim.max_steps={align_steps}", f"optim.warmup_steps={_warmup(align_steps, 10)}",
-            f"init_front={cell_dir / 'stage2' / 'front'}", f"logging.output_dir={cell_dir / 'generative_align'}",
-            "logging.progress_bar=false", "eval.enabled=false", "curve.every=0", *cfg.generative_overrides])
+            f"init_front={cell_dir / 'stage2' / 'front' if has_stage2 else 'null'}",
+            f"logging.output_dir={cell_dir / 'generative_align'}",
+            "logging.progress_bar=false", "eval.enabled=false", "curve.every=0", *cfg.generative_overrides,
+            *arm_video])
         lm_steps = cfg.generative_steps - align_steps
         gen = gen.replace(align=gen.align.replace(weight=0.0), init_front=str(cell_dir / "generative_align" / "front"),
                           optim=gen.optim.replace(max_steps=lm_steps, warmup_steps=_warmup(lm_steps, 10)))
@@ -293,11 +349,13 @@ def run_cell(cfg: AblateConfig, arm_name: str, pairs: int, lr: float, seed: int,
             "logging.progress_bar=false", f"eval.enabled={bool(cfg.retrieval_images)}",
             f"eval.max_images={cfg.retrieval_images or 1}", f"zero_shot.enabled={bool(cfg.zero_shot_images)}",
             f"zero_shot.max_images={cfg.zero_shot_images or 1}", "zero_shot.meteor=false",
-            f"zero_shot.split={cfg.eval_split}", *cfg.stage2_overrides])
+            f"zero_shot.split={cfg.eval_split}", *cfg.stage2_overrides, *arm_video])
         run_stage2(s2, resume=True)
     if arm.sequential:
         run_generative(phase1, resume=True)
     run_generative(gen, resume=True)
+    if arm.video is not None:
+        _evaluate_frame_orders(cfg, cell_dir, gen)
     row = {"arm": arm_name, "front": arm.front, "pairs": pairs, "lr": lr, "seed": seed,
            **summarize_cell(cell_dir, has_stage2, checker, cfg.collapse),
            "wall_seconds": time.perf_counter() - started, "eval_protocol": protocol}
@@ -316,10 +374,26 @@ def _re_evaluate_cell(cfg: AblateConfig, row: dict, cell_dir: Path, gen, protoco
 
     print(f"   re-evaluating {cell_dir.name} of {row['arm']} under the current eval settings", flush=True)
     run_evaluate(EvaluateConfig(front=str(cell_dir / "generative" / "front"), output_dir=str(cell_dir / "generative"),
-                                data_source=cfg.dataset, precision=gen.deepspeed.precision, eval=gen.eval))
+                                data_source=cfg.dataset, precision=gen.deepspeed.precision, eval=gen.eval,
+                                video=gen.data.video))
+    if gen.front.video.enabled:
+        _evaluate_frame_orders(cfg, cell_dir, gen, again=True)
     row = {**row, **summarize_cell(cell_dir, has_stage2, checker, cfg.collapse), "eval_protocol": protocol}
     write_json_atomic(cell_dir / "cell.json", row)
     return row
+
+
+def _evaluate_frame_orders(cfg: AblateConfig, cell_dir: Path, gen, again: bool = False) -> None:
+    """A video cell's trained front on the same held-out clips with the frames reversed and shuffled
+    (``cfg.frame_orders``), into ``generative/frames_<order>/`` (kept when there unless ``again``)."""
+    from .evaluate import EvaluateConfig, run_evaluate
+
+    for order in cfg.frame_orders:
+        out = cell_dir / "generative" / f"frames_{order}"
+        if again or not (out / "eval.json").exists():
+            run_evaluate(EvaluateConfig(front=str(cell_dir / "generative" / "front"), output_dir=str(out),
+                                        data_source=cfg.dataset, precision=gen.deepspeed.precision,
+                                        eval=gen.eval.replace(frame_order=order), video=gen.data.video))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -350,6 +424,24 @@ def caption_checker(dataset: str) -> CaptionChecker:
     return CaptionChecker(list(load_text_corpus(resolve_text_source(dataset))["text"]))
 
 
+VIDEO_METRICS = ("CIDEr", "exact_match", "kw_order", "kw_set", "kw_order_reversed", "kw_order_shuffled")
+
+
+def compare_arms(cfg: AblateConfig, cells: list[dict]) -> list[dict]:
+    """Paired and unpaired Δ of every arm against the grid's baseline, or against its own ``reference`` arm where it
+    names one that is in the grid (video_pformer against video_qformer: the same front without the alignment);
+    video grids compare the key-word accuracies per family too. Each row names what it was compared with (``vs``)."""
+    video = any(arm_of(a).video is not None for a in cfg.arms)
+    metrics = VIDEO_METRICS if video else ("CIDEr", "exact_match", "vqa_accuracy")
+    own = {a: arm_of(a).reference for a in cfg.arms if arm_of(a).reference in cfg.arms}
+    rows = [{**r, "vs": cfg.baseline}
+            for r in compare_to_baseline([c for c in cells if c["arm"] not in own], cfg.baseline, metrics)]
+    for arm, ref in own.items():
+        rows += [{**r, "vs": ref} for r in compare_to_baseline([c for c in cells if c["arm"] in (arm, ref)], ref,
+                                                               metrics)]
+    return rows
+
+
 def run_ablation(cfg: AblateConfig) -> dict:
     start = time.perf_counter()
     out = Path(cfg.output_dir)
@@ -374,7 +466,7 @@ def run_ablation(cfg: AblateConfig) -> dict:
     if not cells:
         raise ConfigError("report_only", f"no finished cell of this grid in {out / 'cells'}")
     groups = group_cells(cells)
-    comparisons = compare_to_baseline(cells, cfg.baseline)
+    comparisons = compare_arms(cfg, cells)
     speed = time_to_baseline_quality(cells, cfg.baseline)
     wall = time.perf_counter() - start
     text = write_report(out, cfg, cells, groups, comparisons, speed, stage1_md, wall, missing,

@@ -20,6 +20,29 @@ def _pm(mean: float, std: float, seeds: int, digits: int = 3) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}" if seeds > 1 else f"{mean:.{digits}f}"
 
 
+def video_section(groups: list[dict]) -> list[str]:
+    """The key-word accuracy of each caption family per arm, with the frames as fed, reversed and shuffled (video
+    grids; nothing for image grids)."""
+    from dvlp_common.reports import markdown_table
+
+    if not any(math.isfinite(g.get("kw_order", float("nan"))) for g in groups):
+        return []
+    cols = (("order", "kw_order"), ("set", "kw_set"), ("order, reversed", "kw_order_reversed"),
+            ("order, reversed (shown)", "kw_order_reversed_shown"), ("set, reversed", "kw_set_reversed"),
+            ("order, shuffled", "kw_order_shuffled"), ("set, shuffled", "kw_set_shuffled"))
+    table = [{"arm": g["arm"], "pairs": g["pairs"], "lr": f"{g['lr']:g}", "seeds": g["seeds"],
+              **{name: _pm(g[key], g[f"{key}_std"], g["seeds"]) for name, key in cols},
+              "s / step (2b)": f"{g['seconds_per_step']:.2f}"} for g in groups]
+    return ["## Key-word accuracy per caption family (held-out clips)", "",
+            ("Share of captions that hold every key word of the clip's label and none of its contrast words. Order "
+            "family: the answer depends on frame order (a clip and its time reversal, opposite captions; 0.5 for a "
+            "model that names one side at random). Set family: needs more than one frame, not their order. "
+            "Reversed: the same clips fed backwards, scored against their own labels and against what the "
+            "reversed frames show (the pair partner's label); an order-aware model flips, an order-blind one does "
+            "not change. Shuffled: a seeded permutation that is neither the order nor its reversal."), "",
+            markdown_table(table), ""]
+
+
 def report_markdown(cfg, cells: list[dict], groups: list[dict], comparisons: list[dict], stage1_md: str,
                     wall_seconds: float, time_to_quality: list[dict] = (), *, descriptions: dict[str, str]) -> str:
     """The text of results.md; ``descriptions``: arm -> its one-line description, for every arm of ``cfg.arms``."""
@@ -36,7 +59,7 @@ def report_markdown(cfg, cells: list[dict], groups: list[dict], comparisons: lis
               "collapse": f"{g['collapse_rate']:.0%}", "train s": f"{g['train_seconds']:.0f}",
               "samples/s": f"{g['samples_per_s']:.1f}", "tokens to LLM": f"{g['prefix_tokens']:g}"} for g in groups]
     comp = [{"arm": c["arm"], "pairs": c["pairs"], "lr": f"{c['lr']:g}", "metric": c["metric"],
-             "Δ vs " + cfg.baseline: f"{c['delta']:+.3f}", "2·SE": f"{2 * c['se']:.3f}" if math.isfinite(c["se"]) else "—",
+             "vs": c.get("vs", cfg.baseline), "Δ": f"{c['delta']:+.3f}", "2·SE": f"{2 * c['se']:.3f}" if math.isfinite(c["se"]) else "—",
              "verdict": c["verdict"], "paired Δ": f"{c['paired_delta']:+.3f}" if c["paired_seeds"] else "—",
              "t·SE (paired)": (f"{c['paired_t_crit'] * c['paired_se']:.3f}" if math.isfinite(c["paired_se"])
                                else "—"),
@@ -59,7 +82,7 @@ def report_markdown(cfg, cells: list[dict], groups: list[dict], comparisons: lis
              markdown_table(comp) if comp else "(no comparisons)", "", multiplicity_note(comparisons), "",
              f"## Time to `{cfg.baseline}`'s final quality (seed-mean curve of held-out CIDEr on "
              f"{cfg.curve_images} images; training seconds, stage 2a included)", "",
-             markdown_table(speed) if speed else "(no curves)", "",
+             markdown_table(speed) if speed else "(no curves)", "", *video_section(groups),
              "Plots: `loss_curves.png`, `metrics_vs_pairs.png`, `quality_vs_time.png`."]
     return "\n".join(lines) + "\n"
 
@@ -154,7 +177,7 @@ def _thumbnail(image_path: str, folder: Path, index: int, size: int = 128) -> st
     name = f"{index:03d}.png"
     with Image.open(image_path) as image:
         image = image.convert("RGB")
-        image.thumbnail((size, size))
+        image.thumbnail((size * 4 if image.width > 2 * image.height else size, size))  # a clip's filmstrip: wide
         image.save(folder / name)
     return f"{folder.name}/{name}"
 

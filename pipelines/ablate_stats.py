@@ -9,7 +9,8 @@ import math
 # the metrics of a cell row that are averaged over seeds (the first five are the captioning scores)
 METRICS = ("CIDEr", "Bleu_4", "METEOR", "ROUGE_L", "exact_match", "vqa_accuracy", "caption_validity", "final_lm",
            "retrieval_itc_r_mean", "retrieval_itm_r_mean", "align_r2_2a", "align_r2_2b", "zero_shot_CIDEr_2a",
-           "heldout_lm_step0")
+           "heldout_lm_step0", "kw_order", "kw_set", "kw_order_reversed", "kw_order_reversed_shown", "kw_set_reversed",
+           "kw_order_shuffled", "kw_set_shuffled", "seconds_per_step")
 NAN = float("nan")  # a metric a cell did not record (older cells, arms without P(y)) counts as missing
 
 

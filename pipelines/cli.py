@@ -70,10 +70,12 @@ def _load(target: str):
 
 
 def config_class_for(path: Path):
-    """The config class of a YAML under configs/: that of the command whose default YAML's name starts it."""
+    """The config class of a YAML under configs/: that of the command whose default YAML's name starts it, after a
+    ``video_`` prefix (``video_generative.yaml`` is a generate-stage config of a video front)."""
     owners = {Path(c.default_yaml).stem: c.config for c in COMMANDS.values() if c.default_yaml}
+    stem = Path(path).stem.removeprefix("video_")
     for prefix, target in owners.items():
-        if Path(path).stem.startswith(prefix):
+        if stem.startswith(prefix):
             return _load(target)
     raise ValueError(f"{path}: no stage owns this config; file names start with one of {', '.join(owners)}")
 

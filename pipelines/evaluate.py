@@ -24,6 +24,7 @@ from vl_align.checkpoints import Blip2CheckpointConfig, evaluation_parts
 from vl_align.evaluation import EvalConfig, evaluate_generative
 from vl_align.fronts import load_front
 from vl_align.pairs import PairDataConfig
+from vl_align.video_inputs import VideoClipsConfig
 
 
 @dataclass
@@ -34,6 +35,8 @@ class EvaluateConfig(Config):
                                                        "(else set eval.captions_source / eval.questions_source)")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = param("auto", help="as the stages' deepspeed.precision")
     eval: EvalConfig = field(default_factory=EvalConfig)
+    # a video front: how data_source / eval.captions_source are read (format, video_root, eval_annotation_split)
+    video: VideoClipsConfig = field(default_factory=VideoClipsConfig)
     benchmark: BenchmarkName = param(  # noqa: RUF009 (a str default; ruff does not see through the Literal alias)
         "embedded", help="embedded: the held-out split of data_source (or eval.captions_source / "
                          "eval.questions_source); else one of the papers' benchmarks, read from the files "
@@ -71,7 +74,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
         print(f"{cfg.benchmark} evaluated in {time.perf_counter() - started:.0f} s -> {cfg.output_dir}", flush=True)
         return result
     with torch.no_grad(), autocast(device, dtype):
-        result = evaluate_generative(front, llm, tower, cfg.eval, PairDataConfig(source=cfg.data_source),
+        result = evaluate_generative(front, llm, tower, cfg.eval, PairDataConfig(source=cfg.data_source, video=cfg.video),
                                      Path(cfg.output_dir), device, dtype)
     if result is None:
         raise ConfigError("eval.captions_source", f"no held-out set for data_source={cfg.data_source}")

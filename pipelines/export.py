@@ -7,6 +7,7 @@ back with plain transformers and checks that it captions held-out images exactly
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -41,6 +42,11 @@ class ExportConfig(Config):
 
 def load_front_dir(front_dir: str | Path) -> tuple[QFormerFront, VisionTower, FrozenLLM, dict]:
     """Rebuild a saved Q-Former front with its frozen tower and LLM: ``(front, tower, llm, front_config)``."""
+    config = Path(front_dir) / "front_config.json"
+    if config.is_file() and json.loads(config.read_text())["front"].get("video", {}).get("enabled"):
+        raise ConfigError("front", f"{front_dir} holds a video front (SimVLG temporal modules inside the vision "
+                                   "tower); Blip2ForConditionalGeneration has no video form. Evaluate it with "
+                                   "`dvlp evaluate front=...` instead")
     front, tower, llm, meta = load_front(front_dir)
     if not isinstance(front, QFormerFront):
         raise ConfigError("front", f"{front_dir} holds a '{meta['front']['kind']}' front; only Q-Former fronts "

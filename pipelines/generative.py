@@ -24,7 +24,9 @@ from vl_align.evaluation import EvalConfig, evaluate_generative
 from vl_align.fronts import FrontConfig, build_front, load_front_weights, needs_live_tower, save_front
 from vl_align.generative import GenerativeCollator, GenerativeWeights, generative_loss
 from vl_align.inputs import prepare_stage_inputs
+from vl_align.pair_stream import caption_limit, pair_stream
 from vl_align.pairs import PairDataConfig, within_caption_limit
+from vl_align.video_inputs import VideoSource
 from vl_align.simvlg import TomeFront
 from vl_align.vision import VisionTower, VisionTowerConfig
 
@@ -72,13 +74,16 @@ def run_generative(cfg: GenerativeConfig, resume: bool = False, stop_after: int 
     dist, dtype, run_dir = training.start_run(cfg)
     training.seed_everything(cfg.seed)
     live_tower = needs_live_tower(cfg.front, cfg.vision)
+    # a video front reads data.source as video-text pairs and trains on clips (vl_align.video_inputs)
+    video = (VideoSource(cfg.data, cfg.front.video.num_frames, cfg.seed, cfg.reliability.max_skip_fraction)
+             if cfg.front.video.enabled else None)
     with distributed.main_first(dist):  # the main rank builds the shared caches, the other ranks then open them
         inputs = prepare_stage_inputs(
             data=cfg.data, vision=cfg.vision, live_tower=live_tower, llm=cfg.llm, align=cfg.align,
             pformer=cfg.pformer, align_stats_source=cfg.align_stats_source, seed=cfg.seed,
             max_skip_fraction=cfg.reliability.max_skip_fraction,
             num_prompt_slots=cfg.front.num_query_tokens if cfg.front.kind != "tome" else None,
-            device=dist.device, dtype=dtype, verbose=dist.is_main)
+            device=dist.device, dtype=dtype, verbose=dist.is_main, video=video)
     if cfg.align.weight:
         trained_with = read_pformer_config(cfg.pformer).bos_before_prefix
         if trained_with != cfg.bos_before_prefix:
@@ -86,8 +91,16 @@ def run_generative(cfg: GenerativeConfig, resume: bool = False, stop_after: int 
                                                    f"was trained with {trained_with}: its P(y) are prompts for the "
                                                    "other layout")
     llm = FrozenLLM.load(cfg.llm, dtype=dtype, bos_before_prefix=cfg.bos_before_prefix).to(dist.device)
-    pairs = within_caption_limit(inputs.pairs, inputs.report, lambda caps: llm.tokenize_targets(caps, None)[1].sum(1),
-                                 cfg.front.max_text_length, dist.is_main)  # the LM target's limit
+    def count_tokens(caps):  # the LM target's length
+        return llm.tokenize_targets(caps, None)[1].sum(1)
+
+    stream, pairs = None, []
+    if cfg.data.streaming:  # records come from this rank's shards; long captions are skipped as they stream in
+        stream = pair_stream(cfg.data, seed=cfg.seed, rank=dist.rank, world_size=dist.world_size,
+                             report=inputs.report, keep=caption_limit(count_tokens, cfg.front.max_text_length))
+    else:
+        pairs = within_caption_limit(inputs.pairs, inputs.report, count_tokens, cfg.front.max_text_length,
+                                     dist.is_main)
 
     def new_front(tower: VisionTower):
         return build_front(cfg.front, tower.hidden_size, inputs.llm_width, vision_tower=tower if live_tower else None)
@@ -122,14 +135,17 @@ def run_generative(cfg: GenerativeConfig, resume: bool = False, stop_after: int 
             _append_curve_point(trained, llm, tower, cfg, run_dir, step, train_seconds, dist.device, dtype)
         distributed.barrier()
 
-    result = training.train(engine=engine, dist_info=dist, make_batch=collate, loss_fn=loss_fn,
-                            num_samples=len(pairs), optim=cfg.optim, logging=cfg.logging,
+    result = training.train(engine=engine, dist_info=dist, make_batch=collate if stream is None else collate.batch,
+                            loss_fn=loss_fn, num_samples=len(pairs), optim=cfg.optim, logging=cfg.logging,
                             reliability=cfg.reliability, seed=cfg.seed, dtype=dtype, resume=resume,
-                            stop_after=stop_after, record_ids=lambda b: b.record_ids, after_step=curve_point)
+                            stop_after=stop_after, record_ids=lambda b: b.record_ids, after_step=curve_point,
+                            stream=stream)
     summary = {"front": cfg.front.kind, "steps": result.final_step, "wall_seconds": result.wall_seconds,
                "train_seconds": result.train_seconds, "prefix_tokens": _prefix_tokens(cfg, engine.module, inputs),
                "resumed_from": result.resumed_from, "pairs": len(pairs), "skipped": inputs.report.as_dict(),
                "vision_tokens": inputs.tower.num_tokens, "last": result.history[-1] if result.history else None}
+    if stream is not None:  # a streamed set is never counted whole
+        summary.update(pairs=None, streamed={"shards": len(stream.shards), **stream.state_dict()})
     if result.final_step < cfg.optim.max_steps:
         return summary
     trained, tower = trained_front()

@@ -26,7 +26,9 @@ from vl_align.evaluation import (EvalConfig, RetrievalEvalConfig, evaluate_gener
 from vl_align.fronts import FrontConfig, build_front, needs_live_tower, save_front
 from vl_align.inputs import prepare_stage_inputs
 from vl_align.objectives import RepresentationCollator, RepresentationWeights, representation_loss
+from vl_align.pair_stream import caption_limit, pair_stream
 from vl_align.pairs import PairDataConfig, held_out_pairs, within_caption_limit
+from vl_align.video_inputs import VideoSource
 from vl_align.vision import VisionTower, VisionTowerConfig
 
 from . import distributed, optim, training
@@ -63,16 +65,26 @@ def run_stage2(cfg: Stage2Config, resume: bool = False, stop_after: int | None =
     dist, dtype, run_dir = training.start_run(cfg)
     training.seed_everything(cfg.seed)
     live_tower = needs_live_tower(cfg.front, cfg.vision)
+    # a video front reads data.source as video-text pairs and trains on clips (vl_align.video_inputs)
+    video = (VideoSource(cfg.data, cfg.front.video.num_frames, cfg.seed, cfg.reliability.max_skip_fraction)
+             if cfg.front.video.enabled else None)
     with distributed.main_first(dist):  # the main rank builds the shared caches, the other ranks then open them
         inputs = prepare_stage_inputs(
             data=cfg.data, vision=cfg.vision, live_tower=live_tower, llm=cfg.llm, align=cfg.align,
             pformer=cfg.pformer, align_stats_source=cfg.align_stats_source, seed=cfg.seed,
             max_skip_fraction=cfg.reliability.max_skip_fraction, num_prompt_slots=cfg.front.num_query_tokens,
-            device=dist.device, dtype=dtype, verbose=dist.is_main)
+            device=dist.device, dtype=dtype, verbose=dist.is_main, video=video)
     tokenizer = zoo.load_tokenizer(cfg.front.init_from)
-    pairs = within_caption_limit(inputs.pairs, inputs.report,
-                                 lambda caps: [len(ids) for ids in tokenizer(caps).input_ids],
-                                 cfg.front.max_text_length, dist.is_main)
+    def count_tokens(caps):
+        return [len(ids) for ids in tokenizer(caps).input_ids]
+
+    stream, pairs = None, []
+    if cfg.data.streaming:  # records come from this rank's shards; long captions are skipped as they stream in
+        stream = pair_stream(cfg.data, seed=cfg.seed, rank=dist.rank, world_size=dist.world_size,
+                             report=inputs.report, keep=caption_limit(count_tokens, cfg.front.max_text_length))
+    else:
+        pairs = within_caption_limit(inputs.pairs, inputs.report, count_tokens, cfg.front.max_text_length,
+                                     dist.is_main)
 
     def new_front(tower: VisionTower):
         return build_front(cfg.front, tower.hidden_size, inputs.llm_width, vision_tower=tower if live_tower else None)
@@ -86,13 +98,15 @@ def run_stage2(cfg: Stage2Config, resume: bool = False, stop_after: int | None =
         return representation_loss(eng, batch, cfg.losses, cfg.align, inputs.stats, distributed.all_gather_with_grad,
                                    distributed.all_gather_nograd, dist.rank, distributed.mean_over_ranks_tensor)
 
-    result = training.train(engine=engine, dist_info=dist, make_batch=collate, loss_fn=loss_fn,
-                            num_samples=len(pairs), optim=cfg.optim, logging=cfg.logging,
+    result = training.train(engine=engine, dist_info=dist, make_batch=collate if stream is None else collate.batch,
+                            loss_fn=loss_fn, num_samples=len(pairs), optim=cfg.optim, logging=cfg.logging,
                             reliability=cfg.reliability, seed=cfg.seed, dtype=dtype, resume=resume,
-                            stop_after=stop_after, record_ids=lambda b: b.record_ids)
+                            stop_after=stop_after, record_ids=lambda b: b.record_ids, stream=stream)
     summary = {"front": cfg.front.kind, "steps": result.final_step, "wall_seconds": result.wall_seconds,
                "resumed_from": result.resumed_from, "pairs": len(pairs), "skipped": inputs.report.as_dict(),
                "vision_tokens": inputs.tower.num_tokens, "last": result.history[-1] if result.history else None}
+    if stream is not None:  # a streamed set is never counted whole
+        summary.update(pairs=None, streamed={"shards": len(stream.shards), **stream.state_dict()})
     if result.final_step < cfg.optim.max_steps:
         return summary
     # every rank: under ZeRO-3 the weights (a live tower's too) are gathered from the ranks' partitions into a fresh
@@ -107,7 +121,8 @@ def run_stage2(cfg: Stage2Config, resume: bool = False, stop_after: int | None =
     layout = read_pformer_config(cfg.pformer).bos_before_prefix if cfg.align.weight else True
     summary["front_dir"] = str(save_front(trained, run_dir / "front", cfg.front, cfg.vision, cfg.llm, layout))
     if cfg.eval.enabled:
-        held_out = held_out_pairs(cfg.data, cfg.eval.source, cfg.seed, cfg.reliability.max_skip_fraction)
+        held_out = (video.held_out(cfg.eval.source) if video is not None else
+                    held_out_pairs(cfg.data, cfg.eval.source, cfg.seed, cfg.reliability.max_skip_fraction))
         if held_out is None:
             print(f"retrieval evaluation skipped: data.source={cfg.data.source} has no known held-out split; set "
                   "eval.source", flush=True)

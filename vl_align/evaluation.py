@@ -30,6 +30,7 @@ from .data import load_image_text_pairs
 from .pairs import ImageTextPair, PairDataConfig, load_pairs
 from .retrieval import itc_similarity, recalls, rerank_with_itm, top_k
 from .sources import embedded_files
+from .video_inputs import VideoInputs, front_frames, is_video_front
 
 
 @dataclass
@@ -61,6 +62,9 @@ class EvalConfig(Config):
     split: Literal["test", "validation"] = param("test", help="the held-out images: the test split, or the "
                                                             "validation images carved out of the training pairs "
                                                             "(data.validation_images) for choosing settings")
+    frame_order: Literal["as_is", "reversed", "shuffled"] = param(
+        "as_is", help="video fronts: feed the uniformly sampled frames as sampled, reversed or shuffled (a seeded "
+                      "permutation per clip), to probe whether the front reads frame order (vl_align.video_eval)")
 
     def check(self) -> None:
         if self.min_new_tokens > self.max_new_tokens:
@@ -153,7 +157,15 @@ def generate_batched(front, llm, images: ImageInputs, image_refs: list[str | byt
 def evaluate_generative(front, llm, tower, cfg: EvalConfig, data: PairDataConfig, run_dir: Path, device,
                         dtype) -> dict | None:
     """Held-out captioning (BLEU, METEOR, ROUGE-L, CIDEr, exact match) and zero-shot VQA; eval.json, eval.md and
-    predictions.json in ``run_dir``. None, with a message, when there is no held-out set (see ``_test_records``)."""
+    predictions.json in ``run_dir``. None, with a message, when there is no held-out set (see ``_test_records``).
+    A video front is evaluated on held-out clips instead (``vl_align.video_eval``)."""
+    if is_video_front(front):
+        from .video_eval import evaluate_video_generative
+
+        return evaluate_video_generative(front, llm, tower, cfg, data, run_dir, device, dtype, first_images)
+    if cfg.frame_order != "as_is":
+        raise ConfigError("eval.frame_order", f"{cfg.frame_order!r} reorders a video front's frames; this front "
+                                              "takes images")
     records = _test_records(cfg, data)
     if records is None:
         print(f"caption/VQA evaluation skipped: data.source={data.source} has no known held-out split; set "
@@ -208,6 +220,10 @@ def heldout_lm_loss(front, llm, tower, cfg: EvalConfig, data: PairDataConfig, de
     """The frozen LLM's caption loss on held-out images with the front's prefix W·Z, as the generative stage would
     score it before any LM training (its step 0): the mean over all caption tokens (and their count). The images
     and references are those of :func:`evaluate_generative`. None without a held-out set."""
+    if is_video_front(front):
+        from .video_eval import heldout_video_lm_loss
+
+        return heldout_video_lm_loss(front, llm, tower, cfg, data, device, dtype, max_text_length, first_images)
     records = _test_records(cfg, data)
     if records is None:
         return None
@@ -312,8 +328,9 @@ def evaluate_gallery(front, tower, tokenizer, cfg: RetrievalEvalConfig, gallery:
             front("text", input_ids=tok.input_ids[s:s + cfg.batch_size].to(device),
                   attention_mask=tok.attention_mask[s:s + cfg.batch_size].to(device))["text_feat"].float().cpu()
             for s in range(0, len(texts), cfg.batch_size)])  # [T, E]
-        images = ImageInputs.build(tower, [paths[i] for i in image_ids], live_tower=front.vision is not None,
-                                   device=device, dtype=dtype)
+        images = (VideoInputs(tower, front_frames(front), train=False) if is_video_front(front) else  # clips
+                  ImageInputs.build(tower, [paths[i] for i in image_ids], live_tower=front.vision is not None,
+                                    device=device, dtype=dtype))
         image_feats, image_tokens = [], []  # [b, Q, E] each; [b, N, D] each: what the ITM head attends to
         for s in range(0, len(image_ids), cfg.batch_size):
             out = front("queries", **images([paths[i] for i in image_ids[s:s + cfg.batch_size]], device))

@@ -32,6 +32,7 @@ class GenerativeBatch:
     target_mask: torch.Tensor
     image_embeds: torch.Tensor | None = None
     pixel_values: torch.Tensor | None = None
+    pixel_values_videos: torch.Tensor | None = None  # [B, T, 3, S, S] for a video front
     qformer_ids: torch.Tensor | None = None  # ELIP's text guidance needs the Q-Former's text pass
     qformer_mask: torch.Tensor | None = None
     targets: torch.Tensor | None = None  # P(y) [B, n, d_llm]
@@ -49,7 +50,9 @@ def generative_loss(front, llm: FrozenLLM, batch: GenerativeBatch, weights: Gene
     text_cls = None
     if batch.pixel_values is not None and batch.qformer_ids is not None:
         text_cls = front("text", input_ids=batch.qformer_ids, attention_mask=batch.qformer_mask)["text_cls"].detach()
-    out = front("queries", image_embeds=batch.image_embeds, pixel_values=batch.pixel_values, text_cls=text_cls)
+    videos = {} if batch.pixel_values_videos is None else {"pixel_values_videos": batch.pixel_values_videos}
+    out = front("queries", image_embeds=batch.image_embeds, pixel_values=batch.pixel_values, text_cls=text_cls,
+                **videos)
     prefix = out["prompt_pred"]  # [B, P, d_llm]
     parts: dict[str, torch.Tensor] = {}
     zero = prefix.new_zeros(())
@@ -77,9 +80,11 @@ def generative_loss(front, llm: FrozenLLM, batch: GenerativeBatch, weights: Gene
 
 @torch.no_grad()
 def generate(front, llm: FrozenLLM, image_embeds: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
-             prompts: list[str] | None = None, **generate_kwargs) -> list[str]:
-    """Captions or answers for a batch of images (greedy, beam or nucleus through ``generate_kwargs``)."""
-    out = front("queries", image_embeds=image_embeds, pixel_values=pixel_values)
+             prompts: list[str] | None = None, pixel_values_videos: torch.Tensor | None = None,
+             **generate_kwargs) -> list[str]:
+    """Captions or answers for a batch of images or clips (greedy, beam or nucleus through ``generate_kwargs``)."""
+    videos = {} if pixel_values_videos is None else {"pixel_values_videos": pixel_values_videos}
+    out = front("queries", image_embeds=image_embeds, pixel_values=pixel_values, **videos)
     return llm.generate(out["prompt_pred"], prompts=prompts, **generate_kwargs)
 
 
@@ -95,7 +100,10 @@ class GenerativeCollator:
         self.train_prompt, self.device = train_prompt, device
 
     def __call__(self, ids: list[int], step: int) -> GenerativeBatch:
-        pairs = [self.pairs[i] for i in ids]
+        return self.batch([self.pairs[i] for i in ids], step)
+
+    def batch(self, pairs: list, step: int) -> GenerativeBatch:
+        """The batch of these records (a streamed source gives records, not ids)."""
         captions = [r.caption for r in pairs]
         target_ids, target_mask = self.llm.tokenize_targets(captions, self.max_text_length, self.device)
         batch = GenerativeBatch(record_ids=[r.image_id for r in pairs], target_ids=target_ids,

@@ -13,9 +13,10 @@ from dvlp_common import zoo
 from dvlp_common.config import ConfigError
 from dvlp_common.records import SkipReport
 from pformer.data import load_text_corpus
-from pformer.targets import prompt_target_cache
+from pformer.targets import prompt_target_cache, streamed_prompt_cache
 
 from .alignment import AlignmentConfig, AlignmentStats, corpus_statistics
+from .pair_stream import CaptionIds, LivePrompts, TowerFeatures
 from .pairs import ImageTextPair, PairDataConfig, load_pairs
 from .sources import resolve_text_source
 from .vision import VisionTower, VisionTowerConfig, vision_feature_cache
@@ -67,9 +68,9 @@ def corpus_prompt_statistics(pformer_dir: str, source: str, device, dtype) -> Al
 @dataclass
 class StageInputs:
     """What stages 2a and 2b share: the pairs, the frozen tower and the image inputs, the P(y) targets."""
-    pairs: list[ImageTextPair]
+    pairs: list[ImageTextPair]  # empty when the pairs stream (data.streaming)
     report: SkipReport
-    caption_index: dict[str, int]  # an id per distinct caption (equal captions are ITC positives)
+    caption_index: dict[str, int] | CaptionIds  # an id per distinct caption (equal captions are ITC positives)
     tower: VisionTower
     images: ImageInputs
     targets: PromptTargets | None  # None without alignment
@@ -88,25 +89,47 @@ def llm_width_of(llm: str) -> int:
 def prepare_stage_inputs(*, data: PairDataConfig, vision: VisionTowerConfig, live_tower: bool, llm: str,
                          align: AlignmentConfig, pformer: str, align_stats_source: str, seed: int,
                          max_skip_fraction: float, num_prompt_slots: int | None, device, dtype,
-                         verbose: bool = True) -> StageInputs:
+                         verbose: bool = True, video=None) -> StageInputs:
     """Load the pairs, build the tower and (frozen, not live) its feature cache, and (when aligning) the P(y) cache.
     ``num_prompt_slots`` is the number of prefix vectors W·Z the front makes (None: not fixed, as after merging);
-    the P-Former's prompts must have that count and the LLM's width."""
-    pairs, report = load_pairs(data, seed, max_skip_fraction)
-    captions = [r.caption for r in pairs]
-    caption_index = {c: i for i, c in enumerate(dict.fromkeys(captions))}
-    if verbose:
-        print(f"{len(pairs)} image-text pairs, {len(caption_index)} distinct captions; skipped records: "
-              f"{report.total}" + (f"\n{report.summary()}" if report.total else ""), flush=True)
+    the P-Former's prompts must have that count and the LLM's width.
+
+    With ``data.streaming`` nothing is read here (the stage streams the pairs, ``vl_align.pair_stream``): the tower
+    and the P-Former run on each batch instead of filling caches, and caption ids are digests.
+
+    ``video`` (a ``vl_align.video_inputs.VideoSource``, for a video front) reads the video-text pairs and serves
+    their clips (``pixel_values_videos``) instead of images."""
+    if data.streaming:
+        pairs, caption_index = [], CaptionIds()
+        report = SkipReport(max_skip_fraction=max_skip_fraction, name="image-text pairs (train, streamed)")
+    else:
+        pairs, report = video.load_pairs() if video is not None else load_pairs(data, seed, max_skip_fraction)
+        captions = [r.caption for r in pairs]
+        caption_index = {c: i for i, c in enumerate(dict.fromkeys(captions))}
+        if verbose:
+            print(f"{len(pairs)} image-text pairs, {len(caption_index)} distinct captions; skipped records: "
+                  f"{report.total}" + (f"\n{report.summary()}" if report.total else ""), flush=True)
     tower = VisionTower.build(vision).to(device)
-    images = ImageInputs.build(tower, [r.image for r in pairs], live_tower, device, dtype)
+    if data.streaming:
+        images = ImageInputs(tower, None if live_tower else TowerFeatures(tower, device, dtype))
+    else:
+        images = (video.inputs(tower) if video is not None
+                  else ImageInputs.build(tower, [r.image for r in pairs], live_tower, device, dtype))
     width = llm_width_of(llm)
     targets = None
     if align.weight and not Path(pformer).is_dir():
         raise FileNotFoundError(f"pformer={pformer} does not exist; run stage 1 first or set align.weight=0")
     if Path(pformer).is_dir():  # aligning, or (ω = 0) the alignment diagnostics of the baseline
-        cache = prompt_target_cache(pformer, captions, zoo.cache_root(), device=device, dtype=dtype)
-        shape = list(cache.array.shape[1:])
+        if data.streaming and data.prompt_cache_source:
+            cache = streamed_prompt_cache(pformer, resolve_text_source(data.prompt_cache_source), zoo.cache_root(),
+                                          workers=data.prompt_workers, device=str(device), dtype=dtype)
+            shape = list(cache.shape)
+        elif data.streaming:
+            cache = LivePrompts(pformer, device, dtype)
+            shape = list(cache.shape)
+        else:
+            cache = prompt_target_cache(pformer, captions, zoo.cache_root(), device=device, dtype=dtype)
+            shape = list(cache.array.shape[1:])
         if shape[1] != width or (num_prompt_slots is not None and shape[0] != num_prompt_slots):
             if align.weight:
                 raise ConfigError("front.num_query_tokens", f"W·Z is [{num_prompt_slots}, {width}] but the "

@@ -30,6 +30,7 @@ class RepresentationBatch:
     caption_ids: torch.Tensor  # [B] an id per distinct caption: equal captions are positives for ITC
     image_embeds: torch.Tensor | None = None  # [B, N, D] cached frozen features
     pixel_values: torch.Tensor | None = None  # [B, 3, S, S] when the tower runs live (ELIP)
+    pixel_values_videos: torch.Tensor | None = None  # [B, T, 3, S, S] for a video front
     targets: torch.Tensor | None = None  # [B, n, d_llm] P(y)
     noise_seed: int = 0  # seeds the hard-negative draws of this global batch (the same on every rank)
 
@@ -49,7 +50,7 @@ def representation_loss(front: Callable[..., dict], batch: RepresentationBatch, 
     tensor over the ranks) makes ITG a mean over the global batch's tokens. Identity in one process."""
     text = front("text", input_ids=batch.input_ids, attention_mask=batch.attention_mask)
     queries = front("queries", image_embeds=batch.image_embeds, pixel_values=batch.pixel_values,
-                    text_cls=text["text_cls"].detach())
+                    text_cls=text["text_cls"].detach(), **video_kwargs(batch))
     image_embeds = queries["image_embeds"]
     b = image_embeds.shape[0]
     parts: dict[str, torch.Tensor] = {}
@@ -99,6 +100,13 @@ def representation_loss(front: Callable[..., dict], batch: RepresentationBatch, 
     return primary + align.weight * parts["align"], parts
 
 
+def video_kwargs(batch) -> dict:
+    """``pixel_values_videos`` for the front when the batch has clips; nothing otherwise (fronts built elsewhere,
+    e.g. from a published checkpoint, take no such argument)."""
+    videos = getattr(batch, "pixel_values_videos", None)
+    return {} if videos is None else {"pixel_values_videos": videos}
+
+
 def decoder_start_id(tokenizer) -> int:
     """BLIP-2's [DEC] token for ITG: the tokenizer's BOS, else BERT's spare [unused0], else [CLS]."""
     for token in (tokenizer.bos_token, "[unused0]"):
@@ -120,7 +128,10 @@ class RepresentationCollator:
         self.dec_id = decoder_start_id(tokenizer)
 
     def __call__(self, ids: list[int], step: int) -> RepresentationBatch:
-        pairs = [self.pairs[i] for i in ids]
+        return self.batch([self.pairs[i] for i in ids], step)
+
+    def batch(self, pairs: list, step: int) -> RepresentationBatch:
+        """The batch of these records (a streamed source gives records, not ids)."""
         captions = [r.caption for r in pairs]
         tok = self.tokenizer(captions, padding=True, truncation=True, max_length=self.max_text_length,
                              return_tensors="pt")
@@ -136,5 +147,5 @@ class RepresentationCollator:
             **self.images([r.image for r in pairs], self.device))
 
 
-__all__ = ["RepresentationWeights", "RepresentationBatch", "representation_loss", "decoder_start_id",
+__all__ = ["RepresentationWeights", "RepresentationBatch", "representation_loss", "decoder_start_id", "video_kwargs",
            "RepresentationCollator"]

@@ -14,6 +14,7 @@ from dvlp_common.records import SkipReport, skip_too_long
 
 from .data import load_image_text_pairs
 from .sources import embedded_files
+from .video_inputs import VideoClipsConfig
 
 
 @dataclass
@@ -27,6 +28,29 @@ class PairDataConfig(Config):
                                                  "subset as the validation split, the same for every seed: for "
                                                  "choosing settings without the test split; 0: none")
     verify_images: bool = param(True, help="open every image once at load; bad ones are counted skips")
+    streaming: bool = param(False, help="stream webdataset shards or a datasets folder (very large sets): no list "
+                                        "of pairs in memory, shards split over ranks, block-shuffled, resumed at "
+                                        "the checkpoint's position; the tower and P-Former run on each batch "
+                                        "(vl_align.pair_stream)")
+    shuffle_buffer: int = param(1000, ge=1, help="streaming: pairs shuffled together (one block)")
+    shard_rows: int = param(10_000, ge=1, help="streaming: a datasets folder is cut into row ranges of this size")
+    prompt_cache_source: Optional[str] = param(None, help="streaming: a text corpus holding the captions (txt, jsonl, "
+                                                          "datasets folder); their P(y) are cached once, in parallel, "
+                                                          "memory-mapped, and read per batch; None: the P-Former runs "
+                                                          "on each batch")
+    prompt_workers: int = param(1, ge=1, help="processes building the prompt_cache_source cache")
+    video: VideoClipsConfig = field(default_factory=VideoClipsConfig)  # read when the front is a video front
+
+    def check(self) -> None:
+        if self.prompt_cache_source is not None and not self.streaming:
+            raise ConfigError("prompt_cache_source", "is for streaming; in-memory pairs cache their captions' P(y)")
+        if self.streaming:
+            for key in ("max_pairs", "validation_images"):
+                if getattr(self, key):
+                    raise ConfigError(key, "picks from the whole set in memory; not with streaming")
+            if self.source.startswith("embedded:"):
+                raise ConfigError("streaming", "is for webdataset shards and datasets folders, not "
+                                               f"{self.source}")
 
 
 @dataclass(frozen=True)
@@ -98,7 +122,7 @@ def held_out_pairs(data: PairDataConfig, source: str | None, seed: int,
     if source is None and not data.source.startswith("embedded:"):
         return None
     if source is not None:
-        data = replace(data, source=source, format="auto", max_pairs=None)
+        data = replace(data, source=source, format="auto", max_pairs=None, streaming=False, prompt_cache_source=None)
     split = "test" if data.source.startswith("embedded:") else "train"  # "train": the given file itself, in full
     return load_pairs(data, seed, max_skip_fraction, split=split)[0]
 
