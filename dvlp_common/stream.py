@@ -22,7 +22,8 @@ Readers: ``read(shard, record, offset)`` yields ``(record_index, next_offset, va
 record, None (left out by design, e.g. a held-out sentence: not a skip) or a :class:`Skip` (counted in the stream's
 ``SkipReport``, whose threshold applies once ``check_after`` records were seen). :func:`text_shards` cuts text
 files into byte ranges so one big file still splits over ranks and shuffles by range; :func:`read_text_lines`
-reads such a range.
+reads such a range. A ``save_to_disk`` folder is opened once per process by :func:`open_saved_dataset` and cut
+into row ranges by :func:`row_shards`.
 """
 from __future__ import annotations
 
@@ -43,8 +44,10 @@ __all__ = [
     "Skip",
     "StreamPosition",
     "expand_paths",
+    "open_saved_dataset",
     "read_text_lines",
     "record_uid",
+    "row_shards",
     "text_shards",
 ]
 
@@ -281,3 +284,34 @@ def read_text_lines(shard: Shard, record: int, offset: int | None,
             else:
                 yield index, nxt, parse(text, where)
             index, pos = index + 1, nxt
+
+
+def row_shards(source: str, num_rows: int, shard_rows: int) -> list[Shard]:
+    """A datasets folder of ``num_rows`` rows cut into row ranges of ``shard_rows``."""
+    return [Shard(source, a, min(a + shard_rows, num_rows), i) for i, a in enumerate(range(0, num_rows, shard_rows))]
+
+
+_SAVED: dict[tuple[str, tuple[str, ...] | None], Any] = {}  # opened folders (memory-mapped arrow), once per process
+
+
+def open_saved_dataset(path: str, columns: Sequence[str] | None = None):
+    """The ``datasets.Dataset`` of a ``save_to_disk`` folder of one split, opened once per process; ``columns``:
+    the ones the reader needs (checked, the others dropped), None: all. Errors name the folder."""
+    import datasets
+
+    key = (os.path.abspath(path), None if columns is None else tuple(columns))
+    if key not in _SAVED:
+        try:
+            ds = datasets.load_from_disk(path)
+        except FileNotFoundError as e:
+            raise ValueError(f"{path!r} is a folder but not one written by datasets save_to_disk: {e}") from e
+        if isinstance(ds, datasets.DatasetDict):
+            raise ValueError(f"{path!r} holds a DatasetDict with splits {list(ds)}; pass the folder of one split")
+        if columns is not None:
+            for c in columns:
+                if c not in ds.column_names:
+                    raise ValueError(f"saved dataset {path!r} has no column {c!r}; available columns: "
+                                     f"{ds.column_names}")
+            ds = ds.select_columns(list(columns))
+        _SAVED[key] = ds
+    return _SAVED[key]

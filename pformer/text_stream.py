@@ -17,7 +17,6 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import datasets
 import numpy as np
 
 from dvlp_common.records import SkipReport
@@ -26,8 +25,10 @@ from dvlp_common.stream import (
     ShardedStream,
     Skip,
     expand_paths,
+    open_saved_dataset,
     read_text_lines,
     record_uid,
+    row_shards,
     text_shards,
 )
 
@@ -63,26 +64,7 @@ def corpus_shards(source, fmt: str = "auto", shard_bytes: int = 64 << 20, shard_
     paths, kind = _resolve(source, fmt)
     if kind != "disk":
         return text_shards(paths, shard_bytes), kind
-    ds = _open_disk(paths[0], text_field)
-    return [Shard(paths[0], a, min(a + shard_rows, len(ds)), i)
-            for i, a in enumerate(range(0, len(ds), shard_rows))], kind
-
-
-_DISK: dict[str, datasets.Dataset] = {}  # opened folders (memory-mapped arrow): opened once per process
-
-
-def _open_disk(path: str, field: str) -> datasets.Dataset:
-    if path not in _DISK:
-        try:
-            ds = datasets.load_from_disk(path)
-        except FileNotFoundError as e:
-            raise ValueError(f"{path!r} is a folder but not one written by datasets save_to_disk: {e}") from e
-        if isinstance(ds, datasets.DatasetDict):
-            raise ValueError(f"{path!r} holds a DatasetDict with splits {list(ds)}; pass the folder of one split")
-        if field not in ds.column_names:
-            raise ValueError(f"saved dataset {path!r} has no column {field!r}; available columns: {ds.column_names}")
-        _DISK[path] = ds.select_columns([field])
-    return _DISK[path]
+    return row_shards(paths[0], len(open_saved_dataset(paths[0], [text_field])), shard_rows), kind
 
 
 def text_reader(kind: str, text_field: str = "text", exclude: frozenset[str] = frozenset(),
@@ -120,7 +102,7 @@ def text_reader(kind: str, text_field: str = "text", exclude: frozenset[str] = f
 
     def read(shard: Shard, start: int, offset: int | None):
         if kind == "disk":
-            ds = _open_disk(shard.source, text_field)
+            ds = open_saved_dataset(shard.source, [text_field])
             for a in range(shard.start + start, shard.stop, chunk_rows):
                 rows = ds[a:min(a + chunk_rows, shard.stop)][text_field]
                 for k, value in enumerate(rows):

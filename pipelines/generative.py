@@ -23,9 +23,8 @@ from vl_align.alignment import AlignmentConfig
 from vl_align.evaluation import EvalConfig, evaluate_generative
 from vl_align.fronts import FrontConfig, build_front, load_front_weights, needs_live_tower, save_front
 from vl_align.generative import GenerativeCollator, GenerativeWeights, generative_loss
-from vl_align.inputs import prepare_stage_inputs
-from vl_align.pair_stream import caption_limit, pair_stream
-from vl_align.pairs import PairDataConfig, within_caption_limit
+from vl_align.inputs import prepare_stage_inputs, training_pairs
+from vl_align.pairs import PairDataConfig
 from vl_align.video_inputs import VideoSource
 from vl_align.simvlg import TomeFront
 from vl_align.vision import VisionTower, VisionTowerConfig
@@ -94,13 +93,8 @@ def run_generative(cfg: GenerativeConfig, resume: bool = False, stop_after: int 
     def count_tokens(caps):  # the LM target's length
         return llm.tokenize_targets(caps, None)[1].sum(1)
 
-    stream, pairs = None, []
-    if cfg.data.streaming:  # records come from this rank's shards; long captions are skipped as they stream in
-        stream = pair_stream(cfg.data, seed=cfg.seed, rank=dist.rank, world_size=dist.world_size,
-                             report=inputs.report, keep=caption_limit(count_tokens, cfg.front.max_text_length))
-    else:
-        pairs = within_caption_limit(inputs.pairs, inputs.report, count_tokens, cfg.front.max_text_length,
-                                     dist.is_main)
+    stream, pairs = training_pairs(inputs, cfg.data, count_tokens, cfg.front.max_text_length, seed=cfg.seed,
+                                   rank=dist.rank, world_size=dist.world_size, verbose=dist.is_main)
 
     def new_front(tower: VisionTower):
         return build_front(cfg.front, tower.hidden_size, inputs.llm_width, vision_tower=tower if live_tower else None)

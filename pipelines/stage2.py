@@ -24,10 +24,9 @@ from vl_align.alignment import AlignmentConfig
 from vl_align.evaluation import (EvalConfig, RetrievalEvalConfig, evaluate_generative, evaluate_retrieval,
                                  heldout_lm_loss)
 from vl_align.fronts import FrontConfig, build_front, needs_live_tower, save_front
-from vl_align.inputs import prepare_stage_inputs
+from vl_align.inputs import prepare_stage_inputs, training_pairs
 from vl_align.objectives import RepresentationCollator, RepresentationWeights, representation_loss
-from vl_align.pair_stream import caption_limit, pair_stream
-from vl_align.pairs import PairDataConfig, held_out_pairs, within_caption_limit
+from vl_align.pairs import PairDataConfig, held_out_pairs
 from vl_align.video_inputs import VideoSource
 from vl_align.vision import VisionTower, VisionTowerConfig
 
@@ -78,13 +77,8 @@ def run_stage2(cfg: Stage2Config, resume: bool = False, stop_after: int | None =
     def count_tokens(caps):
         return [len(ids) for ids in tokenizer(caps).input_ids]
 
-    stream, pairs = None, []
-    if cfg.data.streaming:  # records come from this rank's shards; long captions are skipped as they stream in
-        stream = pair_stream(cfg.data, seed=cfg.seed, rank=dist.rank, world_size=dist.world_size,
-                             report=inputs.report, keep=caption_limit(count_tokens, cfg.front.max_text_length))
-    else:
-        pairs = within_caption_limit(inputs.pairs, inputs.report, count_tokens, cfg.front.max_text_length,
-                                     dist.is_main)
+    stream, pairs = training_pairs(inputs, cfg.data, count_tokens, cfg.front.max_text_length, seed=cfg.seed,
+                                   rank=dist.rank, world_size=dist.world_size, verbose=dist.is_main)
 
     def new_front(tower: VisionTower):
         return build_front(cfg.front, tower.hidden_size, inputs.llm_width, vision_tower=tower if live_tower else None)

@@ -37,6 +37,7 @@ import datasets
 from dvlp_common.io import building_folder
 from dvlp_common.records import SkipReport
 from vl_align.data import verify_image
+from vl_align.embedded_build import built_paths, is_built, write_build_files
 
 __all__ = [
     "BUILDER_VERSION",
@@ -492,39 +493,11 @@ def _fingerprint(data: Path) -> str:
     return h.hexdigest()
 
 
-def _read_build_info(out_dir: Path) -> dict | None:
-    try:
-        return json.loads((out_dir / FILES["build_info"]).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
-def _is_built(out_dir: Path, fingerprint: str) -> bool:
-    info = _read_build_info(out_dir)
-    return (
-        info is not None
-        and info.get("builder_version") == BUILDER_VERSION
-        and info.get("fingerprint") == fingerprint
-        and all((out_dir / name).is_file() for name in FILES.values())
-    )
-
-
-def _write_jsonl(path: Path, records: list[dict]) -> None:
-    with open(path, "w", encoding="utf-8", newline="\n") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-
-
 def write_split_files(folder: Path, pairs: dict[str, list[dict]], vqa: dict[str, list[dict]], corpus: list[str],
                       readme: str, info: dict) -> None:
-    """The files of an embedded data set (easy-VQA, scenes) into ``folder``; ``build_info`` last, since its presence
-    marks a complete build."""
-    for split in SPLITS:
-        _write_jsonl(folder / FILES[f"pairs_{split}"], pairs[split])
-        _write_jsonl(folder / FILES[f"vqa_{split}"], vqa[split])
-    (folder / FILES["caption_corpus"]).write_text("".join(s + "\n" for s in corpus), encoding="utf-8", newline="\n")
-    (folder / FILES["readme"]).write_text(readme, encoding="utf-8", newline="\n")
-    (folder / FILES["build_info"]).write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
+    """The files of an embedded data set with pairs and VQA questions (easy-VQA, scenes) into ``folder``."""
+    jsonl = {f"{kind}_{split}": recs[split] for split in SPLITS for kind, recs in (("pairs", pairs), ("vqa", vqa))}
+    write_build_files(folder, FILES, jsonl, corpus, readme, info)
 
 
 def _readme(info: dict) -> str:
@@ -591,10 +564,6 @@ def _readme(info: dict) -> str:
     return "\n".join(lines)
 
 
-def _paths(out_dir: Path) -> dict[str, Path]:
-    return {k: out_dir / name for k, name in FILES.items()}
-
-
 def build_embedded_easy_vqa(out_dir: str | os.PathLike, force: bool = False) -> dict[str, Path]:
     """Write the embedded dataset into ``out_dir`` and return ``{name: path}`` for its files.
 
@@ -609,8 +578,8 @@ def build_embedded_easy_vqa(out_dir: str | os.PathLike, force: bool = False) -> 
     out_dir = Path(out_dir).absolute()
     data = easy_vqa_data_dir()
     fingerprint = _fingerprint(data)
-    if not force and _is_built(out_dir, fingerprint):
-        return _paths(out_dir)
+    if not force and is_built(out_dir, FILES, BUILDER_VERSION, fingerprint):
+        return built_paths(out_dir, FILES)
 
     stats: dict = {}
     pairs: dict[str, list[dict]] = {}
@@ -647,9 +616,9 @@ def build_embedded_easy_vqa(out_dir: str | os.PathLike, force: bool = False) -> 
         with building_folder(out_dir) as tmp:
             write_split_files(tmp, pairs, vqa, corpus, _readme(info), info)
     except OSError:
-        if not _is_built(out_dir, fingerprint):  # else a concurrent builder won the race with the same content
+        if not is_built(out_dir, FILES, BUILDER_VERSION, fingerprint):  # else a concurrent builder won the race
             raise
-    return _paths(out_dir)
+    return built_paths(out_dir, FILES)
 
 
 def _load_vqa_jsonl(path: Path, report: SkipReport | None = None) -> datasets.Dataset:

@@ -1,23 +1,31 @@
 """What a stage-2 step or evaluation feeds a front besides text: the images (the frozen tower's cached features, or
 pixels when the tower runs inside the front) and the alignment targets P(y); and ``prepare_stage_inputs``, which
-builds both for the pairs of a run (stages 2a and 2b share it)."""
+builds both for the pairs of a run, and ``training_pairs``, the pairs or stream a stage trains on (stages 2a and 2b
+share both)."""
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
 from dvlp_common import zoo
 from dvlp_common.config import ConfigError
 from dvlp_common.records import SkipReport
+from dvlp_common.stream import ShardedStream
 from pformer.data import load_text_corpus
 from pformer.targets import prompt_target_cache, streamed_prompt_cache
 
 from .alignment import AlignmentConfig, AlignmentStats, corpus_statistics
-from .pair_stream import CaptionIds, LivePrompts, TowerFeatures
-from .pairs import ImageTextPair, PairDataConfig, load_pairs
+from .pair_stream import (
+    CaptionIds,
+    LivePrompts,
+    TowerFeatures,
+    caption_limit,
+    pair_stream,
+)
+from .pairs import ImageTextPair, PairDataConfig, load_pairs, within_caption_limit
 from .sources import resolve_text_source
 from .vision import VisionTower, VisionTowerConfig, vision_feature_cache
 
@@ -145,5 +153,17 @@ def prepare_stage_inputs(*, data: PairDataConfig, vision: VisionTowerConfig, liv
     return StageInputs(pairs, report, caption_index, tower, images, targets, width)
 
 
+def training_pairs(inputs: StageInputs, data: PairDataConfig, count_tokens: Callable[[list[str]], Sequence[int]],
+                   limit: int, *, seed: int, rank: int, world_size: int,
+                   verbose: bool = False) -> tuple[ShardedStream | None, list[ImageTextPair]]:
+    """``(stream, pairs)`` a stage trains on, captions within ``limit`` tokens as the stage tokenizes them
+    (``count_tokens(captions)`` -> their lengths; longer ones are counted skips in ``inputs.report``): with
+    ``data.streaming`` this rank's stream of pairs and no pairs, else no stream and the loaded pairs that fit."""
+    if data.streaming:  # records come from this rank's shards; long captions are skipped as they stream in
+        return pair_stream(data, seed=seed, rank=rank, world_size=world_size, report=inputs.report,
+                           keep=caption_limit(count_tokens, limit)), []
+    return None, within_caption_limit(inputs.pairs, inputs.report, count_tokens, limit, verbose)
+
+
 __all__ = ["ImageInputs", "PromptTargets", "StageInputs", "corpus_prompt_statistics", "llm_width_of",
-           "prepare_stage_inputs"]
+           "prepare_stage_inputs", "training_pairs"]

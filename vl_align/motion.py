@@ -39,9 +39,7 @@ caption verbatim, asserted), ``README.md`` and ``BUILD_INFO.json``.
 from __future__ import annotations
 
 import functools
-import hashlib
 import itertools
-import json
 import os
 import random
 import re
@@ -52,8 +50,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from dvlp_common.io import building_folder
-from vl_align.embedded import _norm, _read_build_info
+from vl_align.embedded import _norm
+from vl_align.embedded_build import build_once, params_fingerprint, write_build_files
 from vl_align.scenes import (
     BACKGROUND_MIN,
     COLOURS,
@@ -476,20 +474,6 @@ def _split_records(split: str, n_clips: int, p: dict, final_dir: Path, tmp_dir: 
     return records
 
 
-def _fingerprint(params: dict) -> str:
-    return hashlib.sha256(json.dumps({"builder": BUILDER_VERSION, **params}, sort_keys=True).encode()).hexdigest()
-
-
-def _is_built(out_dir: Path, fingerprint: str) -> bool:
-    info = _read_build_info(out_dir)
-    return (info is not None and info.get("builder_version") == BUILDER_VERSION
-            and info.get("fingerprint") == fingerprint and all((out_dir / f).is_file() for f in FILES.values()))
-
-
-def _paths(out_dir: Path) -> dict[str, Path]:
-    return {k: out_dir / name for k, name in FILES.items()}
-
-
 def _readme(info: dict) -> str:
     c, p = info["counts"], info["params"]
     cats = "\n".join(f"| {cat.family} | `{cat.name}` | `{cat.template}` | {', '.join(cat.keywords)} | "
@@ -529,11 +513,6 @@ def _readme(info: dict) -> str:
     ])
 
 
-def _write_jsonl(path: Path, records: list[dict]) -> None:
-    with open(path, "w", encoding="utf-8", newline="\n") as f:
-        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-
-
 def build_embedded_motion(
     out_dir: str | os.PathLike,
     num_train: int = DEFAULTS["num_train"],
@@ -552,8 +531,6 @@ def build_embedded_motion(
     into place). ``frames_per_clip`` is even (the colour turn and the blinks are split at the middle) and at most
     8 (the changing-colour clips show a different colour in every frame).
     """
-    from filelock import FileLock
-
     for name, v, lo in (("num_train", num_train, 2), ("num_test", num_test, 2), ("image_size", image_size, 48),
                         ("corpus_size", corpus_size, 1), ("frames_per_clip", frames_per_clip, 4)):
         if not isinstance(v, int) or isinstance(v, bool) or v < lo:
@@ -563,46 +540,36 @@ def build_embedded_motion(
     out_dir = Path(out_dir).absolute()
     params = {"num_train": num_train, "num_test": num_test, "image_size": image_size,
               "frames_per_clip": frames_per_clip, "seed": seed, "corpus_size": corpus_size}
-    fingerprint = _fingerprint(params)
-    if not force and _is_built(out_dir, fingerprint):
-        return _paths(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(out_dir) + ".lock"):
-        if not force and _is_built(out_dir, fingerprint):  # another process built it while we waited
-            return _paths(out_dir)
-        with building_folder(out_dir) as tmp:
-            pairs = {split: _split_records(split, n, params, out_dir, tmp)
-                     for split, n in (("train", num_train), ("test", num_test))}
-            train_caps = {r["caption"] for r in pairs["train"]}
-            test_caps = {r["caption"] for r in pairs["test"]}
-            corpus = build_motion_corpus(test_caps, corpus_size, seed)
-            assert not {_norm(s) for s in corpus} & {_norm(c) for c in test_caps}
-            for r in pairs["test"]:
-                r["seen_in_train"] = "yes" if r["caption"] in train_caps else "no"
-            clip_bytes = sum(f.stat().st_size for f in (tmp / "clips").rglob("*.png"))
-            info = {
-                "builder_version": BUILDER_VERSION,
-                "fingerprint": fingerprint,
-                "params": params,
-                "counts": {
-                    "pairs_train": len(pairs["train"]), "pairs_test": len(pairs["test"]),
-                    "caption_corpus": len(corpus), "caption_space": len(caption_space()),
-                    "distinct_captions_train": len(train_caps), "distinct_captions_test": len(test_caps),
-                    "test_pairs_seen_in_train": sum(r["seen_in_train"] == "yes" for r in pairs["test"]),
-                    "train_captions_in_corpus": len(train_caps & set(corpus)),
-                    **{f"categories_{s}": dict(sorted(_count(pairs[s], "category").items())) for s in SPLITS},
-                    **{f"families_{s}": dict(sorted(_count(pairs[s], "family").items())) for s in SPLITS},
-                },
-                "bytes": {"clips": clip_bytes},
-            }
-            for split in SPLITS:
-                _write_jsonl(tmp / FILES[f"pairs_{split}"], pairs[split])
-            (tmp / FILES["caption_corpus"]).write_text("".join(s + "\n" for s in corpus), encoding="utf-8",
-                                                       newline="\n")
-            (tmp / FILES["readme"]).write_text(_readme(info), encoding="utf-8", newline="\n")
-            # last: its presence marks a complete build
-            (tmp / FILES["build_info"]).write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
-    return _paths(out_dir)
+    fingerprint = params_fingerprint(BUILDER_VERSION, params)
+
+    def write(tmp: Path) -> None:
+        pairs = {split: _split_records(split, n, params, out_dir, tmp)
+                 for split, n in (("train", num_train), ("test", num_test))}
+        train_caps = {r["caption"] for r in pairs["train"]}
+        test_caps = {r["caption"] for r in pairs["test"]}
+        corpus = build_motion_corpus(test_caps, corpus_size, seed)
+        assert not {_norm(s) for s in corpus} & {_norm(c) for c in test_caps}
+        for r in pairs["test"]:
+            r["seen_in_train"] = "yes" if r["caption"] in train_caps else "no"
+        clip_bytes = sum(f.stat().st_size for f in (tmp / "clips").rglob("*.png"))
+        info = {
+            "builder_version": BUILDER_VERSION,
+            "fingerprint": fingerprint,
+            "params": params,
+            "counts": {
+                "pairs_train": len(pairs["train"]), "pairs_test": len(pairs["test"]),
+                "caption_corpus": len(corpus), "caption_space": len(caption_space()),
+                "distinct_captions_train": len(train_caps), "distinct_captions_test": len(test_caps),
+                "test_pairs_seen_in_train": sum(r["seen_in_train"] == "yes" for r in pairs["test"]),
+                "train_captions_in_corpus": len(train_caps & set(corpus)),
+                **{f"categories_{s}": dict(sorted(_count(pairs[s], "category").items())) for s in SPLITS},
+                **{f"families_{s}": dict(sorted(_count(pairs[s], "family").items())) for s in SPLITS},
+            },
+            "bytes": {"clips": clip_bytes},
+        }
+        write_build_files(tmp, FILES, {f"pairs_{s}": pairs[s] for s in SPLITS}, corpus, _readme(info), info)
+
+    return build_once(out_dir, FILES, BUILDER_VERSION, fingerprint, force, write)
 
 
 def _count(records: list[dict], field: str) -> dict[str, int]:

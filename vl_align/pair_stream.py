@@ -26,7 +26,14 @@ import datasets
 import torch
 
 from dvlp_common.records import SkipReport
-from dvlp_common.stream import Shard, ShardedStream, Skip, expand_paths
+from dvlp_common.stream import (
+    Shard,
+    ShardedStream,
+    Skip,
+    expand_paths,
+    open_saved_dataset,
+    row_shards,
+)
 
 from .data import (
     _WDS_CAPTION_KEYS,
@@ -50,26 +57,9 @@ def pair_shards(data: PairDataConfig) -> tuple[list[Shard], str]:
         paths = expand_paths(data.source, what="webdataset shard")
         return [Shard(p, index=i) for i, p in enumerate(paths)], fmt
     if fmt == "disk":
-        n = len(_open_disk(data.source))
-        return [Shard(os.path.abspath(data.source), a, min(a + data.shard_rows, n), i)
-                for i, a in enumerate(range(0, n, data.shard_rows))], fmt
+        source = os.path.abspath(data.source)
+        return row_shards(source, len(open_saved_dataset(source)), data.shard_rows), fmt
     raise ValueError(f"data.streaming reads webdataset shards or a saved datasets folder; {data.source!r} is {fmt}")
-
-
-_DISK: dict[str, datasets.Dataset] = {}
-
-
-def _open_disk(path: str) -> datasets.Dataset:
-    path = os.path.abspath(path)
-    if path not in _DISK:
-        try:
-            ds = datasets.load_from_disk(path)
-        except FileNotFoundError as e:
-            raise ValueError(f"{path!r} is a folder but not one written by datasets save_to_disk: {e}") from e
-        if isinstance(ds, datasets.DatasetDict):
-            raise ValueError(f"{path!r} holds a DatasetDict with splits {list(ds)}; pass the folder of one split")
-        _DISK[path] = ds
-    return _DISK[path]
 
 
 def _tar_samples(shard: Shard, record: int, offset: int | None) -> Iterator[tuple[int, int | None, dict]]:
@@ -119,7 +109,7 @@ def _pair_reader(data: PairDataConfig, fmt: str) -> Callable[[Shard, int, int | 
                                       ex.get(ikey) if ikey else None, None, where)
 
     def read_disk(shard: Shard, record: int, offset: int | None):
-        ds = _open_disk(shard.source)
+        ds = open_saved_dataset(shard.source)
         cols = ds.column_names
         ikey = "image" if "image" in cols else ("image_path" if "image_path" in cols else None)
         if ikey is None or "caption" not in cols:

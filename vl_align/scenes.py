@@ -45,9 +45,7 @@ Files (``build_embedded_scenes``), the same keys as ``vl_align.embedded.build_em
 from __future__ import annotations
 
 import functools
-import hashlib
 import itertools
-import json
 import os
 import random
 import re
@@ -58,8 +56,8 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image, ImageDraw
 
-from dvlp_common.io import building_folder
-from vl_align.embedded import FILES, _norm, _read_build_info, write_split_files
+from vl_align.embedded import FILES, _norm, write_split_files
+from vl_align.embedded_build import build_once, params_fingerprint
 
 __all__ = [
     "BUILDER_VERSION",
@@ -440,20 +438,6 @@ def _split_records(split: str, keys: list[SceneKey], image_size: int, seed: int,
     return pairs, vqa
 
 
-def _fingerprint(params: dict) -> str:
-    return hashlib.sha256(json.dumps({"builder": BUILDER_VERSION, **params}, sort_keys=True).encode()).hexdigest()
-
-
-def _is_built(out_dir: Path, fingerprint: str) -> bool:
-    info = _read_build_info(out_dir)
-    return (info is not None and info.get("builder_version") == BUILDER_VERSION
-            and info.get("fingerprint") == fingerprint and all((out_dir / f).is_file() for f in FILES.values()))
-
-
-def _paths(out_dir: Path) -> dict[str, Path]:
-    return {k: out_dir / name for k, name in FILES.items()}
-
-
 def _readme(info: dict) -> str:
     c, p = info["counts"], info["params"]
     return "\n".join([
@@ -497,8 +481,6 @@ def build_embedded_scenes(
     lock beside ``out_dir`` serialises concurrent builders) and atomic (written to a temporary sibling folder that
     is renamed into place, so a reader never sees a half-written build).
     """
-    from filelock import FileLock
-
     for name, v, lo in (("num_train", num_train, 1), ("num_test", num_test, 1), ("image_size", image_size, 48),
                         ("corpus_size", corpus_size, 1)):
         if not isinstance(v, int) or v < lo:
@@ -506,13 +488,9 @@ def build_embedded_scenes(
     out_dir = Path(out_dir).absolute()
     params = {"num_train": num_train, "num_test": num_test, "image_size": image_size, "seed": seed,
               "corpus_size": corpus_size}
-    fingerprint = _fingerprint(params)
-    if not force and _is_built(out_dir, fingerprint):
-        return _paths(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(out_dir) + ".lock"):
-        if not force and _is_built(out_dir, fingerprint):  # another process built it while we waited
-            return _paths(out_dir)
+    fingerprint = params_fingerprint(BUILDER_VERSION, params)
+
+    def write(tmp: Path) -> None:
         space = caption_space()
         keys = {split: _sample_keys(space, n, seed, split) for split, n in (("train", num_train), ("test", num_test))}
         test_keys = set(keys["test"])
@@ -522,26 +500,26 @@ def build_embedded_scenes(
         corpus_set = set(corpus)
         assert not corpus_set & set(test_caps)
 
-        with building_folder(out_dir) as tmp:
-            pairs, vqa = {}, {}
-            for split in SPLITS:
-                pairs[split], vqa[split] = _split_records(split, keys[split], image_size, seed, out_dir, tmp)
-            for r in pairs["test"]:
-                r["seen_in_train"] = "yes" if r["caption"] in train_caps else "no"
-            seen = sum(c in train_caps for c in test_caps)
-            info = {
-                "builder_version": BUILDER_VERSION,
-                "fingerprint": fingerprint,
-                "params": params,
-                "counts": {
-                    "pairs_train": num_train, "pairs_test": num_test,
-                    "vqa_train": len(vqa["train"]), "vqa_test": len(vqa["test"]),
-                    "caption_corpus": len(corpus), "caption_space": len(space),
-                    "distinct_captions_train": len(train_caps), "distinct_captions_test": len(set(test_caps)),
-                    "test_pairs_seen_in_train": seen,
-                    "train_captions_in_corpus": len(train_caps & corpus_set),
-                },
-                "test_seen_fraction": seen / num_test,
-            }
-            write_split_files(tmp, pairs, vqa, corpus, _readme(info), info)
-    return _paths(out_dir)
+        pairs, vqa = {}, {}
+        for split in SPLITS:
+            pairs[split], vqa[split] = _split_records(split, keys[split], image_size, seed, out_dir, tmp)
+        for r in pairs["test"]:
+            r["seen_in_train"] = "yes" if r["caption"] in train_caps else "no"
+        seen = sum(c in train_caps for c in test_caps)
+        info = {
+            "builder_version": BUILDER_VERSION,
+            "fingerprint": fingerprint,
+            "params": params,
+            "counts": {
+                "pairs_train": num_train, "pairs_test": num_test,
+                "vqa_train": len(vqa["train"]), "vqa_test": len(vqa["test"]),
+                "caption_corpus": len(corpus), "caption_space": len(space),
+                "distinct_captions_train": len(train_caps), "distinct_captions_test": len(set(test_caps)),
+                "test_pairs_seen_in_train": seen,
+                "train_captions_in_corpus": len(train_caps & corpus_set),
+            },
+            "test_seen_fraction": seen / num_test,
+        }
+        write_split_files(tmp, pairs, vqa, corpus, _readme(info), info)
+
+    return build_once(out_dir, FILES, BUILDER_VERSION, fingerprint, force, write)

@@ -73,6 +73,13 @@ __all__ = [
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".avi", ".mkv", ".mov", ".m4v")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 VIDEO_EMBEDDED = ("motion",)  # embedded data sets whose pairs are videos
+# formats of a video caption file (VideoDataConfig.format, and data.video.format of a stage)
+VideoFormat = Literal["auto", "jsonl", "msrvtt", "vatex", "msvd_csv", "msvd_txt", "caption_list"]
+
+
+def is_video_source(source: str) -> bool:
+    """Whether ``source`` names an embedded data set of videos (``embedded:motion``)."""
+    return source.startswith("embedded:") and source.split(":", 1)[1] in VIDEO_EMBEDDED
 Sampling = Literal["headtail", "uniform"]
 
 
@@ -97,15 +104,16 @@ class VideoTextPair:
 class VideoDataConfig(Config):
     source: str = param("embedded:motion", help="embedded:motion, or a caption file: jsonl (video_path, caption), "
                                                 "MSR-VTT / VATEX / LAVIS JSON, MSVD csv or txt")
-    format: Literal["auto", "jsonl", "msrvtt", "vatex", "msvd_csv", "msvd_txt", "caption_list"] = param(
+    format: VideoFormat = param(  # noqa: RUF009 (a str default; ruff does not see through the Literal alias)
         "auto", help="format of source")
     video_root: str | None = param(None, help="folder the videos are in / relative to (default: the caption "
                                                  "file's folder)")
     annotation_split: str | None = param(None, help="MSR-VTT: keep the videos of this split (train, validate, "
                                                        "test); None: all")
     num_frames: int = param(4, ge=1, help="frames per clip fed to the model (T); SimVLG uses 4")
-    train_sampling: Literal["headtail", "uniform"] = param("headtail", help="training frame sampling: headtail (T/2 sorted random "
-                                                      "frames from each half, the authors') or uniform")
+    train_sampling: Sampling = param(  # noqa: RUF009 (as format)
+        "headtail", help="training frame sampling: headtail (T/2 sorted random frames from each half, the authors') "
+                         "or uniform")
     crop_min_scale: float = param(0.5, gt=0.0, le=1.0, help="training: one random resized crop per clip, this "
                                                             "share of the area at least (authors: 0.5); 1.0: none. "
                                                             "No horizontal flip (it breaks left/right captions)")
@@ -115,7 +123,7 @@ class VideoDataConfig(Config):
                                                                 "records")
 
     def check(self) -> None:
-        if self.source.startswith("embedded:") and self.source.split(":", 1)[1] not in VIDEO_EMBEDDED:
+        if self.source.startswith("embedded:") and not is_video_source(self.source):
             raise ConfigError("source", f"{self.source} is not a video data set; embedded video sets: "
                                         f"{', '.join('embedded:' + n for n in VIDEO_EMBEDDED)}")
 

@@ -31,8 +31,11 @@ from dvlp_common.records import SkipReport
 from .video_data import (
     VIDEO_EMBEDDED,
     FramePreprocessor,
+    Sampling,
     VideoDataConfig,
+    VideoFormat,
     VideoTextPair,
+    is_video_source,
     load_clip,
     load_video_pairs,
 )
@@ -43,7 +46,7 @@ FrameOrder = Literal["as_is", "reversed", "shuffled"]
 @dataclass
 class VideoClipsConfig(Config):
     """``data.video``: how a video front's stage reads ``data.source`` (ignored by image fronts)."""
-    format: Literal["auto", "jsonl", "msrvtt", "vatex", "msvd_csv", "msvd_txt", "caption_list"] = param(
+    format: VideoFormat = param(  # noqa: RUF009 (a str default; ruff does not see through the Literal alias)
         "auto", help="format of a video caption file in data.source (auto: detected)")
     video_root: str | None = param(None, help="folder the videos are in / relative to (default: the caption "
                                                  "file's folder)")
@@ -51,10 +54,9 @@ class VideoClipsConfig(Config):
                                                        "validate, test); None: all")
     eval_annotation_split: str | None = param(None, help="MSR-VTT: the split of eval.captions_source evaluated "
                                                             "on; None: all")
-    train_sampling: Literal["headtail", "uniform"] = param("headtail", help="training frame sampling: headtail "
-                                                                            "(T/2 sorted random frames from each "
-                                                                            "half, the authors') or uniform; "
-                                                                            "evaluation is always uniform")
+    train_sampling: Sampling = param(  # noqa: RUF009 (as format)
+        "headtail", help="training frame sampling: headtail (T/2 sorted random frames from each half, the authors') "
+                         "or uniform; evaluation is always uniform")
     crop_min_scale: float | None = param(None, gt=0.0, le=1.0, help="training: one random resized crop per "
                                                                        "clip of at least this share of the area "
                                                                        "(1.0: none); None: 1.0 for "
@@ -81,10 +83,6 @@ class VideoRecord:
     @classmethod
     def of(cls, pair: VideoTextPair) -> VideoRecord:
         return cls(pair.video_id, pair.caption, pair.video_path, {**pair.meta, "video_id": pair.video_id})
-
-
-def is_video_source(source: str) -> bool:
-    return source.startswith("embedded:") and source.split(":", 1)[1] in VIDEO_EMBEDDED
 
 
 def crop_scale(data) -> float:
