@@ -444,6 +444,8 @@ def measure_step(spec: dict) -> dict:
     model, loss_fn, ledger, tokens, shapes, optim_cfg = setup(spec, device, dtype)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = optim.build_optimizer(model, optim_cfg)
+    if spec.get("compile"):  # as deepspeed.compile=true does in the stages
+        optim.compile_forward(model)
     last = {}
 
     def forward():
@@ -466,8 +468,11 @@ def measure_step(spec: dict) -> dict:
     rss_setup = _rss_mb()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    warmup_s = []  # the first holds torch.compile's compile time when compiling
     for _ in range(spec["warmup"]):
+        start = time.perf_counter()
         step()
+        warmup_s.append(time.perf_counter() - start)
     times = []
     for _ in range(spec["steps"]):
         _sync(device)
@@ -491,7 +496,7 @@ def measure_step(spec: dict) -> dict:
     median = statistics.median(times)
     b = spec["batch"]
     return {
-        "step_times_s": times, "step_time_s": median, "samples_per_s": b / median,
+        "step_times_s": times, "step_time_s": median, "samples_per_s": b / median, "warmup_step_times_s": warmup_s,
         "flops_per_sample": ledger.per_sample(b), "executed_flops_per_sample": executed,
         "achieved_tflops": ledger.total / median / 1e12, "tokens": tokens, "shapes": shapes,
         "loss": last.get("loss"), "trainable_params": sum(p.numel() for p in params),
@@ -711,7 +716,7 @@ def assemble(results: list[dict], machine: dict, args, dtype: str, dtype_rule: s
     machine = {**machine, "load_average_end": list(os.getloadavg())}
     return {
         "mode": "quick" if args.quick else "full", "overrides": args.set, "machine": machine,
-        "malloc": getattr(args, "malloc", "reuse"),
+        "malloc": getattr(args, "malloc", "reuse"), "compile": bool(getattr(args, "compile", False)),
         "compute_dtype": dtype, "compute_dtype_rule": dtype_rule, "flop_convention": CONVENTION,
         "timing": "median of the timed steps after warm-up; a step = zero_grad + forward (autocast in the compute "
                   "dtype) + backward + grad-norm clipping + AdamW step + reading the loss; one fixed batch; "
@@ -761,6 +766,8 @@ def write_markdown(report: dict, path: Path) -> None:
         f"Compute dtype: **{report['compute_dtype']}** ({report['compute_dtype_rule']}).\n",
         f"Host allocator: {report.get('malloc', 'reuse')} (reuse: freed memory kept for the next step, as `dvlp` "
         "runs the stages; system: glibc's default).\n",
+        "torch.compile: " + ("on (the trained forward; warm-up step times in bench.json hold the compile)"
+                             if report.get("compile") else "off") + ".\n",
         f"Timing: {report['timing']}.\n",
         f"Shortcuts: {report['shortcuts']}.\n",
         "## Matmul peak\n",
@@ -844,6 +851,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--malloc", default="reuse", choices=["reuse", "system"],
                    help="host allocator of the measured steps: reuse freed memory as `dvlp` does "
                         "(dvlp_common.memory) or glibc's default")
+    p.add_argument("--compile", action="store_true", help="torch.compile each step's trained forward (as "
+                                                             "deepspeed.compile=true); warm-up times hold the compile")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--result", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -877,6 +886,8 @@ def main(argv: list[str] | None = None) -> int:
     cases = plan(args.quick, device, dtype, args.batch, args.steps, args.set)
     for spec in cases:
         spec["malloc"] = args.malloc
+        if args.compile:
+            spec.update(compile=True, warmup=max(spec.get("warmup", 1), 2))  # the 2nd warm-up step: recompiles
     if args.only:
         cases = [c for c in cases if args.only in c["name"] or c["kind"] == "peak"]
     timeout = args.timeout or (600 if args.quick else 1200)

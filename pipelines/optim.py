@@ -118,6 +118,25 @@ def forward_under_autocast(module: torch.nn.Module, device: torch.device, dtype:
     module.forward = forward
 
 
+def compile_forward(module: torch.nn.Module) -> None:
+    """Compile ``module``'s forward for the training steps, on the instance (names, checkpoints and hooks are
+    unchanged); a forward under autocast (:func:`forward_under_autocast`) is compiled with its autocast. Evaluation
+    (eval mode or no grad: other modes and shapes, which would each compile anew) runs the eager forward. Default
+    dynamic-shape handling: a second caption length recompiles once with symbolic lengths, then no more."""
+    if getattr(module, "_forward_eager", None) is not None:
+        return
+    eager = module.forward
+    compiled = torch.compile(eager)
+
+    def forward(*args, **kwargs):
+        if module.training and torch.is_grad_enabled():
+            return compiled(*args, **kwargs)
+        return eager(*args, **kwargs)
+
+    module._forward_eager = eager
+    module.forward = forward
+
+
 def build_engine(model: torch.nn.Module, optim: OptimConfig, ds: DeepSpeedConfig, dist_info: DistInfo,
                  dtype: torch.dtype | None = None):
     """The DeepSpeed engine over ``model`` with our AdamW and schedule; ``dtype`` is the run's compute dtype (its
@@ -125,6 +144,8 @@ def build_engine(model: torch.nn.Module, optim: OptimConfig, ds: DeepSpeedConfig
     import deepspeed
 
     forward_under_autocast(model, dist_info.device, dtype)
+    if ds.compile:
+        compile_forward(model)
     optimizer = build_optimizer(model, optim)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, optim) / optim.lr)
     engine, _, _, _ = deepspeed.initialize(model=model.to(dist_info.device), optimizer=optimizer,

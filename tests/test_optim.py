@@ -103,3 +103,40 @@ def test_fused_trains_under_deepspeed(zero_stage):
     initial = [p.detach() for p in Small().parameters()]
     assert all(not torch.equal(p, p0) for p, p0 in zip(weights["fused"], initial))
     assert _close_to_rounding(weights["fused"], weights["for_loop"]) < 1e-6
+
+
+def test_compiled_forward_trains_compiled_and_evaluates_eager():
+    """compile_forward: train mode with grad runs the compiled forward (same values as eager), eval / no-grad
+    runs the eager one (no compile for evaluation shapes), and names and state dict are unchanged."""
+    import torch._dynamo
+
+    from pipelines.optim import compile_forward
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4))
+    keys = list(model.state_dict())
+    x = torch.randn(3, 8)
+    expected = model(x)
+    torch._dynamo.reset()
+    compile_forward(model)
+    compile_forward(model)  # idempotent
+    model.train()
+    frames_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    out = model(x)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > frames_before  # it went through dynamo
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    out.sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+    compiled_graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(torch.randn(5, 8)).shape, torch.Size([5, 4]))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == compiled_graphs  # eval: eager, nothing compiled
+    assert list(model.state_dict()) == keys
+
+
+def test_compile_with_zero3_is_a_config_error():
+    from dvlp_common.config import ConfigError
+
+    with pytest.raises(ConfigError, match="compile"):
+        DeepSpeedConfig(zero_stage=3, compile=True).check()
