@@ -1,6 +1,9 @@
 """Tests for vl_align.checkpoints: published BLIP-2 checkpoints (a transformers Blip2ForConditionalGeneration folder,
 a LAVIS .pth) load into our front + tower + LLM and compute what the original model computes.
 
+LAVIS's CLIP ViT-L tower (vit_model="clip_L") is checked against our own small re-implementation of LAVIS's
+clip_vit.py forward, alone and inside the same tiny BLIP-2 (its vision model replaced).
+
 The reference is a tiny random transformers BLIP-2 (ViT, Q-Former with cross-attention every 2nd layer and a
 separate query FFN, OPT LLM whose tokenizer adds BOS, as OPT's does). The LAVIS file is written here from the same
 weights under LAVIS's key names (visual_encoder.* as EVA ViT-g, ln_vision, Qformer.bert.*, opt_proj), so the same
@@ -407,3 +410,211 @@ def test_image_settings_of_transformers_4_and_5_folders(tmp_path):
     (tmp_path / "preprocessor_config.json").write_text(json.dumps({**blip, "resample": 2}))
     with pytest.raises(CheckpointError, match="resample=2"):
         _image_settings(tmp_path, 16)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# LAVIS's CLIP ViT-L tower (vit_model="clip_L", pretrain_flant5xl_vitL)
+# ---------------------------------------------------------------------------------------------------------------
+# The reference is our own small re-implementation of LAVIS's clip_vit.py forward (its module and parameter names,
+# so its state_dict is LAVIS's key layout): nn.MultiheadAttention with the fused in_proj, QuickGELU, ln_pre, no
+# ln_post, LayerNorms computed in float32 at torch's default eps, sequence-first blocks.
+class _LavisLayerNorm(nn.LayerNorm):
+    def forward(self, x):
+        return super().forward(x.float()).to(x.dtype)
+
+
+class _QuickGELU(nn.Module):
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
+class _LavisBlock(nn.Module):
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        from collections import OrderedDict
+
+        self.attn = nn.MultiheadAttention(width, heads)
+        self.ln_1 = _LavisLayerNorm(width)
+        self.mlp = nn.Sequential(OrderedDict([("c_fc", nn.Linear(width, 4 * width)), ("gelu", _QuickGELU()),
+                                              ("c_proj", nn.Linear(4 * width, width))]))
+        self.ln_2 = _LavisLayerNorm(width)
+
+    def forward(self, x):  # [L, N, D]
+        h = self.ln_1(x)
+        x = x + self.attn(h, h, h, need_weights=False)[0]
+        return x + self.mlp(self.ln_2(x))
+
+
+class _LavisTransformer(nn.Module):
+    def __init__(self, width: int, layers: int, heads: int):
+        super().__init__()
+        self.resblocks = nn.Sequential(*[_LavisBlock(width, heads) for _ in range(layers)])
+
+
+class _LavisClipViT(nn.Module):
+    def __init__(self, resolution: int, patch: int, width: int, layers: int, heads: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width, kernel_size=patch, stride=patch, bias=False)
+        self.class_embedding = nn.Parameter(torch.randn(width) * width ** -0.5)
+        self.positional_embedding = nn.Parameter(torch.randn((resolution // patch) ** 2 + 1, width) * width ** -0.5)
+        self.ln_pre = _LavisLayerNorm(width)
+        self.transformer = _LavisTransformer(width, layers, heads)
+
+    def forward(self, x):  # [N, 3, S, S] -> [N, 1 + g*g, D]
+        x = self.conv1(x).flatten(2).permute(0, 2, 1)
+        cls = self.class_embedding + torch.zeros(x.shape[0], 1, x.shape[-1])
+        x = self.ln_pre(torch.cat([cls, x], dim=1) + self.positional_embedding)
+        return self.transformer.resblocks(x.permute(1, 0, 2)).permute(1, 0, 2)
+
+
+def _lavis_interpolate_pos_embed(model: _LavisClipViT, state: dict) -> None:
+    """clip_vit.interpolate_pos_embed: the loaded grid resized to the built model's (bicubic, align_corners)."""
+    old = state["positional_embedding"]
+    grid = round((model.positional_embedding.shape[0] - 1) ** 0.5)
+    if grid * grid + 1 == old.shape[0]:
+        return
+    old_grid = int((old.shape[0] - 1) ** 0.5)
+    img = old[1:].reshape(1, old_grid, old_grid, -1).permute(0, 3, 1, 2)
+    img = torch.nn.functional.interpolate(img, size=(grid, grid), mode="bicubic", align_corners=True)
+    state["positional_embedding"] = torch.cat([old[:1], img.permute(0, 2, 3, 1).reshape(grid * grid, -1)])
+
+
+def _clip_file_state(width: int, heads: int, blocks: int, seed: int) -> dict[str, torch.Tensor]:
+    """A clip_vit_L.pth-like state dict: LAVIS's key names, one block more than LAVIS builds, OpenAI's head."""
+    torch.manual_seed(seed)
+    full = _LavisClipViT(SIZE, 4, width, blocks, heads)
+    _perturb(full, seed=seed + 1)
+    state = {k: v.detach().clone() for k, v in full.state_dict().items()}
+    state["ln_post.weight"], state["ln_post.bias"] = torch.randn(width), torch.randn(width)
+    state["proj"] = torch.randn(width, 8)
+    return state
+
+
+def _lavis_clip_reference(state: dict, ln: dict, width: int, heads: int, layers: int, size: int = SIZE) -> nn.Module:
+    """create_clip_vit_L's flow at small size: build ``layers`` blocks at ``size`` px, interpolate, load strict=False
+    (the extra block and the head drop out); then ln_vision."""
+    vit = _LavisClipViT(size, 4, width, layers, heads)
+    state = dict(state)
+    _lavis_interpolate_pos_embed(vit, state)
+    result = vit.load_state_dict(state, strict=False)
+    assert not result.missing_keys
+    ln_vision = _LavisLayerNorm(width)
+    ln_vision.load_state_dict(ln)
+    return nn.Sequential(vit, ln_vision).eval()
+
+
+def test_clip_vit_conversion_is_lavis_clip_forward():
+    """2 of 3 blocks, 64 wide, 4 heads: our CLIPVisionModel + ln_vision equals LAVIS's forward (1e-5), at the
+    weights' 16 px and at 24 px (LAVIS's load-time position interpolation)."""
+    from vl_align.checkpoints import _clip_vision_model, convert_clip_vit
+
+    state = _clip_file_state(64, 4, 3, seed=5)
+    ln = {"weight": torch.randn(64) + 1, "bias": torch.randn(64)}
+    for size in (SIZE, 24):
+        config, ours, skipped = convert_clip_vit(state, heads=4, layers=2, image_size=size, key_prefix="")
+        assert config["num_hidden_layers"] == 2 and config["hidden_act"] == "quick_gelu"
+        assert sorted(skipped) == sorted(["ln_post.weight", "ln_post.bias", "proj"]
+                                         + [k for k in state if k.startswith("transformer.resblocks.2.")])
+        model = _clip_vision_model(config, ours, ln, torch.float32)
+        reference = _lavis_clip_reference(state, ln, 64, 4, 2, size)
+        pixels = torch.randn(2, 3, size, size)
+        with torch.no_grad():
+            feats = model(pixel_values=pixels).last_hidden_state  # [2, 1 + (size/4)^2, 64]
+            torch.testing.assert_close(feats, reference(pixels), atol=1e-5, rtol=1e-5)
+            assert feats.shape == (2, 1 + (size // 4) ** 2, 64)
+            # the dropped block matters: all 3 blocks give another function
+            every = _clip_vision_model(convert_clip_vit(state, heads=4, layers=3, image_size=size)[0],
+                                       convert_clip_vit(state, heads=4, layers=3, image_size=size)[1], ln,
+                                       torch.float32)
+            assert not torch.allclose(every(pixel_values=pixels).last_hidden_state, feats, atol=1e-3)
+
+
+@pytest.fixture(scope="module")
+def lavis_clip(tmp_path_factory, lavis):
+    """The tiny Blip2OPT with a CLIP ViT tower (32 wide, as the Q-Former cross-attends to): a LAVIS training
+    checkpoint without visual_encoder.*, a clip_vit_L.pth-like file with 3 blocks (LAVIS builds 2 here), and the
+    reference: the transformers BLIP-2 with its vision model replaced by LAVIS's CLIP forward + ln_vision."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    root = tmp_path_factory.mktemp("lavis_clip")
+    clip = _clip_file_state(32, 4, 3, seed=7)
+    torch.save(clip, root / "clip_vit_L.pth")
+    g = torch.Generator().manual_seed(9)
+    ln = {"weight": torch.randn(32, generator=g) + 1, "bias": torch.randn(32, generator=g)}
+    state = {k: v for k, v in lavis.state.items() if not k.startswith(("visual_encoder.", "ln_vision."))}
+    state.update({"ln_vision.weight": ln["weight"], "ln_vision.bias": ln["bias"]})
+    torch.save({"model": state, "config": {"model": {"arch": "blip2_opt", "vit_model": "clip_L"}}, "epoch": 1},
+               root / "checkpoint.pth")
+    vision = _lavis_clip_reference(clip, ln, 32, 4, 2)
+
+    class LavisVision(nn.Module):  # what Blip2ForConditionalGeneration calls as its vision_model
+        def forward(self, pixel_values, interpolate_pos_encoding=False, return_dict=True, **kwargs):
+            feats = vision(pixel_values)
+            return BaseModelOutputWithPooling(last_hidden_state=feats, pooler_output=feats[:, 0])
+
+    reference = copy.deepcopy(lavis.reference)
+    reference.vision_model = LavisVision()
+    return SimpleNamespace(path=root / "checkpoint.pth", clip_path=root / "clip_vit_L.pth", state=state, clip=clip,
+                           reference=reference, root=root)
+
+
+def test_lavis_clip_checkpoint_loads_and_captions(tiny_blip2, lavis, lavis_clip):
+    imported = load_lavis_blip2(lavis_clip.path, llm=lavis.llm, vision=str(lavis_clip.clip_path), vision_layers=2,
+                                vision_heads=4, qformer_heads=4)
+    assert type(imported.tower.model).__name__ == "LavisClipVision"
+    assert imported.tower.model.ln_vision.eps == LAVIS_LN_VISION_EPS and imported.tower.num_tokens == 17
+    pixels = imported.tower.preprocess(_images())
+    _assert_same_model(imported, lavis_clip.reference, tiny_blip2.processor, pixels)
+    prefix = f"{lavis_clip.clip_path}:"
+    assert sorted(imported.report.skipped) == sorted(
+        [prefix + k for k in ("ln_post.weight", "ln_post.bias", "proj")]
+        + [prefix + k for k in lavis_clip.clip if k.startswith("transformer.resblocks.2.")])
+    assert any("clip_L" in n for n in imported.report.notes)
+    # the feature cache tells the towers apart: another number of kept blocks is another fingerprint
+    three = load_lavis_blip2(lavis_clip.path, llm=lavis.llm, vision=str(lavis_clip.clip_path), vision_layers=3,
+                             vision_heads=4, qformer_heads=4)
+    assert three.tower.fingerprint() != imported.tower.fingerprint()
+
+
+def test_lavis_clip_tower_in_the_checkpoint_itself(tiny_blip2, lavis, lavis_clip, tmp_path):
+    """A full LAVIS state dict holds the blocks LAVIS built (2 here): all are kept without vision_layers."""
+    vit = {f"visual_encoder.{k}": v for k, v in lavis_clip.clip.items()
+           if not k.startswith(("transformer.resblocks.2.", "ln_post.", "proj"))}
+    imported = load_lavis_blip2(_save_lavis(tmp_path, {**lavis_clip.state, **vit}), llm=lavis.llm, vision_heads=4,
+                                qformer_heads=4)
+    assert not imported.report.skipped
+    _assert_same_model(imported, lavis_clip.reference, tiny_blip2.processor, imported.tower.preprocess(_images()))
+
+
+def test_lavis_clip_vision_file_defaults_to_lavis_23_blocks(lavis, lavis_clip):
+    with pytest.raises(CheckpointError, match="vision_layers=23.*3 blocks"):
+        load_lavis_blip2(lavis_clip.path, llm=lavis.llm, vision=str(lavis_clip.clip_path), vision_heads=4,
+                         qformer_heads=4)
+    with pytest.raises(CheckpointError, match="vision_heads"):  # 32 wide: create_clip_vit_L's width // 64 rule
+        load_lavis_blip2(lavis_clip.path, llm=lavis.llm, vision=str(lavis_clip.clip_path), vision_layers=2,
+                         qformer_heads=4)
+
+
+@pytest.mark.parametrize("drop", ["transformer.resblocks.1.attn.in_proj_bias", "ln_pre.weight", "conv1.weight",
+                                  "transformer.resblocks.0.mlp.c_proj.weight"])
+def test_lavis_clip_missing_key_is_an_error_naming_it(lavis, lavis_clip, tmp_path, drop):
+    clip = {k: v for k, v in lavis_clip.clip.items() if k != drop}
+    torch.save(clip, tmp_path / "clip.pth")
+    with pytest.raises(CheckpointError, match=re.escape(f"{tmp_path / 'clip.pth'}:{drop}")):
+        load_lavis_blip2(lavis_clip.path, llm=lavis.llm, vision=str(tmp_path / "clip.pth"), vision_layers=2,
+                         vision_heads=4, qformer_heads=4)
+
+
+@pytest.mark.parametrize("extra", ["conv1.bias", "transformer.resblocks.0.attn.bias_k", "ln_final.weight"])
+def test_lavis_clip_unexpected_key_is_an_error_naming_it(lavis, lavis_clip, tmp_path, extra):
+    vit = {f"visual_encoder.{k}": v for k, v in lavis_clip.clip.items() if not k.startswith("transformer.resblocks.2.")}
+    state = {**lavis_clip.state, **vit, f"visual_encoder.{extra}": torch.zeros(3)}
+    with pytest.raises(CheckpointError, match=re.escape(f"visual_encoder.{extra}")):
+        load_lavis_blip2(_save_lavis(tmp_path, state), llm=lavis.llm, vision_heads=4, qformer_heads=4)
+
+
+def test_eva_conversion_points_clip_keys_to_the_clip_converter(lavis_clip):
+    from vl_align.checkpoints import convert_eva_vit
+
+    with pytest.raises(CheckpointError, match="convert_clip_vit"):
+        convert_eva_vit(lavis_clip.clip)

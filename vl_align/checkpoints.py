@@ -3,9 +3,11 @@
 Two layouts load (the reverse of ``vl_align.export``)::
 
     transformers folder            LAVIS .pth (its "model" entry)              ours
-    vision_model.*                 visual_encoder.* (EVA ViT-g), or none:      ImportedVisionTower over a
-                                     then ``vision`` names where it is         transformers Blip2VisionModel
-    vision_model.post_layernorm    ln_vision                                   the tower's post_layernorm
+    vision_model.*                 visual_encoder.* (EVA ViT-g or CLIP ViT-L), ImportedVisionTower over a
+                                     or none: then ``vision`` names where it   transformers Blip2VisionModel
+                                     is                                        (EVA) or LavisClipVision (CLIP)
+    vision_model.post_layernorm    ln_vision                                   the tower's post_layernorm (EVA)
+                                                                               or LavisClipVision.ln_vision
     query_tokens, qformer.*        query_tokens, Qformer.bert.*, Qformer.cls.* front.qformer
     language_projection            opt_proj / t5_proj                          front.llm_proj
     -                              vision_proj, text_proj, itm_head, temp      front's ITC/ITM heads, temperature
@@ -23,9 +25,19 @@ The Q-Former's separate query FFN (``intermediate_query`` / ``output_query``), i
 ``cross_attention_frequency`` layers and its key names are ``vl_align.qformer``'s (``QFormer.load_blip2_checkpoint``);
 a LAVIS file's sizes are read off its tensors, with the two the tensors cannot tell as settings: the Q-Former's
 attention heads (LAVIS builds bert-base: width // 64 = 12) and the EVA ViT's (``create_eva_vit_g``: width // 88 =
-16). Vision towers: EVA ViT-g (``vit_model="eva_clip_g"``, LAVIS's BLIP-2 default) and any transformers
-``Blip2VisionModel``. LAVIS's CLIP ViT-L (``clip_L``) and EVA variants with LayerScale or relative position bias
-are refused with an error naming their keys.
+16). Vision towers: EVA ViT-g (``vit_model="eva_clip_g"``, LAVIS's BLIP-2 default), any transformers
+``Blip2VisionModel``, and LAVIS's CLIP ViT-L (``vit_model="clip_L"``, ``clip_vit.py``; see :func:`convert_clip_vit`
+and :class:`LavisClipVision`). EVA variants with LayerScale or relative position bias are refused with an error
+naming their keys.
+
+LAVIS's ``clip_L`` (``create_clip_vit_L``): OpenAI's ViT-L/14 at 224 px (1024 wide, 16 heads, QuickGELU, LayerNorm
+eps 1e-5, a patch convolution without bias, ``ln_pre`` before the blocks), built with 23 blocks: the 24th block of
+``clip_vit_L.pth`` and any ``ln_post`` / ``proj`` (OpenAI's head) are dropped by its ``strict=False`` load, so the
+Q-Former sees ``ln_vision`` of the 23rd block's output over every token. Here that is a transformers
+``CLIPVisionModel`` (same function: the fused ``in_proj`` split into q/k/v, ``c_fc``/``c_proj`` as ``fc1``/``fc2``)
+whose ``post_layernorm`` (transformers applies it to the pooled CLS only) is an identity, followed by ``ln_vision``.
+Another ``image_size`` interpolates the position embeddings once at load, as LAVIS's ``interpolate_pos_embed`` does
+(bicubic, ``align_corners=True``), not transformers' run-time interpolation.
 
 The LLM sees BLIP-2's input layout: the queries first (no lead token), then the prompt tokenised with the
 tokenizer's special tokens: OPT ``[queries][</s>][prompt]``, T5's encoder ``[queries][prompt][</s>]``
@@ -70,13 +82,17 @@ from .qformer import QFormer, QFormerConfig
 from .vision import VisionTower, VisionTowerConfig
 
 __all__ = ["Blip2CheckpointConfig", "CheckpointError", "ImportReport", "ImportedBlip2", "ImportedVisionTower",
-           "convert_eva_vit", "evaluation_parts", "load_blip2", "load_hf_blip2", "load_lavis_blip2"]
+           "LavisClipVision", "convert_clip_vit", "convert_eva_vit", "evaluation_parts", "load_blip2",
+           "load_hf_blip2", "load_lavis_blip2"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LAVIS_LN_VISION_EPS = 1e-5  # blip2.py: LayerNorm(num_features), torch's default eps
 EVA_LN_EPS = 1e-6  # eva_vit.py create_eva_vit_g: partial(nn.LayerNorm, eps=1e-6)
 EVA_HEAD_DIM = 88  # create_eva_vit_g: num_heads = 1408 // 88
 BERT_HEAD_DIM = 64  # LAVIS builds the Q-Former from bert-base-uncased: 768 / 12
+CLIP_HEAD_DIM = 64  # clip_vit.py create_clip_vit_L: width 1024, 16 heads
+CLIP_L_LAYERS = 23  # create_clip_vit_L builds 23 blocks; clip_vit_L.pth is loaded into them with strict=False
+CLIP_LN_EPS = 1e-5  # clip_vit.py LayerNorm(d_model): torch's default eps (ln_pre, ln_1, ln_2)
 _BICUBIC = 3  # PIL's BICUBIC, as preprocessor_config.json spells it
 
 
@@ -103,14 +119,17 @@ class Blip2CheckpointConfig(Config):
                                           "hold (a hub name such as facebook/opt-2.7b or google/flan-t5-xl, or a "
                                           "local folder)")
     vision: str | None = param(None, help="LAVIS, when the .pth has no visual_encoder.* (LAVIS's trainer saves "
-                                             "only trained weights): EVA ViT-g weights as LAVIS downloads them "
-                                             "(eva_vit_g.pth), or a transformers BLIP-2 folder whose vision_model "
-                                             "is taken (its post_layernorm replaced by the .pth's ln_vision)")
-    vision_layers: int | None = param(None, help="LAVIS: ViT blocks to keep (None: all in the weights; LAVIS "
-                                                    "builds 39 of EVA-CLIP-g's blocks); later blocks are skipped "
-                                                    "and listed")
-    vision_heads: int | None = param(None, help="LAVIS: attention heads of the EVA ViT (None: width // 88, "
-                                                   "create_eva_vit_g's rule, 16 for ViT-g)")
+                                             "only trained weights): the ViT weights as LAVIS downloads them "
+                                             "(eva_vit_g.pth, or clip_vit_L.pth for vit_model=clip_L), or a "
+                                             "transformers BLIP-2 folder whose vision_model is taken (its "
+                                             "post_layernorm replaced by the .pth's ln_vision)")
+    vision_layers: int | None = param(None, help="LAVIS: ViT blocks to keep; later blocks are skipped and listed "
+                                                    "(None: EVA, all in the weights (LAVIS builds 39 of "
+                                                    "EVA-CLIP-g's); CLIP ViT-L from a vision= file, LAVIS's 23; "
+                                                    "CLIP in the .pth itself, all of them)")
+    vision_heads: int | None = param(None, help="LAVIS: attention heads of the ViT (None: EVA width // 88, "
+                                                   "create_eva_vit_g's rule, 16 for ViT-g; CLIP width // 64, "
+                                                   "create_clip_vit_L's 16)")
     qformer_heads: int | None = param(None, help="LAVIS: attention heads of the Q-Former (None: width // 64, "
                                                     "bert-base's 12)")
     image_size: int | None = param(None, help="input side in pixels (None: the checkpoint's; another size "
@@ -204,10 +223,10 @@ def _squashed(image: Any, size: int, mean: Sequence[float], std: Sequence[float]
 
 
 class ImportedVisionTower(VisionTower):
-    """A frozen ``Blip2VisionModel`` made from a checkpoint. Its features are the model's ``last_hidden_state``
-    (after ``post_layernorm``, i.e. BLIP-2's ``ln_vision``); ``resize`` is BLIP-2's ``"squash"`` (no crop) or
-    ``"crop"`` (``VisionTower``'s shortest edge + centre crop); the feature-cache fingerprint covers the checkpoint
-    files' sha256 and how the tower was assembled from them."""
+    """A frozen ``Blip2VisionModel`` (or :class:`LavisClipVision`) made from a checkpoint. Its features are the
+    model's ``last_hidden_state`` (after BLIP-2's ``ln_vision``); ``resize`` is BLIP-2's ``"squash"`` (no crop)
+    or ``"crop"`` (``VisionTower``'s shortest edge + centre crop); the feature-cache fingerprint covers the
+    checkpoint files' sha256 and how the tower was assembled from them."""
 
     def __init__(self, model: nn.Module, config: VisionTowerConfig, mean: Sequence[float], std: Sequence[float], *,
                  resize: Literal["squash", "crop"], sources: Sequence[str | os.PathLike], assembly: dict):
@@ -275,9 +294,10 @@ def convert_eva_vit(eva: dict[str, torch.Tensor], *, heads: int | None = None, l
     39 blocks and loads EVA-CLIP-g's weights with ``strict=False``). Anything else (LayerScale ``gamma_*``, relative
     position bias, a final norm or head, CLIP ViT-L's keys) is a :class:`CheckpointError` naming the keys.
     """
-    if any(k.startswith(("transformer.resblocks.", "conv1.", "class_embedding", "ln_pre.")) for k in eva):
-        raise CheckpointError(f"{key_prefix}*: these are LAVIS's CLIP ViT-L keys (vit_model='clip_L'); only the "
-                              f"EVA ViT-g (eva_clip_g) converts to a Blip2VisionModel")
+    if _is_clip(eva):
+        raise CheckpointError(f"{key_prefix}*: these are LAVIS's CLIP ViT-L keys (vit_model='clip_L'), which "
+                              f"convert_clip_vit converts; only the EVA ViT-g (eva_clip_g) converts to a "
+                              f"Blip2VisionModel")
     blocks: dict[int, dict[str, torch.Tensor]] = {}
     unknown = []
     for key, tensor in eva.items():
@@ -335,6 +355,160 @@ def convert_eva_vit(eva: dict[str, torch.Tensor], *, heads: int | None = None, l
               "patch_size": patch, "hidden_act": "gelu", "layer_norm_eps": EVA_LN_EPS, "attention_dropout": 0.0,
               "qkv_bias": with_bias}
     return config, state, skipped
+
+
+_CLIP_BLOCK = re.compile(r"^transformer\.resblocks\.(\d+)\.(.+)$")
+_CLIP_BLOCK_KEYS = {  # LAVIS clip_vit.py ResidualAttentionBlock -> CLIPEncoderLayer (in_proj_* split apart)
+    "ln_1.weight": "layer_norm1.weight", "ln_1.bias": "layer_norm1.bias",
+    "attn.out_proj.weight": "self_attn.out_proj.weight", "attn.out_proj.bias": "self_attn.out_proj.bias",
+    "ln_2.weight": "layer_norm2.weight", "ln_2.bias": "layer_norm2.bias",
+    "mlp.c_fc.weight": "mlp.fc1.weight", "mlp.c_fc.bias": "mlp.fc1.bias",
+    "mlp.c_proj.weight": "mlp.fc2.weight", "mlp.c_proj.bias": "mlp.fc2.bias",
+}
+_CLIP_IN_PROJ = ("attn.in_proj_weight", "attn.in_proj_bias")  # nn.MultiheadAttention's fused [q; k; v]
+_CLIP_TOP_KEYS = {"conv1.weight": "embeddings.patch_embedding.weight",  # no bias: Conv2d(..., bias=False)
+                  "class_embedding": "embeddings.class_embedding",
+                  "positional_embedding": "embeddings.position_embedding.weight",
+                  "ln_pre.weight": "pre_layrnorm.weight", "ln_pre.bias": "pre_layrnorm.bias"}
+# OpenAI CLIP's head: LAVIS's VisionTransformer has no ln_post / proj (ln_final is commented out), so its
+# strict=False load drops them
+_CLIP_HEAD_KEYS = ("ln_post.weight", "ln_post.bias", "proj")
+
+
+def _is_clip(keys) -> bool:
+    return any(k.startswith(("transformer.resblocks.", "conv1.", "ln_pre.")) or k in ("class_embedding",
+                                                                                       "positional_embedding")
+               for k in keys)
+
+
+def _lavis_resize_positions(positions: torch.Tensor, grid: int) -> torch.Tensor:
+    """LAVIS's ``clip_vit.interpolate_pos_embed`` on ``[1 + g*g, D]``: the class position kept, the patch grid
+    resized bicubically with ``align_corners=True`` to ``grid`` x ``grid`` (computed in float32)."""
+    old = math.isqrt(positions.shape[0] - 1)
+    patches = positions[1:].float().reshape(1, old, old, -1).permute(0, 3, 1, 2)  # [1, D, g, g]
+    patches = nn.functional.interpolate(patches, size=(grid, grid), mode="bicubic", align_corners=True)
+    patches = patches.permute(0, 2, 3, 1).reshape(grid * grid, -1)
+    return torch.cat([positions[:1], patches.to(positions.dtype)])
+
+
+def convert_clip_vit(clip: dict[str, torch.Tensor], *, heads: int | None = None, layers: int | None = None,
+                     image_size: int | None = None, key_prefix: str = "visual_encoder."
+                     ) -> tuple[dict, dict[str, torch.Tensor], dict[str, str]]:
+    """LAVIS's CLIP ViT (``clip_vit.py`` ``VisionTransformer``, keys without ``key_prefix``) -> ``(CLIPVisionConfig
+    kwargs, CLIPVisionModel state dict (keys of the module holding ``embeddings``), skipped keys -> why)``.
+
+    Blocks from ``layers`` on (None: all) and OpenAI's head (``ln_post``, ``proj``) are skipped, as LAVIS's
+    ``strict=False`` load skips them; ``heads`` None is create_clip_vit_L's rule (width // 64); ``image_size``
+    other than the weights' resizes the position embeddings as LAVIS does. Any other key, or a missing one, is a
+    :class:`CheckpointError` naming it.
+    """
+    blocks: dict[int, dict[str, torch.Tensor]] = {}
+    unknown, skipped = [], {}
+    for key, tensor in clip.items():
+        m = _CLIP_BLOCK.match(key)
+        if m:
+            blocks.setdefault(int(m.group(1)), {})[m.group(2)] = tensor
+        elif key in _CLIP_HEAD_KEYS:
+            skipped[key_prefix + key] = "OpenAI CLIP's head: LAVIS's clip_L VisionTransformer has no ln_post / proj"
+        elif key not in _CLIP_TOP_KEYS:
+            unknown.append(key)
+    for i, block in blocks.items():
+        unknown += [f"transformer.resblocks.{i}.{k}" for k in block if k not in _CLIP_BLOCK_KEYS
+                    and k not in _CLIP_IN_PROJ]
+    if unknown:
+        raise CheckpointError(f"{key_prefix}*: keys the LAVIS CLIP ViT -> CLIPVisionModel conversion does not know: "
+                              f"{_listing(sorted(key_prefix + k for k in unknown))}")
+    missing_top = [key_prefix + k for k in _CLIP_TOP_KEYS if k not in clip]
+    if missing_top or not blocks:
+        raise CheckpointError(f"{key_prefix}*: missing "
+                              f"{_listing(missing_top or [key_prefix + 'transformer.resblocks.0.*'])}")
+    found = len(blocks)
+    if sorted(blocks) != list(range(found)):
+        raise CheckpointError(f"{key_prefix}*: blocks {sorted(blocks)} are not numbered 0..{found - 1}")
+    use = found if layers is None else layers
+    if use > found:
+        raise CheckpointError(f"{key_prefix}*: vision_layers={use} (LAVIS's create_clip_vit_L builds "
+                              f"{CLIP_L_LAYERS}) but the weights have {found} blocks; set vision_layers")
+    width = int(clip["class_embedding"].shape[-1])
+    if heads is None:
+        heads = width // CLIP_HEAD_DIM
+        if heads < 1 or width % CLIP_HEAD_DIM:
+            raise CheckpointError(f"the CLIP ViT is {width} wide, which create_clip_vit_L's rule (width // 64 heads) "
+                                  f"does not fit; set vision_heads")
+    if width % heads:
+        raise CheckpointError(f"vision_heads={heads} does not divide the CLIP ViT's width {width}")
+    patch = int(clip["conv1.weight"].shape[-1])
+    positions = clip["positional_embedding"]  # [1 + g*g, D]
+    grid = math.isqrt(int(positions.shape[0]) - 1)
+    if grid * grid != positions.shape[0] - 1:
+        raise CheckpointError(f"{key_prefix}positional_embedding has {positions.shape[0] - 1} patch positions, not "
+                              f"a square grid")
+    state = {ours: clip[theirs] for theirs, ours in _CLIP_TOP_KEYS.items()}
+    size = grid * patch if image_size is None else image_size
+    if size // patch != grid:  # LAVIS builds the model at img_size and resizes the loaded grid to it
+        state["embeddings.position_embedding.weight"] = _lavis_resize_positions(positions, size // patch)
+    for i in range(use):
+        block = blocks[i]
+        lacking = [f"{key_prefix}transformer.resblocks.{i}.{k}" for k in [*_CLIP_BLOCK_KEYS, *_CLIP_IN_PROJ]
+                   if k not in block]
+        if lacking:
+            raise CheckpointError(f"{key_prefix}*: block {i} lacks {_listing(lacking)}")
+        for theirs, ours in _CLIP_BLOCK_KEYS.items():
+            state[f"encoder.layers.{i}.{ours}"] = block[theirs]
+        for kind, fused in zip(("weight", "bias"), (block["attn.in_proj_weight"], block["attn.in_proj_bias"])):
+            if fused.shape[0] != 3 * width:
+                raise CheckpointError(f"{key_prefix}transformer.resblocks.{i}.attn.in_proj_{kind} is "
+                                      f"{tuple(fused.shape)}; nn.MultiheadAttention fuses [q; k; v] of {width}")
+            for name, part in zip("qkv", fused.chunk(3)):
+                state[f"encoder.layers.{i}.self_attn.{name}_proj.{kind}"] = part
+    skipped.update({f"{key_prefix}transformer.resblocks.{i}.{k}": f"block {i} is beyond vision_layers={use}"
+                    for i in range(use, found) for k in blocks[i]})
+    config = {"hidden_size": width, "intermediate_size": int(blocks[0]["mlp.c_fc.weight"].shape[0]),
+              "num_hidden_layers": use, "num_attention_heads": heads, "image_size": size, "patch_size": patch,
+              "hidden_act": "quick_gelu", "layer_norm_eps": CLIP_LN_EPS, "attention_dropout": 0.0,
+              "num_channels": int(clip["conv1.weight"].shape[1])}
+    return config, state, skipped
+
+
+class LavisClipVision(nn.Module):
+    """LAVIS's ``clip_L`` tower followed by BLIP-2's ``ln_vision``, as one vision model for :class:`VisionTower`:
+    ``last_hidden_state = ln_vision(blocks(ln_pre(patches + class + positions)))`` over every token, i.e. what
+    LAVIS's Q-Former cross-attends to. ``clip`` is a transformers ``CLIPVisionModel`` with the kept blocks; its
+    ``post_layernorm`` is an identity (LAVIS has no ``ln_post``; transformers applies it to the pooled CLS only).
+    The input must be ``config.image_size`` square (no run-time position interpolation: LAVIS resizes at load)."""
+
+    def __init__(self, config_kwargs: dict):
+        super().__init__()
+        from transformers import CLIPVisionConfig, CLIPVisionModel
+
+        self.config = CLIPVisionConfig(**config_kwargs)
+        with _no_init():
+            self.clip = CLIPVisionModel(self.config)
+        self.core.post_layernorm = nn.Identity()
+        self.ln_vision = nn.LayerNorm(self.config.hidden_size, eps=LAVIS_LN_VISION_EPS)
+
+    @property
+    def core(self) -> nn.Module:
+        """The module holding ``embeddings`` / ``pre_layrnorm`` / ``encoder`` (transformers 4 nests it in
+        ``vision_model``; 5 does not)."""
+        return getattr(self.clip, "vision_model", self.clip)
+
+    def forward(self, pixel_values: torch.Tensor, output_hidden_states: bool = False, return_dict: bool = True):
+        from transformers.modeling_outputs import BaseModelOutput
+
+        out = self.clip(pixel_values=pixel_values, output_hidden_states=output_hidden_states)
+        return BaseModelOutput(last_hidden_state=self.ln_vision(out.last_hidden_state),  # [B, 1 + g*g, D]
+                               hidden_states=out.hidden_states)
+
+
+def _clip_vision_model(config_kwargs: dict, state: dict[str, torch.Tensor], ln: dict[str, torch.Tensor],
+                       dtype: torch.dtype) -> LavisClipVision:
+    model = LavisClipVision(config_kwargs)
+    missing, unexpected = model.core.load_state_dict(state, strict=False)
+    if missing or unexpected:  # a bug in the conversion, not in the checkpoint (its keys were checked)
+        raise CheckpointError(f"CLIP vision model: missing {_listing(missing)}, unexpected {_listing(unexpected)}")
+    model.ln_vision.load_state_dict(ln)
+    return model.to(dtype).eval()
 
 
 def _read_safetensors(folder: Path, prefix: str) -> dict[str, torch.Tensor]:
@@ -566,19 +740,26 @@ def _lavis_qformer_config(state: dict[str, torch.Tensor], heads: int | None, wha
 
 
 def _lavis_vision(state: dict[str, torch.Tensor], vision: str | None, layers: int | None, heads: int | None,
-                  what: str, report: ImportReport) -> tuple[dict, dict[str, torch.Tensor], list[Path]]:
-    """(Blip2VisionConfig kwargs, state dict without post_layernorm, extra weight files) for a LAVIS checkpoint."""
+                  image_size: int | None, what: str, report: ImportReport
+                  ) -> tuple[Literal["eva", "clip"], dict, dict[str, torch.Tensor], list[Path]]:
+    """(tower kind, vision config kwargs, state dict without ln_vision, extra weight files) for a LAVIS
+    checkpoint: a Blip2VisionModel's for EVA ViT-g, a CLIPVisionModel's for CLIP ViT-L (:func:`convert_clip_vit`)."""
     eva = {k[len("visual_encoder."):]: v for k, v in state.items() if k.startswith("visual_encoder.")}
     if eva:
         if vision is not None:
             raise ConfigError("vision", f"{what} holds its own visual_encoder.* weights; leave vision unset")
+        if _is_clip(eva):  # the model's own tower: exactly the blocks LAVIS built
+            config, vstate, skipped = convert_clip_vit(eva, heads=heads, layers=layers, image_size=image_size)
+            report.skipped.update(skipped)
+            return "clip", config, vstate, []
         config, vstate, skipped = convert_eva_vit(eva, heads=heads, layers=layers)
         report.skipped.update(skipped)
-        return config, vstate, []
+        return "eva", config, vstate, []
     if vision is None:
         raise ConfigError("vision", f"{what} has no visual_encoder.* weights (LAVIS's trainer saves only trained "
-                                    f"weights; LAVIS loads EVA ViT-g from eva_vit_g.pth): give vision=<eva_vit_g.pth> "
-                                    f"or a transformers BLIP-2 folder with the same ViT (e.g. Salesforce/blip2-opt-2.7b)")
+                                    f"weights; LAVIS loads its ViT from eva_vit_g.pth or clip_vit_L.pth): give "
+                                    f"vision=<eva_vit_g.pth>, vision=<clip_vit_L.pth> (vit_model=clip_L) or a "
+                                    f"transformers BLIP-2 folder with the same ViT (e.g. Salesforce/blip2-opt-2.7b)")
     path = Path(vision).expanduser()
     if path.is_dir():  # a transformers BLIP-2 folder: its vision model, its sizes
         from transformers import Blip2Config
@@ -593,15 +774,20 @@ def _lavis_vision(state: dict[str, torch.Tensor], vision: str | None, layers: in
         for key in ("post_layernorm.weight", "post_layernorm.bias"):
             if vstate.pop(key, None) is not None:
                 report.skipped[f"{path}:vision_model.{key}"] = "replaced by the checkpoint's ln_vision"
-        return {k: config[k] for k in keep}, vstate, [path]
+        return "eva", {k: config[k] for k in keep}, vstate, [path]
     if path.is_file():
         obj = _load_pth(path, "vision")
         eva = obj.get("model", obj) if isinstance(obj.get("model"), dict) else obj
         prefix = "visual_encoder." if any(k.startswith("visual_encoder.") for k in eva) else ""
         eva = {k[len(prefix):]: v for k, v in eva.items()}
+        if _is_clip(eva):  # clip_vit_L.pth: LAVIS builds 23 blocks and loads it with strict=False
+            config, vstate, skipped = convert_clip_vit(eva, heads=heads, layers=layers or CLIP_L_LAYERS,
+                                                       image_size=image_size, key_prefix=f"{path}:{prefix}")
+            report.skipped.update(skipped)
+            return "clip", config, vstate, [path]
         config, vstate, skipped = convert_eva_vit(eva, heads=heads, layers=layers, key_prefix=f"{path}:{prefix}")
         report.skipped.update(skipped)
-        return config, vstate, [path]
+        return "eva", config, vstate, [path]
     raise ConfigError("vision", f"{vision} does not exist")
 
 
@@ -641,23 +827,32 @@ def load_lavis_blip2(path: str | os.PathLike, *, llm: str | None, vision: str | 
     if proj is not None and llm is None:
         raise ConfigError("llm", f"{what} projects into an LLM ({proj[:-1]}), which the .pth does not hold: name it")
 
-    # vision tower: EVA ViT-g -> Blip2VisionModel, ln_vision as its post_layernorm
+    # vision tower: EVA ViT-g -> Blip2VisionModel, ln_vision as its post_layernorm; CLIP ViT-L -> LavisClipVision
     ln = {k[len("ln_vision."):]: v for k, v in state.items() if k.startswith("ln_vision.")}
     if sorted(ln) != ["bias", "weight"]:
         raise CheckpointError(f"{what}: ln_vision.weight and ln_vision.bias are needed (found "
                               f"{sorted('ln_vision.' + k for k in ln)})")
-    vconfig, vstate, extra = _lavis_vision(state, vision, vision_layers, vision_heads, what, report)
-    vstate = {**vstate, "post_layernorm.weight": ln["weight"], "post_layernorm.bias": ln["bias"]}
-    model = _vision_model(vconfig, vstate, dtype)
-    model.post_layernorm.eps = LAVIS_LN_VISION_EPS  # LAVIS's ln_vision; the blocks keep their own eps
-    report.loaded["visual_encoder + ln_vision"] = len(vstate)
-    report.notes.append(f"ln_vision is the tower's post_layernorm (eps {LAVIS_LN_VISION_EPS}, the ViT's "
-                        f"{vconfig['layer_norm_eps']})")
+    kind, vconfig, vstate, extra = _lavis_vision(state, vision, vision_layers, vision_heads, image_size, what,
+                                                 report)
+    assembly = {"layout": "lavis", "vision_layers": vision_layers, "vision_heads": vision_heads,
+                "ln_vision_eps": LAVIS_LN_VISION_EPS}
+    if kind == "clip":
+        model = _clip_vision_model(vconfig, vstate, ln, dtype)
+        report.loaded["visual_encoder (CLIP ViT-L) + ln_vision"] = len(vstate) + len(ln)
+        report.notes.append(f"LAVIS's clip_L: a CLIPVisionModel of {vconfig['num_hidden_layers']} blocks (QuickGELU, "
+                            f"eps {CLIP_LN_EPS}, no ln_post) at {vconfig['image_size']} px, then ln_vision (eps "
+                            f"{LAVIS_LN_VISION_EPS}) over every token")
+        assembly.update(tower="clip_L", layers=vconfig["num_hidden_layers"], image_size=vconfig["image_size"])
+    else:
+        vstate = {**vstate, "post_layernorm.weight": ln["weight"], "post_layernorm.bias": ln["bias"]}
+        model = _vision_model(vconfig, vstate, dtype)
+        model.post_layernorm.eps = LAVIS_LN_VISION_EPS  # LAVIS's ln_vision; the blocks keep their own eps
+        report.loaded["visual_encoder + ln_vision"] = len(vstate)
+        report.notes.append(f"ln_vision is the tower's post_layernorm (eps {LAVIS_LN_VISION_EPS}, the ViT's "
+                            f"{vconfig['layer_norm_eps']})")
     size = image_size or int(vconfig["image_size"])
     tower = ImportedVisionTower(model, VisionTowerConfig(model=what, image_size=size), CLIP_MEAN, CLIP_STD,
-                                resize="squash", sources=[path, *extra],
-                                assembly={"layout": "lavis", "vision_layers": vision_layers,
-                                          "vision_heads": vision_heads, "ln_vision_eps": LAVIS_LN_VISION_EPS})
+                                resize="squash", sources=[path, *extra], assembly=assembly)
 
     # front: Q-Former, heads, projection
     qformer = QFormer(_lavis_qformer_config(state, qformer_heads, what))
