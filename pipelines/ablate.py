@@ -323,7 +323,7 @@ def run_cell(cfg: AblateConfig, arm_name: str, pairs: int, lr: float, seed: int,
     protocol = to_dict(gen.eval)
     if done.exists():
         row = json.loads(done.read_text())
-        if cfg.re_evaluate and row.get("eval_protocol") != protocol:
+        if cfg.re_evaluate and _recorded_protocol(row, type(gen.eval)) != protocol:
             return _re_evaluate_cell(cfg, row, cell_dir, gen, protocol, has_stage2, checker)
         return row
     started = time.perf_counter()
@@ -364,6 +364,13 @@ def run_cell(cfg: AblateConfig, arm_name: str, pairs: int, lr: float, seed: int,
         for stage in ("stage2", "generative_align", "generative"):
             shutil.rmtree(cell_dir / stage / "checkpoints", ignore_errors=True)
     return row
+
+
+def _recorded_protocol(row: dict, eval_class) -> dict | None:
+    """A finished cell's evaluation settings, with the defaults of settings added since it ran (a new setting's
+    default keeps the old behaviour, so it alone is no protocol change)."""
+    recorded = row.get("eval_protocol")
+    return None if recorded is None else {**to_dict(eval_class()), **recorded}
 
 
 def _re_evaluate_cell(cfg: AblateConfig, row: dict, cell_dir: Path, gen, protocol: dict, has_stage2: bool,

@@ -246,3 +246,17 @@ def test_weighted_arm_names_calibrate_the_alignment_at_the_papers_ratio():
     assert cfg.arms[1] == "pformer:10"
     with pytest.raises(ConfigError, match="eval_split"):
         load_config(AblateConfig, None, ["eval_split=validation"])
+
+
+def test_a_setting_added_since_a_cell_ran_is_no_protocol_change():
+    """re_evaluate compares a finished cell's recorded eval settings with the current ones; a setting added later
+    (here eval.frame_order) takes its default, which keeps the old behaviour, so it alone re-evaluates nothing."""
+    from dvlp_common.config import to_dict
+    from pipelines.ablate import _recorded_protocol
+    from vl_align.evaluation import EvalConfig
+
+    current = to_dict(EvalConfig(max_images=7))
+    old_row = {"eval_protocol": {k: v for k, v in current.items() if k != "frame_order"}}
+    assert _recorded_protocol(old_row, EvalConfig) == current
+    assert _recorded_protocol({"eval_protocol": {**old_row["eval_protocol"], "max_images": 8}}, EvalConfig) != current
+    assert _recorded_protocol({}, EvalConfig) is None
