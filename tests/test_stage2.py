@@ -152,3 +152,26 @@ def test_compiled_representation_stage_follows_the_eager_one(tmp_path, monkeypat
         for key in ("itc", "itm", "itg", "align"):
             assert compiled[key] == pytest.approx(eager[key], rel=2e-3, abs=1e-5), (key, eager["step"])
     assert (tmp_path / "compiled" / "retrieval.json").is_file()
+
+
+def test_align_lstsq_diagnostic_runs_on_a_finished_run(tmp_path, tiny_vit_dir, tiny_bert_dir, tiny_llm_dir,
+                                                       tiny_pformer_dir):
+    """scripts/align_lstsq.py: trained W against a least-squares W on the same Z, and the corpus-mean prompt."""
+    import importlib.util
+    import math
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "align_lstsq.py"
+    spec = importlib.util.spec_from_file_location("align_lstsq", script)
+    align_lstsq = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(align_lstsq)
+
+    cfg = load_config(Stage2Config, None, _common(tmp_path, "run", tiny_vit_dir, tiny_bert_dir, tiny_llm_dir,
+                                                  tiny_pformer_dir))
+    run_stage2(cfg)
+    assert align_lstsq.main([str(tmp_path / "run"), "--max-pairs", "16"]) == 0
+    result = json.loads((tmp_path / "run" / "align_lstsq.json").read_text())
+    assert result["pairs_fit"] == 8 and result["pairs_scored"] == 8
+    for key in ("trained_w", "lstsq_w"):
+        assert math.isfinite(result[f"{key}_mse"])
+        assert result[f"{key}_r2"] == pytest.approx(1 - result[f"{key}_mse"] / result["corpus_mean_prompt_mse"])

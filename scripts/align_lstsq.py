@@ -1,0 +1,93 @@
+"""Is a stage-2 run's alignment held back by the optimiser or by the features? (issue 19)
+
+Takes a finished stage-2a run (its ``config.yaml`` and ``front/``), computes the query outputs Z of its training
+images (eval mode, no dropout) and their captions' P(y), and compares on held-out halves of those pairs:
+
+* the trained W (``llm_proj``): MSE(W·Z, P(y));
+* a least-squares W (with bias) fitted on the other half of the same Z: the best any linear W reaches on these
+  features;
+* the corpus-mean prompt (per position): the R² = 0 reference.
+
+    python scripts/align_lstsq.py RUN_DIR [--max-pairs 2000] [--out RUN_DIR/align_lstsq.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+import torch
+
+from dvlp_common.config import load_config
+from dvlp_common.io import write_json_atomic
+from dvlp_common.precision import autocast, compute_dtype
+from pipelines.stage2 import Stage2Config
+from vl_align.fronts import load_front
+from vl_align.inputs import prepare_stage_inputs
+
+
+def _mse(pred: torch.Tensor, target: torch.Tensor) -> float:
+    return float((pred - target).pow(2).mean())
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("run_dir")
+    p.add_argument("--max-pairs", type=int, default=2000, help="training pairs used (half fit, half scored)")
+    p.add_argument("--ridge", type=float, default=1e-3, help="ridge of the least-squares fit (relative to the mean "
+                                                             "eigenvalue of ZᵀZ)")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    run = Path(args.run_dir)
+    cfg = load_config(Stage2Config, run / "config.yaml", [])
+    device = torch.device("cpu")
+    dtype = compute_dtype(cfg.deepspeed.precision, device)
+    front, _tower, _llm, _meta = load_front(run / "front")
+    inputs = prepare_stage_inputs(data=cfg.data, vision=cfg.vision, live_tower=False, llm=cfg.llm, align=cfg.align,
+                                  pformer=cfg.pformer, align_stats_source=cfg.align_stats_source, seed=cfg.seed,
+                                  max_skip_fraction=1.0, num_prompt_slots=cfg.front.num_query_tokens,
+                                  device=device, dtype=dtype, verbose=False)
+    pairs = list(inputs.pairs)
+    random.Random(0).shuffle(pairs)
+    pairs = pairs[:args.max_pairs]
+    zs, ps, preds = [], [], []
+    front.eval()
+    with torch.no_grad(), autocast(device, dtype):
+        for s in range(0, len(pairs), 64):
+            chunk = pairs[s:s + 64]
+            out = front("queries", **inputs.images([r.image for r in chunk], device))
+            zs.append(out["query_output"].float())  # [b, Q, H]
+            preds.append(out["prompt_pred"].float())  # [b, Q, d]: the trained W·Z
+            ps.append(inputs.targets([r.caption for r in chunk], device).float())  # [b, Q, d]
+    z, pred, target = torch.cat(zs), torch.cat(preds), torch.cat(ps)
+    half = len(pairs) // 2
+    q = z.shape[1]
+    # one W shared by the Q query positions, as llm_proj is: rows are (sample, query)
+    x = torch.cat([z, torch.ones(*z.shape[:2], 1)], dim=-1)  # [N, Q, H+1]
+    x_fit, y_fit = x[:half].reshape(-1, x.shape[-1]).double(), target[:half].reshape(-1, target.shape[-1]).double()
+    gram = x_fit.T @ x_fit
+    gram += args.ridge * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype)
+    w = torch.linalg.solve(gram, x_fit.T @ y_fit)  # [H+1, d]
+    lstsq_pred = (x[half:].double() @ w).float()
+    held = target[half:]
+    mean_prompt = target[:half].mean(0, keepdim=True)  # [1, Q, d]: the corpus-mean prompt of the fitting half
+    mean_mse = _mse(mean_prompt.expand_as(held), held)
+    result = {
+        "run": str(run), "pairs_fit": half, "pairs_scored": len(pairs) - half, "queries": q,
+        "mean_square_target": float(held.pow(2).mean()),
+        "corpus_mean_prompt_mse": mean_mse,
+        "trained_w_mse": _mse(pred[half:], held),
+        "lstsq_w_mse": _mse(lstsq_pred, held),
+        "zero_mse": float(held.pow(2).mean()),
+    }
+    for key in ("trained_w", "lstsq_w"):
+        result[f"{key}_r2"] = 1.0 - result[f"{key}_mse"] / mean_mse
+    out = Path(args.out) if args.out else run / "align_lstsq.json"
+    write_json_atomic(out, result)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
