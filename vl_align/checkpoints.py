@@ -284,6 +284,27 @@ _EVA_TOP_KEYS = {"cls_token": "embeddings.class_embedding", "pos_embed": "embedd
                  "patch_embed.proj.bias": "embeddings.patch_embedding.bias"}
 
 
+def _depth_and_heads(blocks: dict, layers: int | None, width: int, heads: int | None, head_dim: int,
+                     key_prefix: str, tower: str, builder: str, builds: str) -> tuple[int, int]:
+    """The blocks kept (all, or ``layers``) and the head count (``heads``, or LAVIS's ``width // head_dim`` rule) of a
+    converted ViT; the errors name the setting to give."""
+    found = len(blocks)
+    if sorted(blocks) != list(range(found)):
+        raise CheckpointError(f"{key_prefix}*: blocks {sorted(blocks)} are not numbered 0..{found - 1}")
+    use = found if layers is None else layers
+    if use > found:
+        raise CheckpointError(f"{key_prefix}*: vision_layers={use}{builds} but the weights have {found} blocks; "
+                              f"set vision_layers")
+    if heads is None:
+        heads = width // head_dim
+        if heads < 1 or width % head_dim:
+            raise CheckpointError(f"the {tower} is {width} wide, which {builder}'s rule (width // {head_dim} heads) "
+                                  f"does not fit; set vision_heads")
+    if width % heads:
+        raise CheckpointError(f"vision_heads={heads} does not divide the {tower}'s width {width}")
+    return use, heads
+
+
 def convert_eva_vit(eva: dict[str, torch.Tensor], *, heads: int | None = None, layers: int | None = None,
                     key_prefix: str = "visual_encoder.") -> tuple[dict, dict[str, torch.Tensor], dict[str, str]]:
     """LAVIS's EVA ViT (``eva_vit.py`` ``VisionTransformer``, keys without ``key_prefix``) -> ``(Blip2VisionConfig
@@ -316,20 +337,9 @@ def convert_eva_vit(eva: dict[str, torch.Tensor], *, heads: int | None = None, l
     missing_top = [key_prefix + k for k in _EVA_TOP_KEYS if k not in eva]
     if missing_top or not blocks:
         raise CheckpointError(f"{key_prefix}*: missing {_listing(missing_top or [key_prefix + 'blocks.0.*'])}")
-    found = len(blocks)
-    if sorted(blocks) != list(range(found)):
-        raise CheckpointError(f"{key_prefix}*: blocks {sorted(blocks)} are not numbered 0..{found - 1}")
-    use = found if layers is None else layers
-    if use > found:
-        raise CheckpointError(f"vision_layers={use} but the weights have {found} blocks")
     width = int(eva["cls_token"].shape[-1])
-    if heads is None:
-        heads = width // EVA_HEAD_DIM
-        if heads < 1 or width % EVA_HEAD_DIM:
-            raise CheckpointError(f"the EVA ViT is {width} wide, which create_eva_vit_g's rule (width // 88 heads) "
-                                  f"does not fit; set vision_heads")
-    if width % heads:
-        raise CheckpointError(f"vision_heads={heads} does not divide the EVA ViT's width {width}")
+    use, heads = _depth_and_heads(blocks, layers, width, heads, EVA_HEAD_DIM, key_prefix, "EVA ViT",
+                                  "create_eva_vit_g", "")
     patch = int(eva["patch_embed.proj.weight"].shape[-1])
     positions = int(eva["pos_embed"].shape[1]) - 1
     grid = math.isqrt(positions)
@@ -349,7 +359,7 @@ def convert_eva_vit(eva: dict[str, torch.Tensor], *, heads: int | None = None, l
             q, v = block["attn.q_bias"], block["attn.v_bias"]
             state[f"encoder.layers.{i}.self_attn.qkv.bias"] = torch.cat([q, torch.zeros_like(q), v])
     skipped = {f"{key_prefix}blocks.{i}.{k}": f"block {i} is beyond vision_layers={use}"
-               for i in range(use, found) for k in blocks[i]}
+               for i in range(use, len(blocks)) for k in blocks[i]}
     config = {"hidden_size": width, "intermediate_size": int(blocks[0]["mlp.fc1.weight"].shape[0]),
               "num_hidden_layers": use, "num_attention_heads": heads, "image_size": grid * patch,
               "patch_size": patch, "hidden_act": "gelu", "layer_norm_eps": EVA_LN_EPS, "attention_dropout": 0.0,
@@ -422,21 +432,9 @@ def convert_clip_vit(clip: dict[str, torch.Tensor], *, heads: int | None = None,
     if missing_top or not blocks:
         raise CheckpointError(f"{key_prefix}*: missing "
                               f"{_listing(missing_top or [key_prefix + 'transformer.resblocks.0.*'])}")
-    found = len(blocks)
-    if sorted(blocks) != list(range(found)):
-        raise CheckpointError(f"{key_prefix}*: blocks {sorted(blocks)} are not numbered 0..{found - 1}")
-    use = found if layers is None else layers
-    if use > found:
-        raise CheckpointError(f"{key_prefix}*: vision_layers={use} (LAVIS's create_clip_vit_L builds "
-                              f"{CLIP_L_LAYERS}) but the weights have {found} blocks; set vision_layers")
     width = int(clip["class_embedding"].shape[-1])
-    if heads is None:
-        heads = width // CLIP_HEAD_DIM
-        if heads < 1 or width % CLIP_HEAD_DIM:
-            raise CheckpointError(f"the CLIP ViT is {width} wide, which create_clip_vit_L's rule (width // 64 heads) "
-                                  f"does not fit; set vision_heads")
-    if width % heads:
-        raise CheckpointError(f"vision_heads={heads} does not divide the CLIP ViT's width {width}")
+    use, heads = _depth_and_heads(blocks, layers, width, heads, CLIP_HEAD_DIM, key_prefix, "CLIP ViT",
+                                  "create_clip_vit_L", f" (LAVIS's create_clip_vit_L builds {CLIP_L_LAYERS})")
     patch = int(clip["conv1.weight"].shape[-1])
     positions = clip["positional_embedding"]  # [1 + g*g, D]
     grid = math.isqrt(int(positions.shape[0]) - 1)
@@ -462,7 +460,7 @@ def convert_clip_vit(clip: dict[str, torch.Tensor], *, heads: int | None = None,
             for name, part in zip("qkv", fused.chunk(3)):
                 state[f"encoder.layers.{i}.self_attn.{name}_proj.{kind}"] = part
     skipped.update({f"{key_prefix}transformer.resblocks.{i}.{k}": f"block {i} is beyond vision_layers={use}"
-                    for i in range(use, found) for k in blocks[i]})
+                    for i in range(use, len(blocks)) for k in blocks[i]})
     config = {"hidden_size": width, "intermediate_size": int(blocks[0]["mlp.c_fc.weight"].shape[0]),
               "num_hidden_layers": use, "num_attention_heads": heads, "image_size": size, "patch_size": patch,
               "hidden_act": "quick_gelu", "layer_norm_eps": CLIP_LN_EPS, "attention_dropout": 0.0,
