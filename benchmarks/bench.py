@@ -153,7 +153,7 @@ def _setup_stage1(spec, device, dtype):
     tokens = {"prefix_tokens_to_llm": cfg.model.num_prompts, "visual_tokens_to_next_stage": None}
     shapes = {"encoder_text_tokens": batch.input_ids.shape[1], "llm_caption_tokens": batch.target_ids.shape[1]}
     model.train()
-    return model, loss_fn, ledger, tokens, shapes, cfg.optim
+    return model, loss_fn, ledger, tokens, shapes, cfg
 
 
 def _setup_representation(spec, device, dtype):
@@ -203,7 +203,7 @@ def _setup_representation(spec, device, dtype):
         tokens.update(_elip_tokens(front, batch.input_ids, batch.attention_mask, batch.pixel_values))
     shapes = {"qformer_text_tokens": batch.input_ids.shape[1]}
     front.train()  # as the training loop's engine.train(); ELIP prunes in training mode only
-    return front, loss_fn, ledger, tokens, shapes, cfg.optim
+    return front, loss_fn, ledger, tokens, shapes, cfg
 
 
 def _elip_tokens(front, ids, mask, pixels) -> dict:
@@ -282,7 +282,7 @@ def _setup_generative(spec, device, dtype):
         tokens.update(_elip_tokens(front, batch.qformer_ids, batch.qformer_mask, batch.pixel_values))
     shapes = {"llm_caption_tokens": batch.target_ids.shape[1], "qformer_text_tokens": t_text or None}
     front.train()  # as the training loop's engine.train(); ELIP prunes in training mode only
-    return front, loss_fn, ledger, tokens, shapes, cfg.optim
+    return front, loss_fn, ledger, tokens, shapes, cfg
 
 
 def _precomputed_vision():
@@ -423,11 +423,23 @@ def _setup_reference(spec, device, dtype):
               "loss_own_images": own, "loss_other_images": other,
               "attn_implementation": {"llm": model.language_model.config._attn_implementation,
                                       "qformer": model.qformer.config._attn_implementation}}
-    return model, loss_fn, ledger, tokens, shapes, cfg.optim
+    return model, loss_fn, ledger, tokens, shapes, cfg
 
 
 _SETUPS = {"stage1": _setup_stage1, "representation": _setup_representation, "generative": _setup_generative,
            "reference": _setup_reference}
+
+
+def build_step(spec, device, dtype):
+    """A measured step's parts, ``(model, loss_fn, ledger, tokens, shapes, optim_cfg)``, prepared as the stages'
+    ``build_engine`` prepares the trained model (our CPU dropout kernel unless ``deepspeed.cpu_dropout=torch``;
+    transformers' reference runs as transformers ships it)."""
+    from dvlp_common.dropout import use_fast_dropout
+
+    model, loss_fn, ledger, tokens, shapes, cfg = _SETUPS[spec["stage"]](spec, device, dtype)
+    if spec["stage"] != "reference" and cfg.deepspeed.cpu_dropout == "bits":
+        use_fast_dropout(model)
+    return model, loss_fn, ledger, tokens, shapes, cfg.optim
 
 
 def measure_step(spec: dict) -> dict:
@@ -440,8 +452,7 @@ def measure_step(spec: dict) -> dict:
 
     device, dtype = torch.device(spec["device"]), _torch_dtype(spec["dtype"])
     training.seed_everything(0)
-    setup = _SETUPS[spec["stage"]]
-    model, loss_fn, ledger, tokens, shapes, optim_cfg = setup(spec, device, dtype)
+    model, loss_fn, ledger, tokens, shapes, optim_cfg = build_step(spec, device, dtype)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = optim.build_optimizer(model, optim_cfg)
     if spec.get("compile"):  # as deepspeed.compile=true does in the stages

@@ -58,6 +58,11 @@ class DeepSpeedConfig(Config):
                                       "cold on a 2-core CPU, about 30 s from the inductor cache; see README "
                                       "Benchmarks")
 
+    cpu_dropout: Literal["bits", "torch"] = param(
+        "bits", help="dropout masks on the CPU: bits = four elements per 64-bit draw (dvlp_common.dropout; drop "
+                     "probability within 6.1e-6 of p, expectation exact), torch = one bernoulli draw per element "
+                     "(about 8x slower mask). CUDA always uses torch's dropout")
+
     def check(self) -> None:
         if self.compile and self.zero_stage == 3:
             raise ConfigError("compile", "not with zero_stage 3: its parameter-gathering hooks are not traced here; "

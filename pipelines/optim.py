@@ -7,6 +7,7 @@ from typing import Any, Callable
 import torch
 
 from dvlp_common.config import ConfigError
+from dvlp_common.dropout import use_fast_dropout
 
 from .config import DeepSpeedConfig, OptimConfig
 from .distributed import DistInfo
@@ -144,6 +145,8 @@ def build_engine(model: torch.nn.Module, optim: OptimConfig, ds: DeepSpeedConfig
     import deepspeed
 
     forward_under_autocast(model, dist_info.device, dtype)
+    if ds.cpu_dropout == "bits":
+        use_fast_dropout(model)
     if ds.compile:
         compile_forward(model)
     optimizer = build_optimizer(model, optim)

@@ -163,3 +163,17 @@ def test_elip_schedule_analysis_counts_the_look_ahead():
     assert paper["token_reduction"] == pytest.approx(cheap["token_reduction"]) == pytest.approx(0.29, abs=0.01)
     assert paper["speedup_bound"] < 1.0 < cheap["speedup_bound"]
     assert paper["lookahead_share"] > 0.4 > cheap["lookahead_share"]
+
+
+def test_ab_times_both_arms_in_one_process(tmp_path, tiny_vit_dir, tiny_bert_dir, tiny_llm_dir):
+    """benchmarks.ab builds both arms as the stages do and times them in alternating rounds; each arm gets its own
+    config (here the CPU dropout kernel, the A/B this tool was written for)."""
+    from benchmarks import ab
+    common = _tiny_overrides("representation", tiny_vit_dir, tiny_bert_dir, tiny_llm_dir)
+    r = ab.measure("representation/qformer", ["deepspeed.cpu_dropout=torch"], ["deepspeed.cpu_dropout=bits"],
+                   common, batch=2, rounds=3, warmup=1)
+    assert len(r["times_s"]["A"]) == len(r["times_s"]["B"]) == len(r["ratios_b_over_a"]) == 3
+    assert all(t > 0 for t in r["times_s"]["A"] + r["times_s"]["B"]) and 0 <= r["b_faster_rounds"] <= 3
+    assert r["dropout_modules"] == {"A": 0, "B": r["dropout_modules"]["B"]} and r["dropout_modules"]["B"] > 0
+    ab.write(r, tmp_path)
+    assert (tmp_path / "ab.md").read_text().startswith("# A/B: representation/qformer")
