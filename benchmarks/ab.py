@@ -1,7 +1,8 @@
-"""Paired A/B timing of one training step under two sets of config overrides, in one process.
+"""Paired A/B timing of two training steps (one step under two sets of overrides, or two steps) in one process.
 
     python -m benchmarks.ab --step representation/qformer --a deepspeed.cpu_dropout=torch \\
         --b deepspeed.cpu_dropout=bits [--set front.num_query_tokens=32] [--batch 32] [--rounds 12] [--out DIR]
+    python -m benchmarks.ab --step reference/features --step-b generative/qformer    # transformers' BLIP-2 vs ours
 
 Why: on a shared VM the machine's speed drifts between processes (the matmul peak measured by ``benchmarks.bench``
 moved between 0.47 and 0.71 TFLOP/s in consecutive runs here), so two separate benchmark runs cannot resolve a 10%
@@ -22,9 +23,14 @@ from pathlib import Path
 from benchmarks import bench
 from dvlp_common.memory import keep_freed_memory
 
-STAGES = {"stage1": ("stage1", None), "representation/qformer": ("representation", "qformer"),
-          "representation/elip": ("representation", "elip"), "generative/qformer": ("generative", "qformer"),
-          "generative/tome": ("generative", "tome"), "generative/elip": ("generative", "elip")}
+# name -> (stage, front, vision input of the transformers reference)
+STAGES = {"stage1": ("stage1", None, None), "representation/qformer": ("representation", "qformer", None),
+          "representation/elip": ("representation", "elip", None),
+          "representation/qformer+tower": ("representation", bench.LIVE_TOWER_QFORMER, None),
+          "generative/qformer": ("generative", "qformer", None), "generative/tome": ("generative", "tome", None),
+          "generative/elip": ("generative", "elip", None),
+          "reference/features": ("reference", "blip2_hf_features", "features"),
+          "reference/pixels": ("reference", "blip2_hf_pixels", "pixels")}
 
 
 def _cpu() -> str:
@@ -36,7 +42,7 @@ def _cpu() -> str:
     return platform.processor() or platform.machine()
 
 
-def build(step: str, overrides: list[str], batch: int, device, dtype):
+def build(step: str, overrides: list[str], batch: int, device, dtype, image_size: int = bench.MAIN_SIZE):
     """One arm: a step closure over its own model and optimizer (seed 0, as the benchmark builds it)."""
     import torch
 
@@ -44,10 +50,10 @@ def build(step: str, overrides: list[str], batch: int, device, dtype):
     from dvlp_common.seeding import seed_everything
     from pipelines import optim
 
-    stage, front = STAGES[step]
+    stage, front, vision_input = STAGES[step]
     seed_everything(0)
-    spec = {"stage": stage, "front": front, "image_size": bench.MAIN_SIZE, "batch": batch, "overrides": overrides,
-            "vision_input": None}
+    spec = {"stage": stage, "front": front, "image_size": image_size, "batch": batch, "overrides": overrides,
+            "vision_input": vision_input}
     model, loss_fn, _ledger, _tokens, _shapes, optim_cfg = bench.build_step(spec, device, dtype)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = optim.build_optimizer(model, optim_cfg)
@@ -68,14 +74,17 @@ def build(step: str, overrides: list[str], batch: int, device, dtype):
     return run, sum(isinstance(m, BitDropout) for m in model.modules())
 
 
-def measure(step: str, a: list[str], b: list[str], common: list[str], batch: int, rounds: int, warmup: int) -> dict:
+def measure(step: str, a: list[str], b: list[str], common: list[str], batch: int, rounds: int, warmup: int,
+            step_b: str | None = None, image_size: int = bench.MAIN_SIZE) -> dict:
+    """Arm A is ``step`` with overrides ``a``; arm B is ``step_b`` (default: the same step) with overrides ``b``."""
     import torch
 
     from dvlp_common import precision
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = precision.compute_dtype("auto", device)
-    built = {"A": build(step, [*common, *a], batch, device, dtype), "B": build(step, [*common, *b], batch, device, dtype)}
+    built = {"A": build(step, [*common, *a], batch, device, dtype, image_size),
+             "B": build(step_b or step, [*common, *b], batch, device, dtype, image_size)}
     arms = {name: run for name, (run, _) in built.items()}
     for _ in range(warmup):
         for run in arms.values():
@@ -90,7 +99,8 @@ def measure(step: str, a: list[str], b: list[str], common: list[str], batch: int
             if device.type == "cuda":
                 torch.cuda.synchronize()
     ratios = [tb / ta for ta, tb in zip(times["A"], times["B"])]
-    return {"step": step, "batch": batch, "dtype": str(dtype).replace("torch.", ""), "device": device.type,
+    return {"step": step, "step_b": step_b or step, "batch": batch, "image_size": image_size, "dtype": str(dtype).replace("torch.", ""),
+            "device": device.type,
             "threads": torch.get_num_threads(), "cpu": _cpu(), "common": common, "a": a, "b": b, "rounds": rounds,
             "times_s": times, "median_s": {k: statistics.median(v) for k, v in times.items()},
             "ratios_b_over_a": ratios, "median_ratio": statistics.median(ratios),
@@ -104,10 +114,12 @@ def write(result: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "ab.json", result)
     med = result["median_s"]
-    lines = [f"# A/B: {result['step']} (batch {result['batch']}, {result['dtype']}, {result['threads']} threads, "
+    steps = result["step"] if result["step_b"] == result["step"] else f"{result['step']} vs {result['step_b']}"
+    lines = [f"# A/B: {steps} ({result['image_size']} px, batch {result['batch']}, {result['dtype']}, {result['threads']} threads, "
              f"{result['cpu']})", "",
-             f"Common overrides: {' '.join(result['common']) or 'none'}; A: {' '.join(result['a']) or 'none'}; "
-             f"B: {' '.join(result['b']) or 'none'}. {result['rounds']} rounds, one step of each per round in "
+             f"Common overrides: {' '.join(result['common']) or 'none'}; A: {result['step']} "
+             f"{' '.join(result['a'])}; B: {result['step_b']} {' '.join(result['b'])}. {result['rounds']} rounds, "
+             "one step of each per round in "
              "alternating order, one process.", "",
              "| arm | median s/step |", "|---|---|",
              f"| A | {med['A']:.3f} |", f"| B | {med['B']:.3f} |", "",
@@ -120,16 +132,21 @@ def write(result: dict, out: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.ab", description=__doc__.split("\n")[0])
     p.add_argument("--step", required=True, choices=sorted(STAGES))
+    p.add_argument("--step-b", default=None, choices=sorted(STAGES),
+                   help="arm B's step when it differs from arm A's (e.g. generative/qformer against "
+                        "reference/features, transformers' Blip2ForConditionalGeneration on the same batch)")
     p.add_argument("--a", nargs="*", default=[], help="overrides of arm A")
     p.add_argument("--b", nargs="*", default=[], help="overrides of arm B")
     p.add_argument("--set", action="append", default=[], help="an override of both arms (repeatable)")
     p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--image-size", type=int, default=bench.MAIN_SIZE)
     p.add_argument("--rounds", type=int, default=12)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--out", default=None, help="folder for ab.json / ab.md")
     args = p.parse_args(argv)
     keep_freed_memory()
-    result = measure(args.step, args.a, args.b, args.set, args.batch, args.rounds, args.warmup)
+    result = measure(args.step, args.a, args.b, args.set, args.batch, args.rounds, args.warmup,
+                     args.step_b, args.image_size)
     if args.out:
         write(result, Path(args.out))
     print(json.dumps({k: result[k] for k in ("step", "median_s", "median_ratio", "ratio_range", "b_faster_rounds")}))
