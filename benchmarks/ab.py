@@ -54,11 +54,12 @@ def build(step: str, overrides: list[str], batch: int, device, dtype, image_size
     seed_everything(0)
     spec = {"stage": stage, "front": front, "image_size": image_size, "batch": batch, "overrides": overrides,
             "vision_input": vision_input}
-    model, loss_fn, _ledger, _tokens, _shapes, optim_cfg = bench.build_step(spec, device, dtype)
+    model, loss_fn, _ledger, _tokens, _shapes, optim_cfg, kernels = bench.build_step(spec, device, dtype)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = optim.build_optimizer(model, optim_cfg)
 
-    def run() -> float:  # one timed step
+    def run() -> float:  # one timed step, under this arm's CPU kernel settings (process-wide, so set each time)
+        bench.use_kernels(kernels)
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         with precision.autocast(device, dtype):
@@ -69,7 +70,7 @@ def build(step: str, overrides: list[str], batch: int, device, dtype, image_size
         optimizer.step()
         return time.perf_counter() - start
 
-    from dvlp_common.dropout import BitDropout
+    from dvlp_common.cpu_kernels import BitDropout
 
     return run, sum(isinstance(m, BitDropout) for m in model.modules())
 

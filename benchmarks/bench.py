@@ -431,15 +431,26 @@ _SETUPS = {"stage1": _setup_stage1, "representation": _setup_representation, "ge
 
 
 def build_step(spec, device, dtype):
-    """A measured step's parts, ``(model, loss_fn, ledger, tokens, shapes, optim_cfg)``, prepared as the stages'
-    ``build_engine`` prepares the trained model (our CPU dropout kernel unless ``deepspeed.cpu_dropout=torch``;
-    transformers' reference runs as transformers ships it)."""
-    from dvlp_common.dropout import use_fast_dropout
-
+    """A measured step's parts, ``(model, loss_fn, ledger, tokens, shapes, optim_cfg, kernels)``, prepared as the
+    stages' ``build_engine`` prepares them: the CPU kernels of ``deepspeed.cpu_dropout`` and
+    ``deepspeed.cpu_attention_matmul_max_keys`` (``kernels``: the settings, installed here; a process timing two
+    steps re-installs each one's with :func:`use_kernels` before it runs). transformers' reference runs with torch's
+    own kernels, as transformers ships it."""
     model, loss_fn, ledger, tokens, shapes, cfg = _SETUPS[spec["stage"]](spec, device, dtype)
-    if spec["stage"] != "reference" and cfg.deepspeed.cpu_dropout == "bits":
-        use_fast_dropout(model)
-    return model, loss_fn, ledger, tokens, shapes, cfg.optim
+    ds = cfg.deepspeed
+    kernels = ({"matmul_max_keys": 0, "use_bit_dropout": False} if spec["stage"] == "reference" else
+               {"matmul_max_keys": ds.cpu_attention_matmul_max_keys, "use_bit_dropout": ds.cpu_dropout == "bits"})
+    use_kernels(kernels, model)
+    return model, loss_fn, ledger, tokens, shapes, cfg.optim, kernels
+
+
+def use_kernels(kernels: dict, model=None) -> None:
+    """Install a step's CPU kernel settings (process-wide attention dispatch; dropout modules of ``model``)."""
+    from dvlp_common.cpu_kernels import install_cpu_attention, use_bit_dropout
+
+    install_cpu_attention(**kernels)
+    if model is not None and kernels["use_bit_dropout"]:
+        use_bit_dropout(model)
 
 
 def measure_step(spec: dict) -> dict:
@@ -452,7 +463,7 @@ def measure_step(spec: dict) -> dict:
 
     device, dtype = torch.device(spec["device"]), _torch_dtype(spec["dtype"])
     training.seed_everything(0)
-    model, loss_fn, ledger, tokens, shapes, optim_cfg = build_step(spec, device, dtype)
+    model, loss_fn, ledger, tokens, shapes, optim_cfg, _kernels = build_step(spec, device, dtype)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = optim.build_optimizer(model, optim_cfg)
     if spec.get("compile"):  # as deepspeed.compile=true does in the stages

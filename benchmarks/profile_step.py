@@ -58,7 +58,7 @@ def profile_one(name: str, batch: int, steps: int, overrides: list[str]) -> dict
     spec = {"stage": stage, "front": front, "image_size": bench.MAIN_SIZE, "batch": batch,
             "overrides": overrides, "vision_input": None}
     seed_everything(0)
-    model, loss_fn, ledger, _tokens, _shapes, optim_cfg = bench.build_step(spec, device, dtype)
+    model, loss_fn, ledger, _tokens, _shapes, optim_cfg, _kernels = bench.build_step(spec, device, dtype)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = optim.build_optimizer(model, optim_cfg)
 

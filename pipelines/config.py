@@ -59,9 +59,13 @@ class DeepSpeedConfig(Config):
                                       "Benchmarks")
 
     cpu_dropout: Literal["bits", "torch"] = param(
-        "bits", help="dropout masks on the CPU: bits = four elements per 64-bit draw (dvlp_common.dropout; drop "
+        "bits", help="dropout masks on the CPU: bits = four elements per 64-bit draw (dvlp_common.cpu_kernels; drop "
                      "probability within 6.1e-6 of p, expectation exact), torch = one bernoulli draw per element "
                      "(about 8x slower mask). CUDA always uses torch's dropout")
+    cpu_attention_matmul_max_keys: int = param(
+        128, ge=0, help="on the CPU, transformers' sdpa attention over at most this many keys is computed by matmuls "
+                        "when gradients flow through it (torch's CPU flash backward is 2-5x slower there, faster "
+                        "from ~256 keys; dvlp_common.cpu_kernels); 0 = SDPA's kernels always. CUDA: SDPA always")
 
     def check(self) -> None:
         if self.compile and self.zero_stage == 3:

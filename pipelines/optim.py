@@ -7,7 +7,7 @@ from typing import Any, Callable
 import torch
 
 from dvlp_common.config import ConfigError
-from dvlp_common.dropout import use_fast_dropout
+from dvlp_common.cpu_kernels import install_cpu_attention, use_bit_dropout
 
 from .config import DeepSpeedConfig, OptimConfig
 from .distributed import DistInfo
@@ -145,8 +145,10 @@ def build_engine(model: torch.nn.Module, optim: OptimConfig, ds: DeepSpeedConfig
     import deepspeed
 
     forward_under_autocast(model, dist_info.device, dtype)
+    # process-wide (every transformers model here, the frozen LLM's attention included); CUDA is not affected
+    install_cpu_attention(ds.cpu_attention_matmul_max_keys, use_bit_dropout=ds.cpu_dropout == "bits")
     if ds.cpu_dropout == "bits":
-        use_fast_dropout(model)
+        use_bit_dropout(model)
     if ds.compile:
         compile_forward(model)
     optimizer = build_optimizer(model, optim)

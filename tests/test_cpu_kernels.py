@@ -1,5 +1,6 @@
-"""The CPU dropout kernel (dvlp_common.dropout): the same distribution as torch's dropout, exact gradients, seeded
-masks, and a Q-Former whose outputs are unchanged wherever nothing is dropped."""
+"""The CPU kernels (dvlp_common.cpu_kernels): the dropout mask has torch's distribution, exact gradients and seeded
+masks; attention by matmuls gives SDPA's outputs and gradients (grouped-query, causal, padded); the dispatcher takes
+the matmul path exactly where it should; a Q-Former is unchanged wherever nothing is dropped."""
 import math
 
 import pytest
@@ -7,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dvlp_common.dropout import BitDropout, bit_dropout, effective_p, use_fast_dropout
+import dvlp_common.cpu_kernels as K
+from dvlp_common.cpu_kernels import BitDropout, bit_dropout, effective_p, install_cpu_attention, use_bit_dropout
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9, 0.25])
@@ -66,6 +68,14 @@ def test_seeded_and_identity_in_eval():
     assert torch.equal(module(x), x)
 
 
+@pytest.fixture(autouse=True)
+def _restore_kernel_settings():
+    """The attention dispatch is process-wide: leave the settings as each test found them."""
+    saved = dict(K._SETTINGS)
+    yield
+    K._SETTINGS.update(saved)
+
+
 def _qformer(impl="sdpa"):
     from vl_align.qformer import QFormer, QFormerConfig
 
@@ -90,8 +100,9 @@ def test_qformer_outputs_unchanged_where_nothing_is_dropped():
         with torch.no_grad():
             want = ref.forward_multimodal(image, None, ids, mask)
         fast = _qformer(impl)
-        assert use_fast_dropout(fast) > 0
-        assert use_fast_dropout(fast) == 0  # idempotent: nothing left to swap
+        install_cpu_attention(128, use_bit_dropout=True)
+        assert use_bit_dropout(fast) > 0
+        assert use_bit_dropout(fast) == 0  # idempotent: nothing left to swap
         fast.eval()
         with torch.no_grad():
             got = fast.forward_multimodal(image, None, ids, mask)
@@ -111,13 +122,12 @@ def test_qformer_outputs_unchanged_where_nothing_is_dropped():
 def test_attention_probabilities_are_dropped_in_training(monkeypatch):
     """Only attention dropout on: the attention probabilities (B, H, Lq, Lk) are dropped by our kernel, in every
     layer's self-attention and in the cross-attention, and the outputs differ between calls."""
-    import dvlp_common.dropout as D
-
     shapes = []
-    real = D._keep_mask
-    monkeypatch.setattr(D, "_keep_mask", lambda shape, p: shapes.append(tuple(shape)) or real(shape, p))
+    real = K._keep_mask
+    monkeypatch.setattr(K, "_keep_mask", lambda shape, p: shapes.append(tuple(shape)) or real(shape, p))
     q = _qformer()
-    use_fast_dropout(q)
+    install_cpu_attention(0, use_bit_dropout=True)  # dropped probabilities take the matmul path at any length
+    use_bit_dropout(q)
     for mod in q.modules():
         if isinstance(mod, nn.Dropout):
             mod.p = 0.0
@@ -143,27 +153,77 @@ def _last(out):
 
 
 def test_masked_math_attention_matches_sdpa_without_dropout():
-    from dvlp_common.dropout import _math_attention
-
     torch.manual_seed(6)
     q, k, v = torch.randn(2, 3, 5, 8), torch.randn(2, 3, 7, 8), torch.randn(2, 3, 7, 8)
     additive = torch.zeros(2, 1, 5, 7)
     additive[1, ..., 5:] = torch.finfo(torch.float32).min
     module = nn.Module()
-    out, _ = _math_attention(module, q, k, v, additive, None, 0.0)
+    out, _ = K._math_attention(module, q, k, v, additive, None, 0.0)
     want = F.scaled_dot_product_attention(q, k, v, attn_mask=additive).transpose(1, 2)
     torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
-    out_bool, _ = _math_attention(module, q, k, v, additive == 0, None, 0.0)
+    out_bool, _ = K._math_attention(module, q, k, v, additive == 0, None, 0.0)
     torch.testing.assert_close(out_bool, want, atol=1e-5, rtol=1e-5)
 
 
-def test_frozen_llm_attention_is_left_alone():
-    """Modules without attention-probability dropout (a frozen LLM's) keep their attention implementation."""
-    from transformers import LlamaConfig, LlamaModel
+def _llama(impl="sdpa"):
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=4, num_key_value_heads=2)
-    cfg._attn_implementation = "sdpa"
-    llm = LlamaModel(cfg)
-    use_fast_dropout(llm)
-    assert llm.config._attn_implementation == "sdpa"
+    cfg = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)  # grouped-query: 2 query heads per key head
+    cfg._attn_implementation = impl
+    torch.manual_seed(0)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_llm_attention_by_matmuls_matches_sdpa_with_gradients(padded):
+    """A frozen LLM fed a trainable prefix (the stages' case): loss and the prefix's gradient are SDPA's, with
+    grouped-query heads, causal masking, and left padding."""
+    llm = _llama()
+    torch.manual_seed(1)
+    embeds = torch.randn(3, 9, 32)
+    mask = torch.ones(3, 9, dtype=torch.long)
+    if padded:
+        mask[1, :3] = 0
+    labels = torch.randint(0, 50, (3, 9)).masked_fill(mask == 0, -100)  # padding is never scored
+    results = {}
+    for keys in (0, 128):  # 0: transformers' SDPA function; 128: matmuls
+        install_cpu_attention(keys, use_bit_dropout=True)
+        x = embeds.clone().requires_grad_(True)
+        loss = llm(inputs_embeds=x, attention_mask=mask if padded else None, labels=labels).loss
+        loss.backward()
+        results[keys] = (loss.detach(), x.grad)
+    torch.testing.assert_close(results[128][0], results[0][0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(results[128][1], results[0][1], atol=1e-5, rtol=1e-5)
+
+
+def test_dispatch_takes_matmuls_only_where_it_should(monkeypatch):
+    """Matmuls: on the CPU with gradients and at most matmul_max_keys keys, or when probabilities are dropped;
+    transformers' SDPA otherwise (no gradients, longer sequences, the setting at 0)."""
+    llm = _llama()
+    calls = []
+    real = K._math_attention
+    monkeypatch.setattr(K, "_math_attention", lambda *a, **kw: calls.append(a[2].shape[-2]) or real(*a, **kw))
+    ids = torch.randint(0, 50, (2, 10))
+
+    def run(keys, grad):
+        calls.clear()
+        install_cpu_attention(keys, use_bit_dropout=True)
+        with torch.set_grad_enabled(grad):
+            llm.model.embed_tokens.weight.requires_grad_(grad)
+            llm(input_ids=ids)
+        return len(calls)
+
+    assert run(128, True) == 2  # both layers
+    assert run(128, False) == 0  # evaluation and generation keep SDPA
+    assert run(9, True) == 0  # 10 keys > 9
+    assert run(10, True) == 2
+    assert run(0, True) == 0
+
+
+def test_models_configured_eager_are_not_routed(monkeypatch):
+    llm = _llama("eager")
+    install_cpu_attention(128, use_bit_dropout=True)
+    monkeypatch.setattr(K, "_math_attention", lambda *a, **kw: pytest.fail("eager model routed"))
+    x = torch.randn(2, 5, 32, requires_grad=True)
+    llm(inputs_embeds=x).logits.sum().backward()
