@@ -74,8 +74,8 @@ def run_generative(cfg: GenerativeConfig, resume: bool = False, stop_after: int 
     training.seed_everything(cfg.seed)
     live_tower = needs_live_tower(cfg.front, cfg.vision)
     # a video front reads data.source as video-text pairs and trains on clips (vl_align.video_inputs)
-    video = (VideoSource(cfg.data, cfg.front.video.num_frames, cfg.seed, cfg.reliability.max_skip_fraction)
-             if cfg.front.video.enabled else None)
+    video = (VideoSource(cfg.data, cfg.front.video.num_frames, cfg.seed, cfg.reliability.max_skip_fraction,
+                         video=cfg.front.video) if cfg.front.video.enabled else None)
     with distributed.main_first(dist):  # the main rank builds the shared caches, the other ranks then open them
         inputs = prepare_stage_inputs(
             data=cfg.data, vision=cfg.vision, live_tower=live_tower, llm=cfg.llm, align=cfg.align,

@@ -6,8 +6,9 @@
 * ``tome``: SimVLG's connector, a BERT-like encoder over all vision tokens that merges tokens in every layer.
 
 ``video.enabled`` turns a ``tome`` or ``qformer`` front into a video front: its tower (``vl_align.video``) carries
-SimVLG's temporal modules, runs live on ``pixel_values_videos`` [B, T, 3, H, W] and averages the frames into the
-[B, N, D] tokens the connector takes.
+SimVLG's temporal modules, runs live on ``pixel_values_videos`` [B, T, 3, H, W] (or from the blocks above the frozen
+ones on ``frozen_hidden_videos`` [B, T, N, D], ``vl_align.video_cache``) and averages the frames into the [B, N, D]
+tokens the connector takes.
 
 This module is their one entry point: ``build_front`` for every kind, ``needs_live_tower`` (does the tower run inside
 the front, or do its features come from the cache), ``save_front`` / ``load_front``. The ideas themselves live in
@@ -99,23 +100,26 @@ class QFormerFront(nn.Module):
     def _temperature(self) -> torch.Tensor:
         return self.temperature.clamp(0.001, 0.5)
 
-    def _image(self, image_embeds=None, pixel_values=None, text_cls=None, pixel_values_videos=None):
+    def _image(self, image_embeds=None, pixel_values=None, text_cls=None, pixel_values_videos=None,
+               frozen_hidden_videos=None):
         if self.vision is None:
             return image_embeds
         if self.config.kind == "elip":
             return self.vision(pixel_values, text_cls=text_cls)[0]  # (tokens, pruning stats)
         if isinstance(self.vision, VideoVisionTower):
-            return self.vision(pixel_values_videos)  # [B, N, D]: the mean over the frames
+            # [B, N, D]: the mean over the frames; from the cached frozen blocks' output [B, T, N, D] when given
+            return self.vision(pixel_values_videos, frozen_hidden=frozen_hidden_videos)
         return self.vision(pixel_values)
 
     def forward(self, mode: str, image_embeds: torch.Tensor | None = None, image_atts: torch.Tensor | None = None,
                 input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 pixel_values: torch.Tensor | None = None, text_cls: torch.Tensor | None = None,
-                pixel_values_videos: torch.Tensor | None = None) -> dict:
+                pixel_values_videos: torch.Tensor | None = None,
+                frozen_hidden_videos: torch.Tensor | None = None) -> dict:
         q = self.qformer
         out: dict[str, torch.Tensor] = {"temperature": self._temperature()}
         if mode == "queries":
-            image = self._image(image_embeds, pixel_values, text_cls, pixel_values_videos)
+            image = self._image(image_embeds, pixel_values, text_cls, pixel_values_videos, frozen_hidden_videos)
             z = q.forward_queries(image, image_atts)  # [B, Q, H]
             out.update(query_output=z, image_feats=F.normalize(self.vision_proj(z), dim=-1),
                        prompt_pred=self.llm_proj(z), image_embeds=image)

@@ -16,6 +16,7 @@ from pformer.llm import FrozenLLM
 
 from .alignment import AlignmentConfig, AlignmentStats, alignment_diagnostics, alignment_loss
 from .losses import Gather, MeanOverRanks, identity
+from .objectives import video_kwargs
 
 
 @dataclass
@@ -33,6 +34,7 @@ class GenerativeBatch:
     image_embeds: torch.Tensor | None = None
     pixel_values: torch.Tensor | None = None
     pixel_values_videos: torch.Tensor | None = None  # [B, T, 3, S, S] for a video front
+    frozen_hidden_videos: torch.Tensor | None = None  # [B, T, N, C] a video front's frozen blocks, cached
     qformer_ids: torch.Tensor | None = None  # ELIP's text guidance needs the Q-Former's text pass
     qformer_mask: torch.Tensor | None = None
     targets: torch.Tensor | None = None  # P(y) [B, n, d_llm]
@@ -50,9 +52,8 @@ def generative_loss(front, llm: FrozenLLM, batch: GenerativeBatch, weights: Gene
     text_cls = None
     if batch.pixel_values is not None and batch.qformer_ids is not None:
         text_cls = front("text", input_ids=batch.qformer_ids, attention_mask=batch.qformer_mask)["text_cls"].detach()
-    videos = {} if batch.pixel_values_videos is None else {"pixel_values_videos": batch.pixel_values_videos}
     out = front("queries", image_embeds=batch.image_embeds, pixel_values=batch.pixel_values, text_cls=text_cls,
-                **videos)
+                **video_kwargs(batch))
     prefix = out["prompt_pred"]  # [B, P, d_llm]
     parts: dict[str, torch.Tensor] = {}
     zero = prefix.new_zeros(())

@@ -106,7 +106,8 @@ def prepare_stage_inputs(*, data: PairDataConfig, vision: VisionTowerConfig, liv
     and the P-Former run on each batch instead of filling caches, and caption ids are digests.
 
     ``video`` (a ``vl_align.video_inputs.VideoSource``, for a video front) reads the video-text pairs and serves
-    their clips (``pixel_values_videos``) instead of images."""
+    their clips (``pixel_values_videos``, or the frozen blocks' cached output ``frozen_hidden_videos``) instead of
+    images."""
     if data.streaming:
         pairs, caption_index = [], CaptionIds()
         report = SkipReport(max_skip_fraction=max_skip_fraction, name="image-text pairs (train, streamed)")
@@ -121,7 +122,7 @@ def prepare_stage_inputs(*, data: PairDataConfig, vision: VisionTowerConfig, liv
     if data.streaming:
         images = ImageInputs(tower, None if live_tower else TowerFeatures(tower, device, dtype))
     else:
-        images = (video.inputs(tower) if video is not None
+        images = (video.inputs(tower, [r.image for r in pairs], device, dtype, verbose) if video is not None
                   else ImageInputs.build(tower, [r.image for r in pairs], live_tower, device, dtype))
     width = llm_width_of(llm)
     targets = None

@@ -31,6 +31,7 @@ class RepresentationBatch:
     image_embeds: torch.Tensor | None = None  # [B, N, D] cached frozen features
     pixel_values: torch.Tensor | None = None  # [B, 3, S, S] when the tower runs live (ELIP)
     pixel_values_videos: torch.Tensor | None = None  # [B, T, 3, S, S] for a video front
+    frozen_hidden_videos: torch.Tensor | None = None  # [B, T, N, C] a video front's frozen blocks, cached
     targets: torch.Tensor | None = None  # [B, n, d_llm] P(y)
     noise_seed: int = 0  # seeds the hard-negative draws of this global batch (the same on every rank)
 
@@ -101,10 +102,10 @@ def representation_loss(front: Callable[..., dict], batch: RepresentationBatch, 
 
 
 def video_kwargs(batch) -> dict:
-    """``pixel_values_videos`` for the front when the batch has clips; nothing otherwise (fronts built elsewhere,
-    e.g. from a published checkpoint, take no such argument)."""
-    videos = getattr(batch, "pixel_values_videos", None)
-    return {} if videos is None else {"pixel_values_videos": videos}
+    """``pixel_values_videos`` (or the cached ``frozen_hidden_videos``) for the front when the batch has clips;
+    nothing otherwise (fronts built elsewhere, e.g. from a published checkpoint, take no such argument)."""
+    return {k: v for k in ("pixel_values_videos", "frozen_hidden_videos")
+            if (v := getattr(batch, k, None)) is not None}
 
 
 def decoder_start_id(tokenizer) -> int:

@@ -282,10 +282,13 @@ class TomeFront(nn.Module):
         self.vision = vision
 
     def forward(self, mode: str, image_embeds: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
-                pixel_values_videos: torch.Tensor | None = None, **_unused) -> dict:
+                pixel_values_videos: torch.Tensor | None = None, frozen_hidden_videos: torch.Tensor | None = None,
+                **_unused) -> dict:
         if mode != "queries":
             raise ValueError(f"the tome front only has the 'queries' mode, got '{mode}'")
-        if self.vision is not None:  # a video tower (vl_align.video) takes the clips, a plain one the images
+        if frozen_hidden_videos is not None:  # a video tower from its frozen blocks' cached output [B, T, N, D]
+            image_embeds = self.vision(frozen_hidden=frozen_hidden_videos)
+        elif self.vision is not None:  # a video tower (vl_align.video) takes the clips, a plain one the images
             image_embeds = self.vision(pixel_values_videos if pixel_values_videos is not None else pixel_values)
         out = self.connector(image_embeds)
         return {"prompt_pred": self.llm_proj(out["tokens"]), "image_embeds": image_embeds,

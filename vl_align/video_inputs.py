@@ -14,6 +14,9 @@ front was trained on.
   randomness comes from the global torch generator, which the training loop re-seeds from (seed, step, rank) at
   every step, so a resumed run draws the uninterrupted run's frames. Evaluation samples uniformly, without a crop,
   and may reorder the sampled frames (``frame_order``: reversed, or a seeded shuffle) to probe order-awareness.
+  With a frozen-frame cache (``vl_align.video_cache``; training clips, no random crop, ``vision.cache_features``)
+  it samples the same frame indices without decoding and returns ``{"frozen_hidden_videos": [B, T, N, C]}``, the
+  cached output of the tower's blocks below the first temporal module.
 """
 from __future__ import annotations
 
@@ -25,9 +28,17 @@ from typing import Literal
 import numpy as np
 import torch
 
+from dvlp_common import zoo
 from dvlp_common.config import Config, ConfigError, param
 from dvlp_common.records import SkipReport
 
+from .video_cache import (
+    VideoFrameCache,
+    clip_indices,
+    estimated_bytes,
+    live_reason,
+    video_frame_cache,
+)
 from .video_data import (
     VIDEO_EMBEDDED,
     FramePreprocessor,
@@ -64,6 +75,11 @@ class VideoClipsConfig(Config):
                                                                        "out of frames), 0.5 (the authors') else")
     verify_videos: bool = param(True, help="open every video once at load: missing, broken or too-short ones are "
                                            "counted skips naming the file")
+    frame_cache_max_gib: float = param(32.0, ge=0.0, help="training reads the frozen blocks' per-frame output from a "
+                                                          "disk cache of every frame of every clip (with "
+                                                          "vision.cache_features, no random crop, modules above "
+                                                          "block 0); above this size the tower runs live instead "
+                                                          "(long real videos)")
 
 
 @dataclass(frozen=True)
@@ -121,9 +137,10 @@ class VideoSource:
     ``held_out(source=None)`` (the test split of an embedded set, or ``source``, a caption file read whole) and
     ``inputs(tower)`` (the training clips' :class:`VideoInputs`). Plugs into ``prepare_stage_inputs(video=...)``."""
 
-    def __init__(self, data, num_frames: int, seed: int, max_skip_fraction: float = 0.05):
+    def __init__(self, data, num_frames: int, seed: int, max_skip_fraction: float = 0.05, video=None):
         check_video_data(data)
         self.data, self.num_frames, self.seed = data, int(num_frames), int(seed)
+        self.video = video  # the front's VideoConfig: which blocks are frozen (the frame cache); None: always live
         self.max_skip_fraction = max_skip_fraction
         self.config = video_data_config(data, num_frames, max_skip_fraction,
                                         annotation_split=data.video.annotation_split)
@@ -144,9 +161,29 @@ class VideoSource:
     def held_out(self, source: str | None = None, annotation_split: str | None = None) -> list[VideoRecord] | None:
         return held_out_videos(self.data, self.num_frames, source, annotation_split, self.max_skip_fraction)
 
-    def inputs(self, tower) -> VideoInputs:
+    def inputs(self, tower, paths: Sequence[str] = (), device="cpu", dtype: torch.dtype | None = None,
+               verbose: bool = False) -> VideoInputs:
+        """The training clips' inputs: from the frozen-frame cache of ``paths`` (every frame of every clip, built
+        once with ``tower`` under autocast in ``dtype``) where it is valid (``video_cache.live_reason``), else
+        decoded and preprocessed for the tower to run live; ``verbose`` says which in the log."""
+        reason = live_reason(tower, self.video, self.config.crop_min_scale)
+        if reason is None and not len(paths):
+            reason = "no training clips were given to cache"
+        if reason is None:
+            size = estimated_bytes(tower, paths, dtype) / 2 ** 30
+            if size > self.data.video.frame_cache_max_gib:
+                reason = (f"the frozen-frame cache would take {size:.1f} GiB > data.video.frame_cache_max_gib="
+                          f"{self.data.video.frame_cache_max_gib}")
+        frames = None
+        if reason is None:
+            frames = video_frame_cache(tower, self.video, paths, zoo.cache_root(), device, dtype, verbose=verbose)
+            if verbose:
+                print(f"video frames: training steps read the frozen part (blocks 0-{frames.frozen_depth - 1}) "
+                      "from the cache", flush=True)
+        elif verbose:
+            print(f"video frames: the tower runs live on decoded clips ({reason})", flush=True)
         return VideoInputs(tower, self.num_frames, train=True, sampling=self.config.train_sampling,
-                           crop_min_scale=self.config.crop_min_scale)
+                           crop_min_scale=self.config.crop_min_scale, frames=frames)
 
 
 def held_out_videos(data, num_frames: int, source: str | None = None, annotation_split: str | None = None,
@@ -186,10 +223,12 @@ class VideoInputs:
     """Clip paths -> ``{"pixel_values_videos": [B, T, 3, S, S]}`` for a video front (``tower``: the
     ``VisionTower`` whose preprocessing the frames get). ``train``: ``sampling`` frames and a random crop
     (``crop_min_scale`` < 1) from the global torch generator; else uniform frames, no crop, reordered by
-    ``frame_order``."""
+    ``frame_order``. With ``frames`` (a ``VideoFrameCache``; no crop) the same frame indices are drawn and
+    ``{"frozen_hidden_videos": [B, T, N, C]}`` is read from it instead."""
 
     def __init__(self, tower, num_frames: int, train: bool, sampling: str = "headtail",
-                 crop_min_scale: float = 1.0, frame_order: FrameOrder = "as_is"):
+                 crop_min_scale: float = 1.0, frame_order: FrameOrder = "as_is",
+                 frames: VideoFrameCache | None = None):
         if train and frame_order != "as_is":
             raise ValueError("frame_order is an evaluation probe; training feeds the frames in time order")
         self.tower, self.num_frames, self.train = tower, int(num_frames), bool(train)
@@ -197,6 +236,19 @@ class VideoInputs:
         self.sampling = sampling if train else "uniform"
         self.crop_min_scale = float(crop_min_scale) if train else 1.0
         self.frame_order = frame_order
+        if frames is not None and self.crop_min_scale < 1.0:
+            raise ValueError("the frozen-frame cache holds uncropped frames; a random crop needs the live tower")
+        self.frames = frames
+
+    @property
+    def cached(self) -> bool:
+        return self.frames is not None
+
+    def cached_clip(self, path: str, rng: np.random.Generator | None) -> torch.Tensor:
+        """``(T, N, C)``: the cached frozen hidden states of the frames ``clip`` would decode, in the same order."""
+        digest, n_header, n_decoded = self.frames.lookup(path)
+        idx = clip_indices(n_header, n_decoded, self.num_frames, self.sampling, rng, path)
+        return self.frames.rows(digest, idx)[order_permutation(self.num_frames, self.frame_order, str(path))]
 
     def clip(self, path: str, rng: np.random.Generator | None) -> torch.Tensor:
         frames, _ = load_clip(path, self.num_frames, self.sampling, rng, crop_min_scale=self.crop_min_scale,
@@ -207,9 +259,13 @@ class VideoInputs:
     def __call__(self, paths: Sequence[str], device) -> dict[str, torch.Tensor]:
         if self.train:  # one draw from the step-seeded generator, then one stream per clip of the batch
             base = int(torch.randint(0, 2 ** 62, ()).item())
-            clips = [self.clip(p, np.random.default_rng([base, i])) for i, p in enumerate(paths)]
+            rngs = [np.random.default_rng([base, i]) for i in range(len(paths))]
         else:
-            clips = [self.clip(p, None) for p in paths]
+            rngs = [None] * len(paths)
+        if self.frames is not None:
+            hidden = [self.cached_clip(p, rng) for p, rng in zip(paths, rngs)]
+            return {"frozen_hidden_videos": torch.stack(hidden).to(device)}
+        clips = [self.clip(p, rng) for p, rng in zip(paths, rngs)]
         return {"pixel_values_videos": torch.stack(clips).to(device)}
 
 
