@@ -342,6 +342,7 @@ def run_cell(cfg: AblateConfig, arm_name: str, pairs: int, lr: float, seed: int,
         lm_steps = cfg.generative_steps - align_steps
         gen = gen.replace(align=gen.align.replace(weight=0.0), init_front=str(cell_dir / "generative_align" / "front"),
                           optim=gen.optim.replace(max_steps=lm_steps, warmup_steps=_warmup(lm_steps, 10)))
+    shared = None
     if has_stage2:
         s2 = load_config(Stage2Config, cfg.stage2_config, common + [
             f"align.weight={arm.w1}", f"optim.max_steps={cfg.stage2_steps}",
@@ -350,7 +351,7 @@ def run_cell(cfg: AblateConfig, arm_name: str, pairs: int, lr: float, seed: int,
             f"eval.max_images={cfg.retrieval_images or 1}", f"zero_shot.enabled={bool(cfg.zero_shot_images)}",
             f"zero_shot.max_images={cfg.zero_shot_images or 1}", "zero_shot.meteor=false",
             f"zero_shot.split={cfg.eval_split}", *cfg.stage2_overrides, *arm_video])
-        run_stage2(s2, resume=True)
+        shared = _run_stage2_once(cfg, cell_dir, s2, run_stage2)
     if arm.sequential:
         run_generative(phase1, resume=True)
     run_generative(gen, resume=True)
@@ -359,11 +360,43 @@ def run_cell(cfg: AblateConfig, arm_name: str, pairs: int, lr: float, seed: int,
     row = {"arm": arm_name, "front": arm.front, "pairs": pairs, "lr": lr, "seed": seed,
            **summarize_cell(cell_dir, has_stage2, checker, cfg.collapse),
            "wall_seconds": time.perf_counter() - started, "eval_protocol": protocol}
+    if has_stage2 and shared:
+        row["stage2_run"] = shared  # the shared stage-2a run (its time is counted in each cell's stage2_seconds)
     write_json_atomic(done, row)  # its presence marks the cell finished: never half written
     if not cfg.keep_cell_checkpoints:  # only an unfinished cell resumes from them
         for stage in ("stage2", "generative_align", "generative"):
             shutil.rmtree(cell_dir / stage / "checkpoints", ignore_errors=True)
     return row
+
+
+def _run_stage2_once(cfg: AblateConfig, cell_dir: Path, s2, run_stage2) -> str | None:
+    """Run a cell's stage 2a, once per distinct stage-2a config: arms whose representation stages are the same run
+    (``pformer`` and ``pformer_seq`` differ only in the generative stage; same seed, pairs and weights) share one run
+    under ``output_dir/stage2_runs/<digest of its config>``, and each cell's ``stage2`` links to it. A file lock
+    keeps two grid processes from training it twice; its ``stage2_summary.json`` (written last) marks it done.
+    A cell of an older grid with a ``stage2`` folder of its own keeps it. Returns the shared run's folder (relative
+    to ``output_dir``), or None for a cell's own folder."""
+    import os
+
+    from filelock import FileLock
+
+    from dvlp_common.cache import fingerprint
+
+    own = cell_dir / "stage2"
+    if own.is_dir() and not own.is_symlink():
+        run_stage2(s2, resume=True)
+        return None
+    settings = to_dict(s2)
+    settings["logging"] = {k: v for k, v in settings["logging"].items() if k != "output_dir"}
+    home = Path(cfg.output_dir) / "stage2_runs" / fingerprint(settings)
+    home.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(home) + ".lock"):
+        if not (home / "stage2_summary.json").exists():
+            run_stage2(s2.replace(logging=s2.logging.replace(output_dir=str(home))), resume=True)
+    if not own.is_symlink():
+        cell_dir.mkdir(parents=True, exist_ok=True)
+        own.symlink_to(os.path.relpath(home, cell_dir), target_is_directory=True)
+    return str(home.relative_to(cfg.output_dir))
 
 
 def _recorded_protocol(row: dict, eval_class) -> dict | None:

@@ -159,8 +159,10 @@ def test_tiny_grid_end_to_end_and_rerun_skips_finished_cells(tmp_path, tiny_vit_
         for key in ("zero_shot_CIDEr_2a", "heldout_lm_step0", "align_r2_2a", "align_r2_2b"):
             assert (cell["arm"] == "tome") == math.isnan(cell[key]), key
     # a finished cell keeps its fronts and results, not its checkpoints (a grid would fill the disk)
-    cells_dir = out / "cells"
-    assert not list(cells_dir.rglob("checkpoints")) and len(list(cells_dir.rglob("front/model.safetensors"))) == 10
+    # (stage 2a runs live in stage2_runs/, one per distinct stage-2a config, linked from each cell's stage2)
+    assert not [*(out / "cells").rglob("checkpoints"), *(out / "stage2_runs").rglob("checkpoints")]
+    assert len(list((out / "cells").rglob("front/model.safetensors"))) == 6
+    assert len(list((out / "stage2_runs").rglob("front/model.safetensors"))) == 4
     tome = next(c for c in saved["cells"] if c["arm"] == "tome")
     assert tome["prefix_tokens"] < 17  # 16 patches + CLS merged by r=4 per layer
     for name in ("loss_curves.png", "metrics_vs_pairs.png", "quality_vs_time.png"):
@@ -206,22 +208,34 @@ def test_tiny_grid_end_to_end_and_rerun_skips_finished_cells(tmp_path, tiny_vit_
 
 @pytest.mark.slow
 def test_the_sequential_arm_aligns_then_trains_the_lm_within_the_same_steps(tmp_path, tiny_vit_dir, tiny_bert_dir,
-                                                                             tiny_llm_dir):
+                                                                             tiny_llm_dir, monkeypatch):
     """pformer_seq (the authors' video recipe): ω₂·MSE alone for a share of the generative steps, then the LM loss
-    alone from that front, the two adding up to the baseline's steps."""
+    alone from that front, the two adding up to the baseline's steps. Its stage 2a is pformer's: run once, shared."""
     tiny = ["deepspeed.precision=fp32", "logging.tensorboard=false", "logging.log_every=1"]
     vl = [f"vision.model={tiny_vit_dir}", "vision.image_size=16", f"front.init_from={tiny_bert_dir}",
           "front.num_query_tokens=4", f"llm={tiny_llm_dir}", "optim.micro_batch_size=4", *tiny]
     cfg = load_config(AblateConfig, None, [
-        f"output_dir={tmp_path / 'ab'}", "arms=[blip2,pformer_seq]", "pairs=[16]", "lrs=[1e-3]", "seeds=[0]",
+        f"output_dir={tmp_path / 'ab'}", "arms=[blip2,pformer_seq,pformer]", "pairs=[16]", "lrs=[1e-3]", "seeds=[0]",
         "stage1_steps=2", "stage2_steps=2", "generative_steps=4", "seq_align_fraction=0.25", "curve_every=1",
         "curve_images=2", "eval_images=4", "eval_questions=0", "gallery_images=0",
         f"stage1_overrides=[model.text_encoder={tiny_bert_dir},model.llm={tiny_llm_dir},model.num_prompts=4,"
         f"data.holdout=4,data.max_records=64,optim.micro_batch_size=8,{','.join(tiny)}]",
         f"stage2_overrides=[{','.join(vl)}]",
         f"generative_overrides=[{','.join(vl)},eval.max_new_tokens=3,eval.meteor=false]"])
+    from pipelines import stage2 as stage2_module
+
+    runs_2a = []
+    real_run_stage2 = stage2_module.run_stage2
+    monkeypatch.setattr(stage2_module, "run_stage2", lambda c, **kw: runs_2a.append(c) or real_run_stage2(c, **kw))
     cells = {c["arm"]: c for c in run_ablation(cfg)["cells"]}
     seq_dir = tmp_path / "ab" / "cells" / cell_name("pformer_seq", 16, 1e-3, 0)
+    # stage 2a ran twice for three arms: pformer_seq's cell links to the run pformer's cell uses
+    homes = {arm: (tmp_path / "ab" / "cells" / cell_name(arm, 16, 1e-3, 0) / "stage2").resolve()
+             for arm in ("blip2", "pformer", "pformer_seq")}
+    assert len(runs_2a) == 2 and homes["pformer"] == homes["pformer_seq"] != homes["blip2"]
+    assert (homes["pformer"] / "stage2_summary.json").is_file()
+    assert cells["pformer_seq"]["stage2_run"] == cells["pformer"]["stage2_run"] != cells["blip2"]["stage2_run"]
+    assert cells["pformer_seq"]["align_r2_2a"] == cells["pformer"]["align_r2_2a"]
     align = [json.loads(line) for line in (seq_dir / "generative_align" / "metrics.jsonl").read_text().splitlines()]
     lm = [json.loads(line) for line in (seq_dir / "generative" / "metrics.jsonl").read_text().splitlines()]
     assert len(align) == 1 and align[0]["lm"] == 0 and align[0]["align"] > 0  # phase 1: alignment alone
