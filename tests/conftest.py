@@ -124,3 +124,38 @@ def shape_png(colour: tuple[int, int, int], shape: str, size: int = 16) -> bytes
     buf = io.BytesIO()
     im.save(buf, "PNG")
     return buf.getvalue()
+
+
+SMALL_MOTION = {"num_train": 40, "num_test": 20, "image_size": 48, "frames_per_clip": 8, "corpus_size": 300}
+
+
+@pytest.fixture
+def motion_cache(tmp_path, monkeypatch):
+    """A small embedded:motion build (SMALL_MOTION) in a private cache folder (the real one stays untouched);
+    returns that folder."""
+    import functools
+
+    from vl_align import motion
+
+    monkeypatch.setenv("DVLP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(motion, "build_embedded_motion",
+                        functools.partial(motion.build_embedded_motion, **SMALL_MOTION))
+    return tmp_path / "cache"
+
+
+def grey_video(path, n: int, codec: str = "libx264", size: int = 32):
+    """A video file whose frame i is a flat grey of level 10 + 20 i (recovered from its mean after lossy coding)."""
+    import av
+    import numpy as np
+
+    with av.open(str(path), "w") as c:
+        s = c.add_stream(codec, rate=10)
+        s.width = s.height = size
+        s.pix_fmt = "yuv420p"
+        for i in range(n):
+            frame = av.VideoFrame.from_ndarray(np.full((size, size, 3), 10 + 20 * i, np.uint8), format="rgb24")
+            for packet in s.encode(frame):
+                c.mux(packet)
+        for packet in s.encode():
+            c.mux(packet)
+    return path

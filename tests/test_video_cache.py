@@ -5,7 +5,6 @@ says why; a rewritten clip is a cache miss, never a stale row; a stage-2 run wit
 and ends where the live run ends."""
 from __future__ import annotations
 
-import functools
 import json
 
 import numpy as np
@@ -14,7 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 from dvlp_common.config import load_config
-from vl_align import motion, video_cache, video_data
+from tests.conftest import grey_video
+from vl_align import video_cache, video_data
 from vl_align.alignment import AlignmentConfig
 from vl_align.fronts import FrontConfig, build_front
 from vl_align.generative import GenerativeCollator, GenerativeWeights, generative_loss
@@ -31,18 +31,9 @@ from vl_align.video_data import VideoError, load_clip
 from vl_align.video_inputs import VideoClipsConfig, VideoInputs, VideoSource
 from vl_align.vision import VisionTower, VisionTowerConfig
 
-SMALL = {"num_train": 40, "num_test": 20, "image_size": 48, "frames_per_clip": 8, "corpus_size": 300}
 TOME = TomeConnectorConfig(init_from=None, hidden_size=32, num_attention_heads=4, intermediate_size=64,
                            num_hidden_layers=2, hidden_dropout_prob=0.0, r=2)
 TINY = ["deepspeed.precision=fp32", "logging.tensorboard=false", "logging.progress_bar=false", "logging.log_every=1"]
-
-
-@pytest.fixture
-def motion_cache(tmp_path, monkeypatch):
-    """A small embedded:motion build and the frame cache in a private cache folder."""
-    monkeypatch.setenv("DVLP_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(motion, "build_embedded_motion", functools.partial(motion.build_embedded_motion, **SMALL))
-    return tmp_path / "cache"
 
 
 def _video(blocks) -> VideoConfig:
@@ -126,23 +117,6 @@ def test_cached_step_equals_the_live_step(kind, blocks, motion_cache, tiny_vit_d
 
 
 # --------------------------------------------------------------------------- (b) the same frames are sampled
-def _encode(path, n: int, size: int = 32):
-    """An mp4 whose frame i is a flat grey of level 10 + 20 i."""
-    import av
-
-    with av.open(str(path), "w") as c:
-        s = c.add_stream("libx264", rate=10)
-        s.width = s.height = size
-        s.pix_fmt = "yuv420p"
-        for i in range(n):
-            frame = av.VideoFrame.from_ndarray(np.full((size, size, 3), 10 + 20 * i, np.uint8), format="rgb24")
-            for packet in s.encode(frame):
-                c.mux(packet)
-        for packet in s.encode():
-            c.mux(packet)
-    return path
-
-
 def test_the_same_frame_indices_are_sampled(motion_cache, tmp_path, tiny_vit_dir, monkeypatch):
     tower = _tower(tiny_vit_dir)
     pairs, _ = VideoSource(PairDataConfig(source="embedded:motion"), 4, 0).load_pairs()
@@ -174,7 +148,7 @@ def test_the_same_frame_indices_are_sampled(motion_cache, tmp_path, tiny_vit_dir
     torch.testing.assert_close(ev, vt.frozen_features(ev_px.flatten(0, 1)).view(ev.shape), atol=1e-5, rtol=1e-5)
 
     # a video whose header promises 14 frames but 10 decode: load_clip samples again from 10; so does the cache
-    mp4 = _encode(tmp_path / "ten.mp4", 10)
+    mp4 = grey_video(tmp_path / "ten.mp4", 10)
     monkeypatch.setattr(video_data, "count_frames", lambda path: 14)
     monkeypatch.setattr(video_cache, "count_frames", lambda path: 14)
     frames = video_cache.video_frame_cache(tower, _video([11]), [str(mp4)], motion_cache)

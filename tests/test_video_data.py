@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from dvlp_common.records import SkipReport
+from tests.conftest import grey_video
 from vl_align import motion
 from vl_align.embedded import _norm
 from vl_align.scenes import COLOURS
@@ -205,21 +206,7 @@ def test_keyword_accuracy_by_hand():
 # ----------------------------------------------------------------------------------------------------------
 # decoding and sampling
 # ----------------------------------------------------------------------------------------------------------
-def _encode(path: Path, n: int, codec: str, size: int = 32) -> Path:
-    """A video whose frame i is a flat grey of level 10 + 20 i (recovered from its mean after lossy coding)."""
-    import av
 
-    with av.open(str(path), "w") as c:
-        s = c.add_stream(codec, rate=10)
-        s.width = s.height = size
-        s.pix_fmt = "yuv420p"
-        for i in range(n):
-            frame = av.VideoFrame.from_ndarray(np.full((size, size, 3), 10 + 20 * i, np.uint8), format="rgb24")
-            for packet in s.encode(frame):
-                c.mux(packet)
-        for packet in s.encode():
-            c.mux(packet)
-    return path
 
 
 def _index_of(frame: Image.Image) -> int:
@@ -229,9 +216,9 @@ def _index_of(frame: Image.Image) -> int:
 @pytest.fixture(scope="module")
 def videos(tmp_path_factory):
     d = tmp_path_factory.mktemp("videos")
-    out = {ext: _encode(d / f"ten{ext}", 10, codec) for ext, codec in
+    out = {ext: grey_video(d / f"ten{ext}", 10, codec) for ext, codec in
            ((".mp4", "libx264"), (".webm", "libvpx"), (".avi", "mpeg4"))}
-    out["short"] = _encode(d / "short.mp4", 3, "libx264")
+    out["short"] = grey_video(d / "short.mp4", 3, "libx264")
     (d / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 8)
     out["broken"] = d / "broken.mp4"
     good = out[".mp4"].read_bytes()

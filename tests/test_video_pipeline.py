@@ -3,7 +3,6 @@
 accuracy per caption family, frames reversed and shuffled), the export refusal, and the frame feeding itself."""
 from __future__ import annotations
 
-import functools
 import json
 
 import numpy as np
@@ -14,16 +13,7 @@ from safetensors.torch import load_file
 from dvlp_common.config import ConfigError, load_config
 from vl_align import motion
 
-SMALL = {"num_train": 40, "num_test": 20, "image_size": 48, "frames_per_clip": 8, "corpus_size": 300}
 TINY = ["deepspeed.precision=fp32", "logging.tensorboard=false", "logging.progress_bar=false", "logging.log_every=1"]
-
-
-@pytest.fixture
-def motion_cache(tmp_path, monkeypatch):
-    """A small embedded:motion build in a private cache (the real one stays untouched)."""
-    monkeypatch.setenv("DVLP_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(motion, "build_embedded_motion", functools.partial(motion.build_embedded_motion, **SMALL))
-    return tmp_path / "cache"
 
 
 def _video_overrides(tmp_path, tiny_vit_dir, tiny_bert_dir, tiny_llm_dir, kind="tome", out="run"):
