@@ -135,19 +135,20 @@ def test_generative_layout_must_match_the_pformers(tmp_path, tiny_vit_dir, tiny_
 
 
 @pytest.mark.slow
-def test_compiled_representation_stage_follows_the_eager_one(tmp_path, monkeypatch, tiny_vit_dir, tiny_bert_dir,
-                                                           tiny_llm_dir, tiny_pformer_dir):
+def test_compiled_representation_stage_follows_the_eager_one(tmp_path, tiny_vit_dir, tiny_bert_dir, tiny_llm_dir,
+                                                           tiny_pformer_dir):
     """deepspeed.compile=true: the same losses step by step (inductor told to draw dropout with eager's RNG, so the
     two runs see the same masks), and the evaluation after training still runs (eager)."""
     import torch._inductor.config as inductor_config
 
-    monkeypatch.setattr(inductor_config, "fallback_random", True)
     runs = {}
-    for name, extra in (("eager", []), ("compiled", ["deepspeed.compile=true"])):
-        cfg = load_config(Stage2Config, None, _common(tmp_path, name, tiny_vit_dir, tiny_bert_dir, tiny_llm_dir,
-                                                      tiny_pformer_dir) + extra)
-        assert run_stage2(cfg)["steps"] == 3
-        runs[name] = _rows(tmp_path / name)
+    # inductor's own config patch (a monkeypatch's undo hid the setting from later compiles in this process)
+    with inductor_config.patch(fallback_random=True):
+        for name, extra in (("eager", []), ("compiled", ["deepspeed.compile=true"])):
+            cfg = load_config(Stage2Config, None, _common(tmp_path, name, tiny_vit_dir, tiny_bert_dir, tiny_llm_dir,
+                                                          tiny_pformer_dir) + extra)
+            assert run_stage2(cfg)["steps"] == 3
+            runs[name] = _rows(tmp_path / name)
     for eager, compiled in zip(runs["eager"], runs["compiled"], strict=True):
         for key in ("itc", "itm", "itg", "align"):
             assert compiled[key] == pytest.approx(eager[key], rel=2e-3, abs=1e-5), (key, eager["step"])
