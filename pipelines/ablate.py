@@ -45,6 +45,7 @@ class Arm:
     video: tuple[str, ...] | None = None  # a video front (front.video.enabled) with these front overrides
     representation: bool = True  # a qformer arm runs stage 2a first
     reference: str | None = None  # the arm this one is compared with (default: the grid's baseline)
+    overrides: tuple[str, ...] = ()  # front settings that make the arm (both stages; after the grid's overrides)
 
 
 ARMS: dict[str, Arm] = {
@@ -62,6 +63,9 @@ ARMS: dict[str, Arm] = {
                        description="in-batch InfoNCE between centred W·Z and P(y)"),
     "tome": Arm("tome", 0.0, 0.0, description="SimVLG: ToMe connector, generative stage and LM loss only"),
     "elip": Arm("elip", 0.0, 0.0, description="BLIP-2 with ELIP's text-guided pruning in the ViT"),
+    "elip_la1": Arm("elip", 0.0, 0.0, overrides=("front.elip.lookahead_depths=[1,1,1]",),
+                    description="ELIP's pruning points and keep ratios, each scored with the next block's attention "
+                                "(look-ahead 1: no extra blocks; 1.37x the unpruned tower's step at 224 px, session 8)"),
     # video (issue 20; dataset embedded:motion or a video caption file): SimVLG's recipe (tome connector, LM loss)
     # with the temporal modules varied, and P-Former on the video front against the same front without it
     "video_frame": Arm("tome", 0.0, 0.0, video=("front.video.num_frames=1", "front.video.blocks=[]"),
@@ -308,8 +312,9 @@ def run_cell(cfg: AblateConfig, arm_name: str, pairs: int, lr: float, seed: int,
               f"pformer={pformer_dir}", f"data.max_pairs={pairs}", f"front.kind={arm.front}",
               f"align.kind={arm.kind}", f"align.target={arm.target}",
               f"data.validation_images={cfg.validation_images}"]
-    # what makes the arm (a video front's frames, modules, positions) wins over the grid's stage overrides
-    arm_video = ["front.video.enabled=true", *arm.video] if arm.video is not None else []
+    # what makes the arm (a video front's frames, modules, positions; its front settings) wins over the grid's
+    # stage overrides
+    arm_settings = [*(["front.video.enabled=true", *arm.video] if arm.video is not None else []), *arm.overrides]
     has_stage2 = arm.front != "tome" and arm.representation
     gen = load_config(GenerativeConfig, cfg.generative_config, common + [
         f"align.weight={arm.w2}", f"optim.lr={lr}", f"optim.min_lr={lr / 10}",
@@ -319,7 +324,7 @@ def run_cell(cfg: AblateConfig, arm_name: str, pairs: int, lr: float, seed: int,
         f"eval.max_images={cfg.eval_images}", f"eval.max_questions={cfg.eval_questions}",
         f"eval.split={cfg.eval_split}",
         f"curve.every={cfg.curve_every}", f"curve.images={cfg.curve_images}", *cfg.generative_overrides,
-        *arm_video])
+        *arm_settings])
     protocol = to_dict(gen.eval)
     if done.exists():
         row = json.loads(done.read_text())
@@ -338,7 +343,7 @@ def run_cell(cfg: AblateConfig, arm_name: str, pairs: int, lr: float, seed: int,
             f"init_front={cell_dir / 'stage2' / 'front' if has_stage2 else 'null'}",
             f"logging.output_dir={cell_dir / 'generative_align'}",
             "logging.progress_bar=false", "eval.enabled=false", "curve.every=0", *cfg.generative_overrides,
-            *arm_video])
+            *arm_settings])
         lm_steps = cfg.generative_steps - align_steps
         gen = gen.replace(align=gen.align.replace(weight=0.0), init_front=str(cell_dir / "generative_align" / "front"),
                           optim=gen.optim.replace(max_steps=lm_steps, warmup_steps=_warmup(lm_steps, 10)))
@@ -350,7 +355,7 @@ def run_cell(cfg: AblateConfig, arm_name: str, pairs: int, lr: float, seed: int,
             "logging.progress_bar=false", f"eval.enabled={bool(cfg.retrieval_images)}",
             f"eval.max_images={cfg.retrieval_images or 1}", f"zero_shot.enabled={bool(cfg.zero_shot_images)}",
             f"zero_shot.max_images={cfg.zero_shot_images or 1}", "zero_shot.meteor=false",
-            f"zero_shot.split={cfg.eval_split}", *cfg.stage2_overrides, *arm_video])
+            f"zero_shot.split={cfg.eval_split}", *cfg.stage2_overrides, *arm_settings])
         shared = _run_stage2_once(cfg, cell_dir, s2, run_stage2)
     if arm.sequential:
         run_generative(phase1, resume=True)

@@ -274,3 +274,33 @@ def test_a_setting_added_since_a_cell_ran_is_no_protocol_change():
     assert _recorded_protocol(old_row, EvalConfig) == current
     assert _recorded_protocol({"eval_protocol": {**old_row["eval_protocol"], "max_images": 8}}, EvalConfig) != current
     assert _recorded_protocol({}, EvalConfig) is None
+
+
+def test_an_arms_front_settings_reach_both_stages(tmp_path, monkeypatch):
+    """elip_la1: ELIP's schedule with a look-ahead of 1 block at each pruning point, in stage 2a and in 2b."""
+    from pipelines import generative as generative_module
+    from pipelines import stage2 as stage2_module
+    from pipelines.ablate import run_cell
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def capture(name):
+        def run(c, **kwargs):
+            seen[name] = c
+            if name == "generative":
+                raise Stop
+            return {}
+        return run
+
+    monkeypatch.setattr(stage2_module, "run_stage2", capture("stage2"))
+    monkeypatch.setattr(generative_module, "run_generative", capture("generative"))
+    cfg = load_config(AblateConfig, None, [f"output_dir={tmp_path}", "arms=[blip2,elip_la1]",
+                                           'stage2_overrides=["front.elip.lookahead_depths=[2,2,2]"]'])
+    with pytest.raises(Stop):
+        run_cell(cfg, "elip_la1", 16, 1e-4, 0, tmp_path / "pformer", None)
+    for stage in ("stage2", "generative"):
+        assert seen[stage].front.kind == "elip"
+        assert list(seen[stage].front.elip.lookahead_depths) == [1, 1, 1], stage  # the arm wins over the grid's
