@@ -1,6 +1,7 @@
 """Is a stage-2 run's alignment held back by the optimiser or by the features? (issue 19)
 
-Takes a finished stage-2a run (its ``config.yaml`` and ``front/``), computes the query outputs Z of its training
+Takes a finished stage-2a run (its ``config.yaml`` and ``front/``), or one of a run's checkpoints
+(``--checkpoint STEP``: the front's weights at that step, e.g. to follow the features over a long run), computes the query outputs Z of its training
 images (eval mode, no dropout) and their captions' P(y), and compares on held-out halves of those pairs:
 
 * the trained W (``llm_proj``): MSE(W·Z, P(y));
@@ -8,7 +9,7 @@ images (eval mode, no dropout) and their captions' P(y), and compares on held-ou
   features;
 * the corpus-mean prompt (per position): the R² = 0 reference.
 
-    python scripts/align_lstsq.py RUN_DIR [--max-pairs 2000] [--out RUN_DIR/align_lstsq.json]
+    python scripts/align_lstsq.py RUN_DIR [--checkpoint STEP] [--max-pairs 2000] [--out RUN_DIR/align_lstsq.json]
 """
 from __future__ import annotations
 
@@ -31,23 +32,40 @@ def _mse(pred: torch.Tensor, target: torch.Tensor) -> float:
     return float((pred - target).pow(2).mean())
 
 
+def _front_at(run: Path, cfg: Stage2Config, step: int, inputs):
+    """The run's front with the weights of its checkpoint at ``step`` (DeepSpeed's model states of rank 0)."""
+    from vl_align.fronts import build_front
+
+    folder = run / "checkpoints" / f"step_{step:08d}"
+    states = folder / "mp_rank_00_model_states.pt"
+    if not states.is_file():
+        available = sorted(p.name for p in (run / "checkpoints").glob("step_*"))
+        raise SystemExit(f"{states} not found; checkpoints of {run}: {available}")
+    front = build_front(cfg.front, inputs.tower.hidden_size, inputs.llm_width)
+    front.load_state_dict(torch.load(states, map_location="cpu", weights_only=False)["module"])  # strict
+    return front.eval()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("run_dir")
     p.add_argument("--max-pairs", type=int, default=2000, help="training pairs used (half fit, half scored)")
     p.add_argument("--ridge", type=float, default=1e-3, help="ridge of the least-squares fit (relative to the mean "
                                                              "eigenvalue of ZᵀZ)")
+    p.add_argument("--checkpoint", type=int, default=None, help="score the front saved in this step's checkpoint "
+                                                                 "(RUN_DIR/checkpoints/step_*) instead of RUN_DIR/front")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     run = Path(args.run_dir)
     cfg = load_config(Stage2Config, run / "config.yaml", [])
     device = torch.device("cpu")
     dtype = compute_dtype(cfg.deepspeed.precision, device)
-    front, _tower, _llm, _meta = load_front(run / "front")
     inputs = prepare_stage_inputs(data=cfg.data, vision=cfg.vision, live_tower=False, llm=cfg.llm, align=cfg.align,
                                   pformer=cfg.pformer, align_stats_source=cfg.align_stats_source, seed=cfg.seed,
                                   max_skip_fraction=1.0, num_prompt_slots=cfg.front.num_query_tokens,
                                   device=device, dtype=dtype, verbose=False)
+    front = _front_at(run, cfg, args.checkpoint, inputs) if args.checkpoint is not None else load_front(
+        run / "front")[0]
     pairs = list(inputs.pairs)
     random.Random(0).shuffle(pairs)
     pairs = pairs[:args.max_pairs]
@@ -74,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     mean_prompt = target[:half].mean(0, keepdim=True)  # [1, Q, d]: the corpus-mean prompt of the fitting half
     mean_mse = _mse(mean_prompt.expand_as(held), held)
     result = {
-        "run": str(run), "pairs_fit": half, "pairs_scored": len(pairs) - half, "queries": q,
+        "run": str(run), "step": args.checkpoint, "pairs_fit": half, "pairs_scored": len(pairs) - half, "queries": q,
         "mean_square_target": float(held.pow(2).mean()),
         "corpus_mean_prompt_mse": mean_mse,
         "trained_w_mse": _mse(pred[half:], held),
@@ -83,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     for key in ("trained_w", "lstsq_w"):
         result[f"{key}_r2"] = 1.0 - result[f"{key}_mse"] / mean_mse
-    out = Path(args.out) if args.out else run / "align_lstsq.json"
+    out = Path(args.out) if args.out else run / (
+        "align_lstsq.json" if args.checkpoint is None else f"align_lstsq_step{args.checkpoint}.json")
     write_json_atomic(out, result)
     print(json.dumps(result, indent=2))
     return 0

@@ -176,3 +176,15 @@ def test_align_lstsq_diagnostic_runs_on_a_finished_run(tmp_path, tiny_vit_dir, t
     for key in ("trained_w", "lstsq_w"):
         assert math.isfinite(result[f"{key}_mse"])
         assert result[f"{key}_r2"] == pytest.approx(1 - result[f"{key}_mse"] / result["corpus_mean_prompt_mse"])
+    # --checkpoint: the final step's checkpoint holds the saved front's weights, an earlier one other weights
+    steps = sorted(int(p.name.split("_")[1]) for p in (tmp_path / "run" / "checkpoints").glob("step_*"))
+    assert steps[-1] == 3 and len(steps) >= 2
+    at = {}
+    for step in (steps[0], 3):
+        assert align_lstsq.main([str(tmp_path / "run"), "--max-pairs", "16", "--checkpoint", str(step)]) == 0
+        at[step] = json.loads((tmp_path / "run" / f"align_lstsq_step{step}.json").read_text())
+        assert at[step]["step"] == step
+    assert at[3]["trained_w_mse"] == pytest.approx(result["trained_w_mse"], rel=1e-5)
+    assert at[steps[0]]["trained_w_mse"] != pytest.approx(result["trained_w_mse"], rel=1e-5)
+    with pytest.raises(SystemExit, match="step_00000099"):
+        align_lstsq.main([str(tmp_path / "run"), "--checkpoint", "99"])
