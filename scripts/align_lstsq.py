@@ -7,7 +7,11 @@ images (eval mode, no dropout) and their captions' P(y), and compares on held-ou
 * the trained W (``llm_proj``): MSE(W·Z, P(y));
 * a least-squares W (with bias) fitted on the other half of the same Z: the best any linear W reaches on these
   features;
+* the same with one W per query position: whether sharing W across the queries is what limits it;
 * the corpus-mean prompt (per position): the R² = 0 reference.
+
+It also reports how distinct the query positions are: the share of the query outputs' variance that lies between
+the positions' means (0: every query gives the same output up to sample noise).
 
     python scripts/align_lstsq.py RUN_DIR [--checkpoint STEP] [--max-pairs 2000] [--out RUN_DIR/align_lstsq.json]
 """
@@ -88,6 +92,17 @@ def main(argv: list[str] | None = None) -> int:
     gram += args.ridge * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype)
     w = torch.linalg.solve(gram, x_fit.T @ y_fit)  # [H+1, d]
     lstsq_pred = (x[half:].double() @ w).float()
+    # the same fit with one W per query position (an upper bound for a non-shared projection): is sharing W the limit?
+    per_query = torch.empty_like(target[half:])
+    for i in range(q):
+        xi, yi = x[:half, i].double(), target[:half, i].double()
+        gram_i = xi.T @ xi
+        gram_i += args.ridge * gram_i.diagonal().mean() * torch.eye(gram_i.shape[0], dtype=gram_i.dtype)
+        per_query[:, i] = (x[half:, i].double() @ torch.linalg.solve(gram_i, xi.T @ yi)).float()
+    # how different the query positions are: the share of Z's variance that is between the positions' means
+    z_fit = z[:half]
+    between = float((z_fit.mean(0) - z_fit.mean((0, 1))).pow(2).sum(-1).mean())
+    total = float((z_fit - z_fit.mean((0, 1))).pow(2).sum(-1).mean())
     held = target[half:]
     mean_prompt = target[:half].mean(0, keepdim=True)  # [1, Q, d]: the corpus-mean prompt of the fitting half
     mean_mse = _mse(mean_prompt.expand_as(held), held)
@@ -97,9 +112,11 @@ def main(argv: list[str] | None = None) -> int:
         "corpus_mean_prompt_mse": mean_mse,
         "trained_w_mse": _mse(pred[half:], held),
         "lstsq_w_mse": _mse(lstsq_pred, held),
+        "lstsq_per_query_w_mse": _mse(per_query, held),
+        "query_position_variance_share": between / total if total else float("nan"),
         "zero_mse": float(held.pow(2).mean()),
     }
-    for key in ("trained_w", "lstsq_w"):
+    for key in ("trained_w", "lstsq_w", "lstsq_per_query_w"):
         result[f"{key}_r2"] = 1.0 - result[f"{key}_mse"] / mean_mse
     out = Path(args.out) if args.out else run / (
         "align_lstsq.json" if args.checkpoint is None else f"align_lstsq_step{args.checkpoint}.json")
