@@ -18,8 +18,9 @@ AMD EPYC. In a generative step the frozen LLM's 30 attention backward passes wer
 kernels cannot drop attention probabilities at all (torch's math path draws the slow mask).
 :func:`install_cpu_attention` replaces transformers' ``sdpa`` entry, process-wide, by a dispatcher that computes the
 attention by matmuls on the CPU when probabilities are dropped (with :func:`bit_dropout` if asked) or when
-gradients are on and there are at most ``matmul_max_keys`` keys, and calls transformers' own SDPA function otherwise
-(CUDA, evaluation, long sequences). Models configured with ``eager`` or another implementation are not touched.
+gradients flow back through it (its query, key or value requires grad) and there are at most ``matmul_max_keys`` keys,
+and calls transformers' own SDPA function otherwise (CUDA, evaluation, frozen models on frozen inputs, long
+sequences). Models configured with ``eager`` or another implementation are not touched.
 Grouped-query attention (fewer key/value heads) is handled by repeating the key/value heads, as SDPA's math does.
 """
 from __future__ import annotations
@@ -98,10 +99,15 @@ def _dispatch(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: 
     """transformers' attention-function signature. query: (B, H, Lq, D); key, value: (B, Hkv, Lk, D); returns
     ((B, Lq, H, D), None). T5-style position biases and soft-capping stay with transformers' function."""
     if (query.device.type == "cpu" and kwargs.get("position_bias") is None and kwargs.get("softcap") is None
-            and (dropout > 0.0 or (torch.is_grad_enabled() and key.shape[-2] <= _SETTINGS["matmul_max_keys"]))):
+            and (dropout > 0.0 or (key.shape[-2] <= _SETTINGS["matmul_max_keys"] and _needs_grad(query, key, value)))):
         return _math_attention(module, query, key, value, attention_mask, scaling, dropout, kwargs.get("is_causal"))
     return _TRANSFORMERS_SDPA[0](module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                  **kwargs)
+
+
+def _needs_grad(*tensors: torch.Tensor) -> bool:
+    """Gradients will flow back through this attention (a frozen model run on a trainable input, or trained)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def _math_attention(module, query, key, value, attention_mask, scaling, dropout, is_causal=None):

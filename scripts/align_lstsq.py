@@ -46,7 +46,7 @@ def _front_at(run: Path, cfg: Stage2Config, step: int, inputs):
         available = sorted(p.name for p in (run / "checkpoints").glob("step_*"))
         raise SystemExit(f"{states} not found; checkpoints of {run}: {available}")
     front = build_front(cfg.front, inputs.tower.hidden_size, inputs.llm_width)
-    front.load_state_dict(torch.load(states, map_location="cpu", weights_only=False)["module"])  # strict
+    front.load_state_dict(torch.load(states, map_location="cpu", weights_only=True)["module"])  # strict
     return front.eval()
 
 

@@ -200,22 +200,23 @@ def test_llm_attention_by_matmuls_matches_sdpa_with_gradients(padded):
 def test_dispatch_takes_matmuls_only_where_it_should(monkeypatch):
     """Matmuls: on the CPU with gradients and at most matmul_max_keys keys, or when probabilities are dropped;
     transformers' SDPA otherwise (no gradients, longer sequences, the setting at 0)."""
-    llm = _llama()
+    llm = _llama().requires_grad_(False)  # frozen, as the stages' LLM; the input embeddings stand for a trainable prefix
     calls = []
     real = K._math_attention
     monkeypatch.setattr(K, "_math_attention", lambda *a, **kw: calls.append(a[2].shape[-2]) or real(*a, **kw))
     ids = torch.randint(0, 50, (2, 10))
 
-    def run(keys, grad):
+    def run(keys, grad, trainable=None):
         calls.clear()
         install_cpu_attention(keys, use_bit_dropout=True)
         with torch.set_grad_enabled(grad):
-            llm.model.embed_tokens.weight.requires_grad_(grad)
+            llm.model.embed_tokens.weight.requires_grad_(grad if trainable is None else trainable)
             llm(input_ids=ids)
         return len(calls)
 
     assert run(128, True) == 2  # both layers
     assert run(128, False) == 0  # evaluation and generation keep SDPA
+    assert run(128, True, trainable=False) == 0  # a frozen model on frozen inputs: no gradient flows, SDPA
     assert run(9, True) == 0  # 10 keys > 9
     assert run(10, True) == 2
     assert run(0, True) == 0
