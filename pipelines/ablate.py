@@ -65,7 +65,7 @@ ARMS: dict[str, Arm] = {
     "elip": Arm("elip", 0.0, 0.0, description="BLIP-2 with ELIP's text-guided pruning in the ViT"),
     "elip_la1": Arm("elip", 0.0, 0.0, overrides=("front.elip.lookahead_depths=[1,1,1]",),
                     description="ELIP's pruning points and keep ratios, each scored with the next block's attention "
-                                "(look-ahead 1: no extra blocks; 1.37x the unpruned tower's step at 224 px, session 8)"),
+                                "(look-ahead 1: no extra blocks; 1.28x the unpruned tower's step at 224 px, session 8)"),
     # video (issue 20; dataset embedded:motion or a video caption file): SimVLG's recipe (tome connector, LM loss)
     # with the temporal modules varied, and P-Former on the video front against the same front without it
     "video_frame": Arm("tome", 0.0, 0.0, video=("front.video.num_frames=1", "front.video.blocks=[]"),
