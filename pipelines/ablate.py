@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
 import time
@@ -381,8 +382,6 @@ def _run_stage2_once(cfg: AblateConfig, cell_dir: Path, s2, run_stage2) -> str |
     keeps two grid processes from training it twice; its ``stage2_summary.json`` (written last) marks it done.
     A cell of an older grid with a ``stage2`` folder of its own keeps it. Returns the shared run's folder (relative
     to ``output_dir``), or None for a cell's own folder."""
-    import os
-
     from filelock import FileLock
 
     from dvlp_common.cache import fingerprint
