@@ -7,6 +7,7 @@ images (eval mode, no dropout) and their captions' P(y), and compares on held-ou
 * the trained W (``llm_proj``): MSE(W·Z, P(y));
 * a least-squares W (with bias) fitted on the other half of the same Z: the best any linear W reaches on these
   features;
+* a shared W plus one bias per query position: whether the shared W lacks only the positions' offsets;
 * the same with one W per query position: whether sharing W across the queries is what limits it;
 * the corpus-mean prompt (per position): the R² = 0 reference.
 
@@ -92,6 +93,13 @@ def main(argv: list[str] | None = None) -> int:
     gram += args.ridge * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype)
     w = torch.linalg.solve(gram, x_fit.T @ y_fit)  # [H+1, d]
     lstsq_pred = (x[half:].double() @ w).float()
+    # one shared W plus a bias per query position: does the shared W lack only the positions' offsets?
+    onehot = torch.eye(q).expand(z.shape[0], q, q)  # [N, Q, Q]
+    xb = torch.cat([z, onehot], dim=-1)
+    xb_fit = xb[:half].reshape(-1, xb.shape[-1]).double()
+    gram_b = xb_fit.T @ xb_fit
+    gram_b += args.ridge * gram_b.diagonal().mean() * torch.eye(gram_b.shape[0], dtype=gram_b.dtype)
+    shared_bias_pred = (xb[half:].double() @ torch.linalg.solve(gram_b, xb_fit.T @ y_fit)).float()
     # the same fit with one W per query position (an upper bound for a non-shared projection): is sharing W the limit?
     per_query = torch.empty_like(target[half:])
     for i in range(q):
@@ -112,11 +120,12 @@ def main(argv: list[str] | None = None) -> int:
         "corpus_mean_prompt_mse": mean_mse,
         "trained_w_mse": _mse(pred[half:], held),
         "lstsq_w_mse": _mse(lstsq_pred, held),
+        "lstsq_w_position_bias_mse": _mse(shared_bias_pred, held),
         "lstsq_per_query_w_mse": _mse(per_query, held),
         "query_position_variance_share": between / total if total else float("nan"),
         "zero_mse": float(held.pow(2).mean()),
     }
-    for key in ("trained_w", "lstsq_w", "lstsq_per_query_w"):
+    for key in ("trained_w", "lstsq_w", "lstsq_w_position_bias", "lstsq_per_query_w"):
         result[f"{key}_r2"] = 1.0 - result[f"{key}_mse"] / mean_mse
     out = Path(args.out) if args.out else run / (
         "align_lstsq.json" if args.checkpoint is None else f"align_lstsq_step{args.checkpoint}.json")

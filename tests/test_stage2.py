@@ -174,7 +174,7 @@ def test_align_lstsq_diagnostic_runs_on_a_finished_run(tmp_path, tiny_vit_dir, t
     result = json.loads((tmp_path / "run" / "align_lstsq.json").read_text())
     assert result["pairs_fit"] == 8 and result["pairs_scored"] == 8
     assert 0.0 <= result["query_position_variance_share"] <= 1.0
-    for key in ("trained_w", "lstsq_w", "lstsq_per_query_w"):
+    for key in ("trained_w", "lstsq_w", "lstsq_w_position_bias", "lstsq_per_query_w"):
         assert math.isfinite(result[f"{key}_mse"])
         assert result[f"{key}_r2"] == pytest.approx(1 - result[f"{key}_mse"] / result["corpus_mean_prompt_mse"])
     # --checkpoint: the final step's checkpoint holds the saved front's weights, an earlier one other weights
