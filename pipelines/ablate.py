@@ -74,7 +74,8 @@ ARMS: dict[str, Arm] = {
     "video_mean": Arm("tome", 0.0, 0.0, video=("front.video.blocks=[]",),
                       description="mean pooling: T frames averaged, temporal modules frozen at α = 0 (none built)"),
     "video_faithful": Arm("tome", 0.0, 0.0, video=(),
-                          description="SimVLG's temporal modules in every block, frames averaged (blind to order)"),
+                          description="SimVLG's temporal modules (in every block, or in the blocks of front.video.blocks), "
+                                      "frames averaged (blind to order)"),
     "video_position": Arm("tome", 0.0, 0.0, video=("front.video.max_frames=8",),
                           description="the faithful modules plus learned per-frame positions (max_frames=8, our "
                                       "extension: order-aware)"),
