@@ -295,14 +295,21 @@ def _depth_and_heads(blocks: dict, layers: int | None, width: int, heads: int | 
     if use > found:
         raise CheckpointError(f"{key_prefix}*: vision_layers={use}{builds} but the weights have {found} blocks; "
                               f"set vision_layers")
+    return use, _heads(width, heads, head_dim, f"the {tower}", builder, "vision_heads")
+
+
+def _heads(width: int, heads: int | None, head_dim: int, module: str, builder: str, setting: str,
+           context: str = "") -> int:
+    """``heads``, or the builder's rule ``width // head_dim``; errors name ``setting`` (``context``: the checkpoint,
+    prefixed to the rule's error)."""
     if heads is None:
         heads = width // head_dim
         if heads < 1 or width % head_dim:
-            raise CheckpointError(f"the {tower} is {width} wide, which {builder}'s rule (width // {head_dim} heads) "
-                                  f"does not fit; set vision_heads")
+            raise CheckpointError(f"{context + ': ' if context else ''}{module} is {width} wide, which {builder}'s "
+                                  f"rule (width // {head_dim} heads) does not fit; set {setting}")
     if width % heads:
-        raise CheckpointError(f"vision_heads={heads} does not divide the {tower}'s width {width}")
-    return use, heads
+        raise CheckpointError(f"{setting}={heads} does not divide {module}'s width {width}")
+    return heads
 
 
 def convert_eva_vit(eva: dict[str, torch.Tensor], *, heads: int | None = None, layers: int | None = None,
@@ -714,13 +721,7 @@ def _lavis_qformer_config(state: dict[str, torch.Tensor], heads: int | None, wha
     freq = cross[1] - cross[0] if len(cross) > 1 else n
     if cross != list(range(0, n, freq)):
         raise CheckpointError(f"{what}: Q-Former cross-attention in layers {cross} is not every k-th layer")
-    if heads is None:
-        heads = hidden // BERT_HEAD_DIM
-        if heads < 1 or hidden % BERT_HEAD_DIM:
-            raise CheckpointError(f"{what}: the Q-Former is {hidden} wide, which bert-base's rule (width // 64 "
-                                  f"heads) does not fit; set qformer_heads")
-    if hidden % heads:
-        raise CheckpointError(f"qformer_heads={heads} does not divide the Q-Former's width {hidden}")
+    heads = _heads(hidden, heads, BERT_HEAD_DIM, "the Q-Former", "bert-base", "qformer_heads", context=what)
     pre = "Qformer.bert."
     key = f"{pre}encoder.layer.0.intermediate_query.dense.weight"
     if key not in state:
