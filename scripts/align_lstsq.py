@@ -37,6 +37,13 @@ def _mse(pred: torch.Tensor, target: torch.Tensor) -> float:
     return float((pred - target).pow(2).mean())
 
 
+def _ridge(x: torch.Tensor, y: torch.Tensor, ridge: float) -> torch.Tensor:
+    """Least squares x·W ≈ y with a ridge relative to the mean eigenvalue of xᵀx (float64)."""
+    gram = x.T @ x
+    gram += ridge * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype)
+    return torch.linalg.solve(gram, x.T @ y)
+
+
 def _front_at(run: Path, cfg: Stage2Config, step: int, inputs):
     """The run's front with the weights of its checkpoint at ``step`` (DeepSpeed's model states of rank 0)."""
     from vl_align.fronts import build_front
@@ -89,24 +96,18 @@ def main(argv: list[str] | None = None) -> int:
     # one W shared by the Q query positions, as llm_proj is: rows are (sample, query)
     x = torch.cat([z, torch.ones(*z.shape[:2], 1)], dim=-1)  # [N, Q, H+1]
     x_fit, y_fit = x[:half].reshape(-1, x.shape[-1]).double(), target[:half].reshape(-1, target.shape[-1]).double()
-    gram = x_fit.T @ x_fit
-    gram += args.ridge * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype)
-    w = torch.linalg.solve(gram, x_fit.T @ y_fit)  # [H+1, d]
+    w = _ridge(x_fit, y_fit, args.ridge)  # [H+1, d]
     lstsq_pred = (x[half:].double() @ w).float()
     # one shared W plus a bias per query position: does the shared W lack only the positions' offsets?
     onehot = torch.eye(q).expand(z.shape[0], q, q)  # [N, Q, Q]
     xb = torch.cat([z, onehot], dim=-1)
     xb_fit = xb[:half].reshape(-1, xb.shape[-1]).double()
-    gram_b = xb_fit.T @ xb_fit
-    gram_b += args.ridge * gram_b.diagonal().mean() * torch.eye(gram_b.shape[0], dtype=gram_b.dtype)
-    shared_bias_pred = (xb[half:].double() @ torch.linalg.solve(gram_b, xb_fit.T @ y_fit)).float()
+    shared_bias_pred = (xb[half:].double() @ _ridge(xb_fit, y_fit, args.ridge)).float()
     # the same fit with one W per query position (an upper bound for a non-shared projection): is sharing W the limit?
     per_query = torch.empty_like(target[half:])
     for i in range(q):
         xi, yi = x[:half, i].double(), target[:half, i].double()
-        gram_i = xi.T @ xi
-        gram_i += args.ridge * gram_i.diagonal().mean() * torch.eye(gram_i.shape[0], dtype=gram_i.dtype)
-        per_query[:, i] = (x[half:, i].double() @ torch.linalg.solve(gram_i, xi.T @ yi)).float()
+        per_query[:, i] = (x[half:, i].double() @ _ridge(xi, yi, args.ridge)).float()
     # how different the query positions are: the share of Z's variance that is between the positions' means
     z_fit = z[:half]
     between = float((z_fit.mean(0) - z_fit.mean((0, 1))).pow(2).sum(-1).mean())
