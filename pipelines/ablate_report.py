@@ -1,5 +1,5 @@
 """The ablation's report files in its ``output_dir``: ``results.md`` (tables of mean ± std, the comparisons to the
-baseline arm, time to its quality), ``results.csv`` (one row per cell), ``results.json`` (cells, groups,
+baseline arm, time to its quality, the fraction of its data gap each arm closes), ``results.csv`` (one row per cell), ``results.json`` (cells, groups,
 comparisons), the PNG plots (loss curves, quality against training time, metrics against the number of pairs) and
 ``captions.md`` (a gallery of held-out captions per arm). ``cfg`` is the grid's :class:`pipelines.ablate.AblateConfig`
 (not imported: :mod:`pipelines.ablate` imports this module).
@@ -11,7 +11,7 @@ import json
 import math
 from pathlib import Path
 
-from .ablate_stats import mean_curve, multiplicity_note
+from .ablate_stats import gap_closed, mean_curve, multiplicity_note
 
 
 def _pm(mean: float, std: float, seeds: int, digits: int = 3) -> str:
@@ -72,6 +72,14 @@ def report_markdown(cfg, cells: list[dict], groups: list[dict], comparisons: lis
               "own final CIDEr": f"{t['final_CIDEr']:.3f}", "own total s": f"{t['final_seconds']:.0f}"}
              for t in time_to_quality]
     arms = "\n".join(f"- `{a}`: {descriptions[a]}" for a in cfg.arms)
+    gaps = [{"arm": g["arm"], "pairs": g["pairs"], "lr": f"{g['lr']:g}", "seeds": g["seeds"],
+             f"{cfg.baseline} at pairs": f"{g['baseline']:.3f}",
+             f"{cfg.baseline} at {g['reference_pairs']}": f"{g['baseline_reference']:.3f}",
+             "gap (± t·SE)": f"{g['gap']:.3f}" + (f" ± {g['gap_half_width']:.3f}" if math.isfinite(g["gap_half_width"])
+                                                   else ""),
+             "arm's gain": f"{g['gain']:+.3f}",
+             "fraction closed": f"{g['fraction']:+.2f}" if math.isfinite(g["fraction"]) else g["gap_verdict"],
+             "per seed": ", ".join(f"{f:+.2f}" if math.isfinite(f) else "—" for f in g["seed_fractions"])} for g in gap_closed(cells, cfg.baseline)]
     lines = [f"# Ablation: {cfg.dataset}", "",
              f"{len(cells)} runs, wall time {wall_seconds / 60:.1f} min in this invocation (finished cells are "
              f"reused). Per cell: {cfg.stage2_steps} representation steps (none for tome) + {cfg.generative_steps} "
@@ -82,7 +90,10 @@ def report_markdown(cfg, cells: list[dict], groups: list[dict], comparisons: lis
              markdown_table(comp) if comp else "(no comparisons)", "", multiplicity_note(comparisons), "",
              f"## Time to `{cfg.baseline}`'s final quality (seed-mean curve of held-out CIDEr on "
              f"{cfg.curve_images} images; training seconds, stage 2a included)", "",
-             markdown_table(speed) if speed else "(no curves)", "", *video_section(groups),
+             markdown_table(speed) if speed else "(no curves)", "",
+             *([f"## Fraction of `{cfg.baseline}`'s data gap each arm closes (CIDEr; 1 = the arm at that pair count "
+                f"matches `{cfg.baseline}` at the largest count, 0 = no better than `{cfg.baseline}` at its own)", "",
+                markdown_table(gaps), ""] if gaps else []), *video_section(groups),
              "Plots: `loss_curves.png`, `metrics_vs_pairs.png`, `quality_vs_time.png`."]
     return "\n".join(lines) + "\n"
 
@@ -217,6 +228,7 @@ def write_report(out: Path, cfg, cells: list[dict], groups: list[dict], comparis
     (out / "results.json").write_text(json.dumps({"config": cfg.dataset, "wall_seconds": wall, "cells": cells,
                                                   "groups": groups, "comparisons": comparisons,
                                                   "time_to_baseline_quality": speed,
+                                                  "gap_closed": gap_closed(cells, cfg.baseline),
                                                   "missing_cells": missing}, indent=2))
     write_plots(out, cfg, cells, groups)
     return text

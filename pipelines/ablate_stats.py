@@ -1,6 +1,7 @@
 """Statistics of the ablation grid over its cell rows (plain dicts, one per finished cell): mean ± std over seeds,
 collapse rate, unpaired and paired-by-seed comparisons to the baseline arm (Student-t critical values), the
-multiplicity note, and time to the baseline's final quality on the seed-mean curves. No file I/O, no plotting.
+multiplicity note, time to the baseline's final quality on the seed-mean curves, and the fraction of the baseline's
+data gap that each arm closes. No file I/O, no plotting.
 """
 from __future__ import annotations
 
@@ -99,6 +100,52 @@ def multiplicity_note(comparisons: list[dict]) -> str:
     return (f"{beyond} of {n} paired tests are beyond the seed spread. At the 5% level each, about "
             f"{0.05 * n:.2f} would be by chance if no arm differed; read single verdicts with that in mind "
             f"(for a family-wise 5%, Bonferroni: test each at 0.05/{n}).")
+
+
+def gap_closed(cells: list[dict], baseline: str, metric: str = "CIDEr") -> list[dict]:
+    """The data-efficiency headline (the P-Former paper: aligning to P(y) closes about half of the gap between
+    BLIP-2 trained on 4M and on 129M pairs). Per lr, the reference is the baseline at the grid's largest pair count
+    P; at each scarcer count p, with the seeds that ran all three cells:
+
+        fraction = mean_s(arm_s(p) - base_s(p)) / mean_s(base_s(P) - base_s(p))
+
+    1: the arm at p matches the baseline at P; 0: no better than the baseline at p; negative: worse. The gap's paired
+    t·SE says whether there is a gap to close at all: where the gap is within the seed spread the fraction is not
+    defined (nan, ``gap_verdict`` says why). ``seed_fractions`` are the per-seed ratios, for their spread."""
+    out = []
+    for lr in sorted({c["lr"] for c in cells}):
+        base = {(c["pairs"], c["seed"]): c.get(metric, NAN) for c in cells if (c["arm"], c["lr"]) == (baseline, lr)}
+        if not base:
+            continue
+        top = max(p for p, _ in base)
+        arms = sorted({c["arm"] for c in cells if c["lr"] == lr and c["arm"] != baseline})
+        for pairs in sorted({p for p, _ in base if p < top}):
+            for arm in arms:
+                mine = {c["seed"]: c.get(metric, NAN) for c in cells if (c["arm"], c["lr"], c["pairs"]) ==
+                        (arm, lr, pairs)}
+                seeds = sorted(s for s in mine if (pairs, s) in base and (top, s) in base and all(
+                    math.isfinite(v) for v in (mine[s], base[(pairs, s)], base[(top, s)])))
+                if not seeds:
+                    continue
+                gains = [mine[s] - base[(pairs, s)] for s in seeds]
+                gaps = [base[(top, s)] - base[(pairs, s)] for s in seeds]
+                gain, _, n = mean_std(gains)
+                gap, gap_std, _ = mean_std(gaps)
+                gap_half_width = t_critical(n - 1) * gap_std / math.sqrt(n) if n >= 2 else float("nan")
+                if n < 2:
+                    gap_verdict = "under 2 seeds: no test"
+                elif gap > gap_half_width:
+                    gap_verdict = "gap beyond seed spread"
+                else:
+                    gap_verdict = f"no gap beyond seed spread at {top} pairs"
+                defined = gap_verdict != f"no gap beyond seed spread at {top} pairs" and gap > 0
+                out.append({"arm": arm, "pairs": pairs, "lr": lr, "metric": metric, "reference_pairs": top,
+                            "seeds": n, "baseline": sum(base[(pairs, s)] for s in seeds) / n,
+                            "baseline_reference": sum(base[(top, s)] for s in seeds) / n, "gap": gap,
+                            "gap_half_width": gap_half_width, "gap_verdict": gap_verdict, "gain": gain,
+                            "fraction": gain / gap if defined else float("nan"),
+                            "seed_fractions": [g / d if d > 0 else float("nan") for g, d in zip(gains, gaps)]})
+    return out
 
 
 def time_to_baseline_quality(cells: list[dict], baseline: str) -> list[dict]:

@@ -105,6 +105,37 @@ def test_time_to_baseline_quality_uses_seed_mean_curves():
     assert all(math.isnan(r["ratio"]) for r in time_to_baseline_quality(collapsed, "blip2"))
 
 
+def test_gap_closed_is_the_arms_paired_gain_over_the_baselines_paired_data_gap():
+    """blip2: CIDEr 0.2/0.3/0.4 at 50 pairs and 1.2/1.3/1.4 at 4,000 (a gap of 1.0 on every seed); pformer gains
+    0.4/0.5/0.6 at 50 pairs: it closes half the gap. At 500 pairs the baseline is within noise of 4,000: no gap."""
+    cells = [_cell("blip2", s, c, pairs=50) for s, c in enumerate([0.2, 0.3, 0.4])]
+    cells += [_cell("blip2", s, c, pairs=4000) for s, c in enumerate([1.2, 1.3, 1.4])]
+    cells += [_cell("blip2", s, c, pairs=500) for s, c in enumerate([1.3, 1.2, 1.45])]
+    cells += [_cell("pformer", s, c, pairs=50) for s, c in enumerate([0.6, 0.8, 1.0])]
+    cells += [_cell("pformer", s, c, pairs=500) for s, c in enumerate([1.3, 1.3, 1.3])]
+    cells += [_cell("control", 0, 0.1, pairs=50), _cell("control", 7, 0.1, pairs=50)]  # seed 7: no baseline
+    rows = {(r["arm"], r["pairs"]): r for r in ablate_stats.gap_closed(cells, "blip2")}
+    half = rows[("pformer", 50)]
+    assert half["fraction"] == pytest.approx(0.5) and half["gap"] == pytest.approx(1.0)
+    assert half["gap_verdict"] == "gap beyond seed spread" and half["reference_pairs"] == 4000
+    assert half["seed_fractions"] == pytest.approx([0.4, 0.5, 0.6]) and half["seeds"] == 3
+    assert math.isnan(rows[("pformer", 500)]["fraction"])
+    assert rows[("pformer", 500)]["gap_verdict"] == "no gap beyond seed spread at 4000 pairs"
+    control = rows[("control", 50)]
+    assert control["seeds"] == 1 and control["fraction"] == pytest.approx(-0.1)
+    assert control["gap_verdict"] == "under 2 seeds: no test"
+    assert ("pformer", 4000) not in rows and ("blip2", 50) not in rows
+    assert ablate_stats.gap_closed([c for c in cells if c["pairs"] == 50], "blip2") == []  # one pair count
+    from pipelines.ablate_report import report_markdown
+
+    cfg = load_config(AblateConfig, None, ["arms=[blip2,pformer,control]", "pairs=[50,500,4000]"])
+    text = report_markdown(cfg, cells, group_cells(cells), [], "", 1.0, descriptions=dict.fromkeys(cfg.arms, "-"))
+    section = text.split("## Fraction of `blip2`'s data gap")[1]
+    assert "| pformer | 50 | 0.0001 | 3 | 0.300 | 1.300 | 1.000 ± 0.000 | +0.500 | +0.50 | +0.40, +0.50, +0.60 |" \
+        in section
+    assert "| no gap beyond seed spread at 4000 pairs | —, +1.00, — |" in section
+
+
 def test_caption_checker_flags_degenerate_outputs():
     check = CaptionChecker(["a red circle", "a small blue square left of a green triangle"])
     assert check("A red square.") and check("a green circle left of a blue triangle")
@@ -304,3 +335,37 @@ def test_an_arms_front_settings_reach_both_stages(tmp_path, monkeypatch):
     for stage in ("stage2", "generative"):
         assert seen[stage].front.kind == "elip"
         assert list(seen[stage].front.elip.lookahead_depths) == [1, 1, 1], stage  # the arm wins over the grid's
+
+
+@pytest.mark.parametrize("name", ["ablate_fair_calibrate.yaml", "ablate_fair.yaml"])
+def test_the_fair_test_grids_build_their_stages_as_the_protocol_says(tmp_path, monkeypatch, name):
+    """Issue 19's protocol: 32 prompts and queries, stage 2a with W at 30x on its own schedule, the arm's weights
+    (ω₁ = ω₂/10), 200 validation images carved out of every cell; the stage overrides parse and reach the stages."""
+    from pipelines import generative as generative_module
+    from pipelines import stage2 as stage2_module
+    from pipelines.ablate import CONFIG_DIR, arm_of, run_cell
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def capture(stage):
+        def run(c, **kwargs):
+            seen[stage] = c
+            raise Stop
+        return run
+
+    monkeypatch.setattr(stage2_module, "run_stage2", capture("stage2"))
+    monkeypatch.setattr(generative_module, "run_generative", capture("generative"))
+    cfg = load_config(AblateConfig, CONFIG_DIR / name, [f"output_dir={tmp_path}"])
+    assert "model.num_prompts=32" in cfg.stage1_overrides and cfg.validation_images == 200
+    for arm in cfg.arms:
+        seen.clear()
+        with pytest.raises(Stop):
+            run_cell(cfg, arm, cfg.pairs[0], cfg.lrs[0], 0, tmp_path / "pformer", None)
+        s2 = seen["stage2"]
+        assert s2.front.num_query_tokens == 32 and s2.optim.max_steps == 3000 and s2.optim.warmup_steps == 20
+        assert s2.optim.lr_scale == {"llm_proj": 30} and s2.align.weight == arm_of(arm).w1
+        assert s2.data.validation_images == 200 and s2.zero_shot.enabled
+    assert any(arm_of(a).w1 == 0 for a in cfg.arms) and any(arm_of(a).w1 > 0 for a in cfg.arms)
