@@ -1,7 +1,7 @@
 """Where a training step's time goes: torch.profiler over whole steps built exactly as ``benchmarks.bench`` builds
 them (the stages' own library parts and shipped configs).
 
-    python -m benchmarks.profile_step [--out DIR] [--batch 8] [--steps 3] [--only NAME] [key=value overrides ...]
+    python -m benchmarks.profile_step [--out DIR] [--batch 8] [--steps 3] [--max-warmup 6] [--only NAME] [overrides]
 
 Per step (stage 1, representation ``qformer`` / ``elip``, generative ``qformer`` / ``tome`` / ``elip``): the time of
 the forward, backward, clipping and optimizer phases; the operators' self time grouped into matmuls, attention,
@@ -44,7 +44,14 @@ def _category(name: str, phase: str) -> str:
     return "other elementwise"
 
 
-def profile_one(name: str, batch: int, steps: int, overrides: list[str]) -> dict:
+def _minor_faults() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def profile_one(name: str, batch: int, steps: int, overrides: list[str], max_warmup: int = 6,
+                image_size: int | None = None) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile, record_function
 
@@ -55,7 +62,7 @@ def profile_one(name: str, batch: int, steps: int, overrides: list[str]) -> dict
     stage, front = STEPS[name]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = precision.compute_dtype("auto", device)
-    spec = {"stage": stage, "front": front, "image_size": bench.MAIN_SIZE, "batch": batch,
+    spec = {"stage": stage, "front": front, "image_size": image_size or bench.MAIN_SIZE, "batch": batch,
             "overrides": overrides, "vision_input": None}
     seed_everything(0)
     model, loss_fn, ledger, _tokens, _shapes, optim_cfg, _kernels = bench.build_step(spec, device, dtype)
@@ -75,12 +82,24 @@ def profile_one(name: str, batch: int, steps: int, overrides: list[str]) -> dict
         with regions["optimizer"]:
             optimizer.step()
 
-    step(False)  # warm-up: kernels chosen, optimizer state allocated
+    # Warm-up: kernels chosen, optimizer state allocated, and the heap grown to the step's working set. The first
+    # steps fault in fresh pages (300k+ faults in the first, tens of thousands in the next ones at batch 32), which
+    # would show up as slow fill_/copy_ of the large buffers; warm up until a step runs without faults.
+    warm_faults = []
+    for i in range(max_warmup):
+        before = _minor_faults()
+        step(False)
+        warm_faults.append(_minor_faults() - before)
+        if i >= 1 and warm_faults[-1] == 0:
+            break
+    before = _minor_faults()
     start = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
             step(True)
     wall = (time.perf_counter() - start) / steps
+    # the profiler's own allocations can fragment the heap again: its steps may fault where unprofiled ones do not
+    profiled_faults = (_minor_faults() - before) / steps
 
     events = prof.events()
     phase_ms = {p: sum(e.cpu_time_total for e in events if e.name == p) / steps / 1e3 for p in PHASES}
@@ -106,6 +125,7 @@ def profile_one(name: str, batch: int, steps: int, overrides: list[str]) -> dict
         "gflop_per_step": ledger.total / 1e9,
         "trainable_params": sum(p.numel() for p in params),
         "frozen_params_with_grad": frozen_with_grad,
+        "warmup_page_faults": warm_faults, "profiled_page_faults_per_step": profiled_faults,
     }
 
 
@@ -123,15 +143,19 @@ def write(results: list[dict], out: Path, overrides: list[str]) -> None:
                                                   "overrides": overrides, "steps": results}, indent=1))
     lines = [f"# Step profiles ({', '.join(overrides) or 'shipped configs'})", "",
              "| step | ms/step | forward | backward | clip | optimizer | matmul | attention | optimizer ops | copies / "
-             "conversions | other elementwise | outside operators | frozen params with grad |",
-             "|---|" + "---|" * 12]
+             "conversions | other elementwise | outside operators | frozen params with grad | page faults per "
+             "profiled step (warm-up steps) |",
+             "|---|" + "---|" * 13]
     for r in results:
         c = r["category_ms"]
         lines.append(f"| {r['step']} (b{r['batch']}, {r['dtype']}) | {r['wall_ms']:.0f} | "
                      + " | ".join(f"{r['phase_ms'][p]:.0f}" for p in PHASES) + " | "
                      + " | ".join(f"{c.get(k, 0.0):.0f}" for k in ("matmul", "attention", "optimizer",
                                                                    "copies / conversions", "other elementwise"))
-                     + f" | {r['outside_operators_ms']:.0f} | {len(r['frozen_params_with_grad'])} |")
+                     + f" | {r['outside_operators_ms']:.0f} | {len(r['frozen_params_with_grad'])} | "
+                       f"{r['profiled_page_faults_per_step']:.0f} ({', '.join(map(str, r['warmup_page_faults']))}) |")
+    lines += ["", "Page faults in the profiled steps inflate `aten::fill_` / `aten::copy_` / `aten::zero_` of the large "
+                  "buffers (the first touch of fresh pages); the warm-up counts show whether unprofiled steps still fault."]
     for r in results:
         lines += ["", f"## {r['step']}: top operators (self ms/step)", ""]
         lines += [f"- `{k}`: {v:.1f}" for k, v in r["top_ops_ms"].items()]
@@ -143,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(bench.REPO / "runs" / "profile"))
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--max-warmup", type=int, default=6, help="warm-up steps at most (it stops at the first step "
+                                                             "after the first without page faults)")
     p.add_argument("--only", default=None, help="profile only the steps whose name contains this")
     p.add_argument("overrides", nargs="*", help="config overrides of every step, e.g. optim.implementation=fused")
     args = p.parse_args(argv)
@@ -151,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in STEPS:
         if args.only and args.only not in name:
             continue
-        results.append(profile_one(name, args.batch, args.steps, args.overrides))
+        results.append(profile_one(name, args.batch, args.steps, args.overrides, args.max_warmup))
         print(f"{name}: {results[-1]['wall_ms']:.0f} ms/step", flush=True)
     write(results, Path(args.out), args.overrides)
     return 0

@@ -177,3 +177,17 @@ def test_ab_times_both_arms_in_one_process(tmp_path, tiny_vit_dir, tiny_bert_dir
     assert r["dropout_modules"] == {"A": 0, "B": r["dropout_modules"]["B"]} and r["dropout_modules"]["B"] > 0
     ab.write(r, tmp_path)
     assert (tmp_path / "ab.md").read_text().startswith("# A/B: representation/qformer")
+
+
+def test_profile_step_warms_up_and_reports_page_faults(tmp_path, tiny_vit_dir, tiny_bert_dir, tiny_llm_dir):
+    """The profile attributes every operator to a phase; it warms up until a step runs without page faults (at most
+    ``max_warmup`` steps) and says how many faults its profiled steps had (they inflate fills and copies)."""
+    from benchmarks import profile_step
+
+    overrides = _tiny_overrides("representation", tiny_vit_dir, tiny_bert_dir, tiny_llm_dir)
+    r = profile_step.profile_one("representation_qformer", 2, 1, overrides, max_warmup=3, image_size=16)
+    assert 2 <= len(r["warmup_page_faults"]) <= 3 and r["profiled_page_faults_per_step"] >= 0
+    assert r["category_ms"]["matmul"] > 0 and r["frozen_params_with_grad"] == []
+    assert set(r["phase_ms"]) == set(profile_step.PHASES) and r["phase_ms"]["backward"] > 0
+    profile_step.write([r], tmp_path, overrides)
+    assert "page faults per profiled step" in (tmp_path / "profile.md").read_text()
