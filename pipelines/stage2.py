@@ -111,8 +111,7 @@ def run_stage2(cfg: Stage2Config, resume: bool = False, stop_after: int | None =
     trained = optim.trained_module(engine, lambda: new_front(tower), dist.is_main)
     if not dist.is_main:
         return summary
-    # W is trained toward the P-Former's prompts, so it is meant for the P-Former's layout (default without)
-    layout = read_pformer_config(cfg.pformer).bos_before_prefix if cfg.align.weight else True
+    layout = prompt_layout(cfg)
     summary["front_dir"] = str(save_front(trained, run_dir / "front", cfg.front, cfg.vision, cfg.llm, layout))
     if cfg.eval.enabled:
         held_out = (video.held_out(cfg.eval.source) if video is not None else
@@ -128,6 +127,12 @@ def run_stage2(cfg: Stage2Config, resume: bool = False, stop_after: int | None =
                                                    dtype)
     write_json_atomic(run_dir / "stage2_summary.json", summary)
     return summary
+
+
+def prompt_layout(cfg: Stage2Config) -> bool:
+    """Whether W·Z goes after a BOS: W is trained toward the P-Former's prompts, so it is meant for the P-Former's
+    layout (without a P-Former: the default, with BOS)."""
+    return read_pformer_config(cfg.pformer).bos_before_prefix if cfg.align.weight else True
 
 
 def zero_shot_mechanism(front, tower, cfg: Stage2Config, bos_before_prefix: bool, out_dir, device, dtype) -> dict:

@@ -14,7 +14,11 @@ images (eval mode, no dropout) and their captions' P(y), and compares on held-ou
 It also reports how distinct the query positions are: the share of the query outputs' variance that lies between
 the positions' means (0: every query gives the same output up to sample noise).
 
-    python scripts/align_lstsq.py RUN_DIR [--checkpoint STEP] [--max-pairs 2000] [--out RUN_DIR/align_lstsq.json]
+``--zero-shot`` also measures, for that front, what the alignment is for (as a finished stage 2a does with
+``zero_shot.enabled``): held-out captions generated from W·Z through the frozen LLM, and the LLM's held-out caption
+loss with W·Z as prefix (the generative stage's step 0), written under ``RUN_DIR/zero_shot_step{STEP}/``.
+
+    python scripts/align_lstsq.py RUN_DIR [--checkpoint STEP] [--zero-shot] [--max-pairs 2000] [--out FILE]
 """
 from __future__ import annotations
 
@@ -66,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
                                                              "eigenvalue of ZᵀZ)")
     p.add_argument("--checkpoint", type=int, default=None, help="score the front saved in this step's checkpoint "
                                                                  "(RUN_DIR/checkpoints/step_*) instead of RUN_DIR/front")
+    p.add_argument("--zero-shot", action="store_true", help="also caption held-out images from W·Z and measure the "
+                                                                "held-out LM loss at generative step 0 (the run's "
+                                                                "zero_shot settings)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     run = Path(args.run_dir)
@@ -128,6 +135,12 @@ def main(argv: list[str] | None = None) -> int:
     }
     for key in ("trained_w", "lstsq_w", "lstsq_w_position_bias", "lstsq_per_query_w"):
         result[f"{key}_r2"] = 1.0 - result[f"{key}_mse"] / mean_mse
+    if args.zero_shot:
+        from pipelines.stage2 import prompt_layout, zero_shot_mechanism
+
+        folder = run / ("zero_shot_final" if args.checkpoint is None else f"zero_shot_step{args.checkpoint}")
+        result["zero_shot"] = zero_shot_mechanism(front, inputs.tower, cfg, prompt_layout(cfg), folder, device,
+                                                  dtype)
     out = Path(args.out) if args.out else run / (
         "align_lstsq.json" if args.checkpoint is None else f"align_lstsq_step{args.checkpoint}.json")
     write_json_atomic(out, result)

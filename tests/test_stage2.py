@@ -168,8 +168,11 @@ def test_align_lstsq_diagnostic_runs_on_a_finished_run(tmp_path, tiny_vit_dir, t
     spec.loader.exec_module(align_lstsq)
 
     cfg = load_config(Stage2Config, None, _common(tmp_path, "run", tiny_vit_dir, tiny_bert_dir, tiny_llm_dir,
-                                                  tiny_pformer_dir))
-    run_stage2(cfg)
+                                                  tiny_pformer_dir) + ["zero_shot.enabled=true",
+                                                                       "zero_shot.max_images=4",
+                                                                       "zero_shot.max_new_tokens=3",
+                                                                       "zero_shot.meteor=false"])
+    finished = run_stage2(cfg)["zero_shot"]
     assert align_lstsq.main([str(tmp_path / "run"), "--max-pairs", "16"]) == 0
     result = json.loads((tmp_path / "run" / "align_lstsq.json").read_text())
     assert result["pairs_fit"] == 8 and result["pairs_scored"] == 8
@@ -186,6 +189,11 @@ def test_align_lstsq_diagnostic_runs_on_a_finished_run(tmp_path, tiny_vit_dir, t
         at[step] = json.loads((tmp_path / "run" / f"align_lstsq_step{step}.json").read_text())
         assert at[step]["step"] == step
     assert at[3]["trained_w_mse"] == pytest.approx(result["trained_w_mse"], rel=1e-5)
+    # --zero-shot on the last checkpoint measures what the finished run measured on its saved front
+    assert align_lstsq.main([str(tmp_path / "run"), "--max-pairs", "16", "--checkpoint", "3", "--zero-shot"]) == 0
+    again = json.loads((tmp_path / "run" / "align_lstsq_step3.json").read_text())["zero_shot"]
+    assert again["heldout_lm"] == pytest.approx(finished["heldout_lm"], rel=1e-5)
+    assert (tmp_path / "run" / "zero_shot_step3" / "zero_shot.json").is_file()
     assert at[steps[0]]["trained_w_mse"] != pytest.approx(result["trained_w_mse"], rel=1e-5)
     with pytest.raises(SystemExit, match="step_00000099"):
         align_lstsq.main([str(tmp_path / "run"), "--checkpoint", "99"])
