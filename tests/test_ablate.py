@@ -307,30 +307,39 @@ def test_a_setting_added_since_a_cell_ran_is_no_protocol_change():
     assert _recorded_protocol({}, EvalConfig) is None
 
 
-def test_an_arms_front_settings_reach_both_stages(tmp_path, monkeypatch):
-    """elip_la1: ELIP's schedule with a look-ahead of 1 block at each pruning point, in stage 2a and in 2b."""
+class _Stop(Exception):
+    pass
+
+
+def _capture_stages(monkeypatch, stop_after: str) -> dict:
+    """Replace the stages a cell runs by recorders of their configs; raise ``_Stop`` once ``stop_after`` has been
+    reached ("stage2" or "generative"). Returns the dict they record into (stage name -> config)."""
     from pipelines import generative as generative_module
     from pipelines import stage2 as stage2_module
-    from pipelines.ablate import run_cell
 
     seen = {}
-
-    class Stop(Exception):
-        pass
 
     def capture(name):
         def run(c, **kwargs):
             seen[name] = c
-            if name == "generative":
-                raise Stop
+            if name == stop_after:
+                raise _Stop
             return {}
         return run
 
     monkeypatch.setattr(stage2_module, "run_stage2", capture("stage2"))
     monkeypatch.setattr(generative_module, "run_generative", capture("generative"))
+    return seen
+
+
+def test_an_arms_front_settings_reach_both_stages(tmp_path, monkeypatch):
+    """elip_la1: ELIP's schedule with a look-ahead of 1 block at each pruning point, in stage 2a and in 2b."""
+    from pipelines.ablate import run_cell
+
+    seen = _capture_stages(monkeypatch, "generative")
     cfg = load_config(AblateConfig, None, [f"output_dir={tmp_path}", "arms=[blip2,elip_la1]",
                                            'stage2_overrides=["front.elip.lookahead_depths=[2,2,2]"]'])
-    with pytest.raises(Stop):
+    with pytest.raises(_Stop):
         run_cell(cfg, "elip_la1", 16, 1e-4, 0, tmp_path / "pformer", None)
     for stage in ("stage2", "generative"):
         assert seen[stage].front.kind == "elip"
@@ -341,28 +350,14 @@ def test_an_arms_front_settings_reach_both_stages(tmp_path, monkeypatch):
 def test_the_fair_test_grids_build_their_stages_as_the_protocol_says(tmp_path, monkeypatch, name):
     """Issue 19's protocol: 32 prompts and queries, stage 2a with W at 30x on its own schedule, the arm's weights
     (ω₁ = ω₂/10), 200 validation images carved out of every cell; the stage overrides parse and reach the stages."""
-    from pipelines import generative as generative_module
-    from pipelines import stage2 as stage2_module
     from pipelines.ablate import CONFIG_DIR, arm_of, run_cell
 
-    seen = {}
-
-    class Stop(Exception):
-        pass
-
-    def capture(stage):
-        def run(c, **kwargs):
-            seen[stage] = c
-            raise Stop
-        return run
-
-    monkeypatch.setattr(stage2_module, "run_stage2", capture("stage2"))
-    monkeypatch.setattr(generative_module, "run_generative", capture("generative"))
+    seen = _capture_stages(monkeypatch, "stage2")
     cfg = load_config(AblateConfig, CONFIG_DIR / name, [f"output_dir={tmp_path}"])
     assert "model.num_prompts=32" in cfg.stage1_overrides and cfg.validation_images == 200
     for arm in cfg.arms:
         seen.clear()
-        with pytest.raises(Stop):
+        with pytest.raises(_Stop):
             run_cell(cfg, arm, cfg.pairs[0], cfg.lrs[0], 0, tmp_path / "pformer", None)
         s2 = seen["stage2"]
         assert s2.front.num_query_tokens == 32 and s2.optim.max_steps == 3000 and s2.optim.warmup_steps == 20
