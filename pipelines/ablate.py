@@ -30,7 +30,7 @@ from dvlp_common.io import write_json_atomic
 from vl_align.video_inputs import is_video_source
 
 from .ablate_report import write_gallery, write_report
-from .ablate_stats import METRICS, compare_to_baseline, group_cells, time_to_baseline_quality
+from .ablate_stats import METRICS, compare_to_baseline, gap_closed, group_cells, time_to_baseline_quality
 from .config import CONFIG_DIR
 
 
@@ -513,10 +513,12 @@ def run_ablation(cfg: AblateConfig) -> dict:
     groups = group_cells(cells)
     comparisons = compare_arms(cfg, cells)
     speed = time_to_baseline_quality(cells, cfg.baseline)
+    gaps = gap_closed(cells, cfg.baseline)
     wall = time.perf_counter() - start
     text = write_report(out, cfg, cells, groups, comparisons, speed, stage1_md, wall, missing,
-                        descriptions={a: arm_of(a).description for a in cfg.arms})
+                        descriptions={a: arm_of(a).description for a in cfg.arms}, gaps_closed=gaps)
     write_gallery(out, cfg, {a: out / "cells" / cell_name(a, cfg.pairs[0], cfg.lrs[0], cfg.seeds[0]) for a in cfg.arms})
     print(text, flush=True)
     return {"cells": cells, "groups": groups, "comparisons": comparisons, "time_to_baseline_quality": speed,
+            "gap_closed": gaps,
             "missing_cells": missing, "wall_seconds": wall}

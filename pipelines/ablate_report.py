@@ -11,7 +11,7 @@ import json
 import math
 from pathlib import Path
 
-from .ablate_stats import gap_closed, mean_curve, multiplicity_note
+from .ablate_stats import mean_curve, multiplicity_note
 
 
 def _pm(mean: float, std: float, seeds: int, digits: int = 3) -> str:
@@ -44,7 +44,8 @@ def video_section(groups: list[dict]) -> list[str]:
 
 
 def report_markdown(cfg, cells: list[dict], groups: list[dict], comparisons: list[dict], stage1_md: str,
-                    wall_seconds: float, time_to_quality: list[dict] = (), *, descriptions: dict[str, str]) -> str:
+                    wall_seconds: float, time_to_quality: list[dict] = (), *, descriptions: dict[str, str],
+                    gaps_closed: list[dict] = ()) -> str:
     """The text of results.md; ``descriptions``: arm -> its one-line description, for every arm of ``cfg.arms``."""
     from dvlp_common.reports import markdown_table
 
@@ -79,7 +80,8 @@ def report_markdown(cfg, cells: list[dict], groups: list[dict], comparisons: lis
                                                    else ""),
              "arm's gain": f"{g['gain']:+.3f}",
              "fraction closed": f"{g['fraction']:+.2f}" if math.isfinite(g["fraction"]) else g["gap_verdict"],
-             "per seed": ", ".join(f"{f:+.2f}" if math.isfinite(f) else "—" for f in g["seed_fractions"])} for g in gap_closed(cells, cfg.baseline)]
+             "per seed": ", ".join(f"{f:+.2f}" if math.isfinite(f) else "—" for f in g["seed_fractions"])}
+            for g in gaps_closed]
     lines = [f"# Ablation: {cfg.dataset}", "",
              f"{len(cells)} runs, wall time {wall_seconds / 60:.1f} min in this invocation (finished cells are "
              f"reused). Per cell: {cfg.stage2_steps} representation steps (none for tome) + {cfg.generative_steps} "
@@ -218,9 +220,11 @@ def write_gallery(out: Path, cfg, cell_dirs: dict[str, Path]) -> Path | None:
 
 
 def write_report(out: Path, cfg, cells: list[dict], groups: list[dict], comparisons: list[dict], speed: list[dict],
-                 stage1_md: str, wall: float, missing: list[str], descriptions: dict[str, str]) -> str:
+                 stage1_md: str, wall: float, missing: list[str], descriptions: dict[str, str],
+                 gaps_closed: list[dict] = ()) -> str:
     """results.md (returned), results.csv, results.json and the PNG plots in ``out``."""
-    text = report_markdown(cfg, cells, groups, comparisons, stage1_md, wall, speed, descriptions=descriptions)
+    text = report_markdown(cfg, cells, groups, comparisons, stage1_md, wall, speed, descriptions=descriptions,
+                           gaps_closed=gaps_closed)
     if missing:
         text += f"\nNot finished (left out of this report): {len(missing)} cells: {', '.join(missing)}.\n"
     (out / "results.md").write_text(text)
@@ -228,7 +232,7 @@ def write_report(out: Path, cfg, cells: list[dict], groups: list[dict], comparis
     (out / "results.json").write_text(json.dumps({"config": cfg.dataset, "wall_seconds": wall, "cells": cells,
                                                   "groups": groups, "comparisons": comparisons,
                                                   "time_to_baseline_quality": speed,
-                                                  "gap_closed": gap_closed(cells, cfg.baseline),
+                                                  "gap_closed": list(gaps_closed),
                                                   "missing_cells": missing}, indent=2))
     write_plots(out, cfg, cells, groups)
     return text

@@ -132,13 +132,11 @@ def gap_closed(cells: list[dict], baseline: str, metric: str = "CIDEr") -> list[
                 gain, _, n = mean_std(gains)
                 gap, gap_std, _ = mean_std(gaps)
                 gap_half_width = t_critical(n - 1) * gap_std / math.sqrt(n) if n >= 2 else float("nan")
-                if n < 2:
-                    gap_verdict = "under 2 seeds: no test"
-                elif gap > gap_half_width:
-                    gap_verdict = "gap beyond seed spread"
-                else:
-                    gap_verdict = f"no gap beyond seed spread at {top} pairs"
-                defined = gap_verdict != f"no gap beyond seed spread at {top} pairs" and gap > 0
+                within_spread = n >= 2 and gap <= gap_half_width
+                gap_verdict = ("under 2 seeds: no test" if n < 2 else
+                               f"no gap beyond seed spread at {top} pairs" if within_spread else
+                               "gap beyond seed spread")
+                defined = gap > 0 and not within_spread
                 out.append({"arm": arm, "pairs": pairs, "lr": lr, "metric": metric, "reference_pairs": top,
                             "seeds": n, "baseline": sum(base[(pairs, s)] for s in seeds) / n,
                             "baseline_reference": sum(base[(top, s)] for s in seeds) / n, "gap": gap,

@@ -129,7 +129,8 @@ def test_gap_closed_is_the_arms_paired_gain_over_the_baselines_paired_data_gap()
     from pipelines.ablate_report import report_markdown
 
     cfg = load_config(AblateConfig, None, ["arms=[blip2,pformer,control]", "pairs=[50,500,4000]"])
-    text = report_markdown(cfg, cells, group_cells(cells), [], "", 1.0, descriptions=dict.fromkeys(cfg.arms, "-"))
+    text = report_markdown(cfg, cells, group_cells(cells), [], "", 1.0, descriptions=dict.fromkeys(cfg.arms, "-"),
+                           gaps_closed=ablate_stats.gap_closed(cells, "blip2"))
     section = text.split("## Fraction of `blip2`'s data gap")[1]
     assert "| pformer | 50 | 0.0001 | 3 | 0.300 | 1.300 | 1.000 ± 0.000 | +0.500 | +0.50 | +0.40, +0.50, +0.60 |" \
         in section
