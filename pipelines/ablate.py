@@ -90,21 +90,32 @@ ARMS: dict[str, Arm] = {
 
 
 def arm_of(name: str) -> Arm:
-    """An arm by name; ``<arm>:<ω₂>`` is that arm with the generative weight ω₂ and ω₁ = ω₂ / 10 (the paper's 1:10),
-    e.g. ``pformer:30``, for calibrating the weights (``arms=[blip2,pformer:1,pformer:3,pformer:10]``)."""
-    base, _, weight = name.partition(":")
+    """An arm by name, with its alignment weights optionally set, for calibrating them:
+    - ``<arm>:<ω₂>``: ω₂ and ω₁ = ω₂ / 10 (the paper's 1:10), e.g. ``pformer:30``;
+    - ``<arm>:w1=<ω₁>,w2=<ω₂>`` (either key may be left out: ω₂ then keeps the arm's, ω₁ is ω₂ / 10), e.g.
+      ``pformer:w1=100,w2=100``: ω₁ set on its own, since stage 2a may need a stronger alignment than the paper's
+      ratio gives (docs/fair_test/omega1)."""
+    base, _, spec = name.partition(":")
     if base not in ARMS:
-        raise ConfigError("arms", f"unknown arm {name!r}; allowed values: {', '.join(ARMS)}, or <arm>:<ω₂>")
+        raise ConfigError("arms", f"unknown arm {name!r}; allowed values: {', '.join(ARMS)}, or <arm>:<ω₂>, or "
+                                  "<arm>:w1=<ω₁>,w2=<ω₂>")
     arm = ARMS[base]
-    if not weight:
+    if not spec:
         return arm
-    try:
-        w2 = float(weight)
-    except ValueError:
-        raise ConfigError("arms", f"{name!r}: the weight after ':' must be a number") from None
-    if not arm.w2 or w2 <= 0:
-        raise ConfigError("arms", f"{name!r}: only an aligning arm takes a weight, and it must be > 0")
-    return replace(arm, w1=w2 / 10, w2=w2, description=f"{arm.description}; ω₂ = {w2:g}, ω₁ = {w2 / 10:g}")
+    weights: dict[str, float] = {}
+    for item in spec.split(",") if "=" in spec else [f"w2={spec}"]:
+        key, _, value = item.partition("=")
+        if key not in ("w1", "w2") or key in weights:
+            raise ConfigError("arms", f"{name!r}: expected <arm>:<ω₂> or <arm>:w1=<ω₁>,w2=<ω₂> (each key once)")
+        try:
+            weights[key] = float(value)
+        except ValueError:
+            raise ConfigError("arms", f"{name!r}: the weight {key}={value!r} must be a number") from None
+    w2 = weights.get("w2", arm.w2)
+    w1 = weights.get("w1", w2 / 10)
+    if not arm.w2 or w2 <= 0 or w1 < 0:
+        raise ConfigError("arms", f"{name!r}: only an aligning arm takes weights; ω₂ must be > 0 and ω₁ >= 0")
+    return replace(arm, w1=w1, w2=w2, description=f"{arm.description}; ω₂ = {w2:g}, ω₁ = {w1:g}")
 
 
 @dataclass
@@ -198,7 +209,10 @@ class AblateConfig(Config):
 # ---------------------------------------------------------------------------------------------------------------
 # one cell
 def cell_name(arm: str, pairs: int, lr: float, seed: int) -> str:
-    return f"{arm.replace(':', '_w')}/pairs{pairs}_lr{lr:g}_seed{seed}"  # no ':' in file names
+    # no ':' (nor '=' or ',') in file names: pformer:30 -> pformer_w30, pformer:w1=100,w2=100 -> pformer_w1-100_w2-100
+    base, _, spec = arm.partition(":")
+    weights = ("_" + spec.replace("=", "-").replace(",", "_")) if "=" in spec else (f"_w{spec}" if spec else "")
+    return f"{base}{weights}/pairs{pairs}_lr{lr:g}_seed{seed}"
 
 
 def _warmup(steps: int, wanted: int) -> int:

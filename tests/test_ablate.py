@@ -278,13 +278,20 @@ def test_the_sequential_arm_aligns_then_trains_the_lm_within_the_same_steps(tmp_
         (seq_dir / "generative" / "generative_summary.json").read_text())["train_seconds"]
 
 
-def test_weighted_arm_names_calibrate_the_alignment_at_the_papers_ratio():
-    from pipelines.ablate import arm_of
+def test_weighted_arm_names_calibrate_the_alignment_at_the_papers_ratio_or_each_weight_on_its_own():
+    from pipelines.ablate import arm_of, cell_name
 
     arm = arm_of("pformer:30")
     assert (arm.w1, arm.w2, arm.kind, arm.target) == (3.0, 30.0, "mse", "caption")
     assert arm_of("control:3").target == "corpus_mean" and arm_of("pformer_seq:1").sequential
-    for bad in ("blip2:10", "pformer:x", "pformer:0", "nope:1"):
+    arm = arm_of("pformer:w1=100,w2=30")  # ω₁ on its own
+    assert (arm.w1, arm.w2, arm.kind) == (100.0, 30.0, "mse") and "ω₁ = 100" in arm.description
+    assert (arm_of("pformer:w1=100").w1, arm_of("pformer:w1=100").w2) == (100.0, 100.0)  # ω₂ keeps the arm's
+    assert (arm_of("pformer_seq:w2=30").w1, arm_of("pformer_seq:w2=30").w2) == (3.0, 30.0)  # ω₁ at the ratio
+    assert cell_name("pformer:w1=100,w2=30", 500, 1e-4, 0) == "pformer_w1-100_w2-30/pairs500_lr0.0001_seed0"
+    assert cell_name("pformer:30", 500, 1e-4, 0) == "pformer_w30/pairs500_lr0.0001_seed0"
+    for bad in ("blip2:10", "pformer:x", "pformer:0", "nope:1", "pformer:w3=1", "pformer:w1=1,w1=2",
+                "pformer:w1=x", "pformer:w1=-1", "blip2:w1=1"):
         with pytest.raises(ConfigError, match="arms"):
             arm_of(bad)
     cfg = load_config(AblateConfig, None, ["arms=[blip2,pformer:10,pformer:100]", "validation_images=50",
