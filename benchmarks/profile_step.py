@@ -169,14 +169,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--max-warmup", type=int, default=6, help="warm-up steps at most (it stops at the first step "
                                                              "after the first without page faults)")
-    p.add_argument("--only", default=None, help="profile only the steps whose name contains this")
+    p.add_argument("--only", default=None, help=f"profile only the steps whose name contains this ({', '.join(STEPS)})")
     p.add_argument("overrides", nargs="*", help="config overrides of every step, e.g. optim.implementation=fused")
     args = p.parse_args(argv)
+    names = [name for name in STEPS if not args.only or args.only in name]
+    if not names:  # an empty report would read as "nothing to see"
+        p.error(f"--only {args.only!r} matches no step; steps: {', '.join(STEPS)}")
     keep_freed_memory()  # profile the steps as `dvlp` runs them
     results = []
-    for name in STEPS:
-        if args.only and args.only not in name:
-            continue
+    for name in names:
         results.append(profile_one(name, args.batch, args.steps, args.overrides, args.max_warmup))
         print(f"{name}: {results[-1]['wall_ms']:.0f} ms/step", flush=True)
     write(results, Path(args.out), args.overrides)

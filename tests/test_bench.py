@@ -191,3 +191,12 @@ def test_profile_step_warms_up_and_reports_page_faults(tmp_path, tiny_vit_dir, t
     assert set(r["phase_ms"]) == set(profile_step.PHASES) and r["phase_ms"]["backward"] > 0
     profile_step.write([r], tmp_path, overrides)
     assert "page faults per profiled step" in (tmp_path / "profile.md").read_text()
+
+
+def test_profile_step_refuses_a_filter_that_matches_no_step(capsys):
+    """``--only representation/qformer`` (bench's spelling) once profiled nothing and wrote an empty table."""
+    from benchmarks import profile_step
+
+    with pytest.raises(SystemExit) as exit_info:
+        profile_step.main(["--only", "representation/qformer"])
+    assert exit_info.value.code == 2 and "representation_qformer" in capsys.readouterr().err
