@@ -215,6 +215,12 @@ def cell_name(arm: str, pairs: int, lr: float, seed: int) -> str:
     return f"{base}{weights}/pairs{pairs}_lr{lr:g}_seed{seed}"
 
 
+def arm_settings(arm: Arm) -> list[str]:
+    """What makes the arm (a video front's frames, modules, positions; its front settings): the overrides of both
+    stages, applied after the grid's stage overrides so that they win."""
+    return [*(["front.video.enabled=true", *arm.video] if arm.video is not None else []), *arm.overrides]
+
+
 def _warmup(steps: int, wanted: int) -> int:
     return min(wanted, max(1, steps // 5))
 
@@ -328,9 +334,7 @@ def run_cell(cfg: AblateConfig, arm_name: str, pairs: int, lr: float, seed: int,
               f"pformer={pformer_dir}", f"data.max_pairs={pairs}", f"front.kind={arm.front}",
               f"align.kind={arm.kind}", f"align.target={arm.target}",
               f"data.validation_images={cfg.validation_images}"]
-    # what makes the arm (a video front's frames, modules, positions; its front settings) wins over the grid's
-    # stage overrides
-    arm_settings = [*(["front.video.enabled=true", *arm.video] if arm.video is not None else []), *arm.overrides]
+    settings = arm_settings(arm)
     has_stage2 = arm.front != "tome" and arm.representation
     gen = load_config(GenerativeConfig, cfg.generative_config, common + [
         f"align.weight={arm.w2}", f"optim.lr={lr}", f"optim.min_lr={lr / 10}",
@@ -340,7 +344,7 @@ def run_cell(cfg: AblateConfig, arm_name: str, pairs: int, lr: float, seed: int,
         f"eval.max_images={cfg.eval_images}", f"eval.max_questions={cfg.eval_questions}",
         f"eval.split={cfg.eval_split}",
         f"curve.every={cfg.curve_every}", f"curve.images={cfg.curve_images}", *cfg.generative_overrides,
-        *arm_settings])
+        *settings])
     protocol = to_dict(gen.eval)
     if done.exists():
         row = json.loads(done.read_text())
@@ -359,7 +363,7 @@ def run_cell(cfg: AblateConfig, arm_name: str, pairs: int, lr: float, seed: int,
             f"init_front={cell_dir / 'stage2' / 'front' if has_stage2 else 'null'}",
             f"logging.output_dir={cell_dir / 'generative_align'}",
             "logging.progress_bar=false", "eval.enabled=false", "curve.every=0", *cfg.generative_overrides,
-            *arm_settings])
+            *settings])
         lm_steps = cfg.generative_steps - align_steps
         gen = gen.replace(align=gen.align.replace(weight=0.0), init_front=str(cell_dir / "generative_align" / "front"),
                           optim=gen.optim.replace(max_steps=lm_steps, warmup_steps=_warmup(lm_steps, 10)))
@@ -371,7 +375,7 @@ def run_cell(cfg: AblateConfig, arm_name: str, pairs: int, lr: float, seed: int,
             "logging.progress_bar=false", f"eval.enabled={bool(cfg.retrieval_images)}",
             f"eval.max_images={cfg.retrieval_images or 1}", f"zero_shot.enabled={bool(cfg.zero_shot_images)}",
             f"zero_shot.max_images={cfg.zero_shot_images or 1}", "zero_shot.meteor=false",
-            f"zero_shot.split={cfg.eval_split}", *cfg.stage2_overrides, *arm_settings])
+            f"zero_shot.split={cfg.eval_split}", *cfg.stage2_overrides, *settings])
         shared = _run_stage2_once(cfg, cell_dir, s2, run_stage2)
     if arm.sequential:
         run_generative(phase1, resume=True)

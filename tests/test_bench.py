@@ -200,3 +200,78 @@ def test_profile_step_refuses_a_filter_that_matches_no_step(capsys):
     with pytest.raises(SystemExit) as exit_info:
         profile_step.main(["--only", "representation/qformer"])
     assert exit_info.value.code == 2 and "representation_qformer" in capsys.readouterr().err
+
+
+def test_cell_cost_times_the_grids_steps_as_the_runner_builds_them(tmp_path, monkeypatch, tiny_vit_dir,
+                                                                   tiny_bert_dir, tiny_llm_dir):
+    """benchmarks.cell: each stage's step of one grid cell at the grid's shapes, with the overrides the runner gives
+    that stage (checked against the configs run_cell builds); projected time = steps x step time, floor = steps x
+    FLOPs / the matmul peak, and a target under the floor is said to be out of reach."""
+    import yaml
+
+    from benchmarks import bench, cell
+    from dvlp_common.config import ConfigError, load_config
+    from pipelines import generative as generative_module
+    from pipelines import stage2 as stage2_module
+    from pipelines.ablate import AblateConfig, run_cell
+    from pipelines.generative import GenerativeConfig
+    from pipelines.stage2 import Stage2Config
+
+    front = [*_tiny_overrides("representation", tiny_vit_dir, tiny_bert_dir, tiny_llm_dir), "vision.image_size=16",
+             "optim.micro_batch_size=3"]
+    grid = {"dataset": "embedded:easy-vqa", "arms": ["blip2", "pformer:w1=100,w2=30"],
+            "stage1_steps": 3, "stage2_steps": 7, "generative_steps": 5,
+            "stage1_overrides": [*_tiny_overrides("stage1", tiny_vit_dir, tiny_bert_dir, tiny_llm_dir),
+                                 "optim.micro_batch_size=2"],
+            "stage2_overrides": front, "generative_overrides": front}
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(grid))
+    cfg = load_config(AblateConfig, tmp_path / "grid.yaml", [f"output_dir={tmp_path / 'grid'}"])
+    cases = cell.plan(cfg, "pformer:w1=100,w2=30", "cpu", "float32", warmup=0, steps=1)
+    assert [c["name"] for c in cases] == ["matmul_peak", "stage1", "representation", "generative"]
+    assert [c.get("cell_steps") for c in cases[1:]] == [3, 7, 5] and [c["batch"] for c in cases[1:]] == [2, 3, 3]
+    assert [c["name"] for c in cell.plan(cfg, "blip2", "cpu", "float32", 0, 1)][1:] == [
+        "stage1", "representation", "generative"]
+    with pytest.raises(ConfigError, match="video"):  # --arm names it
+        cell.plan(cfg, "video_faithful", "cpu", "float32", 0, 1)
+
+    # the same stage configs as the runner's (what shapes the step: data, weights, queries, batch, image size)
+    seen = {}
+
+    def record(name):
+        def run(c, **kwargs):
+            seen[name] = c
+            return {}
+        return run
+    monkeypatch.setattr(stage2_module, "run_stage2", record("stage2"))
+    monkeypatch.setattr(generative_module, "run_generative", record("generative"))
+    with pytest.raises(FileNotFoundError):  # at the cell's summary, after the stages (nothing was trained)
+        run_cell(cfg, "pformer:w1=100,w2=30", 500, 1e-4, 0, tmp_path / "pformer", None)
+    ours = {"stage2": load_config(Stage2Config, bench.CONFIG_DIR / "stage2.yaml", cases[2]["overrides"]),
+            "generative": load_config(GenerativeConfig, bench.CONFIG_DIR / "generative.yaml", cases[3]["overrides"])}
+    for stage, c in ours.items():
+        runner = seen[stage]
+        for key in ("data.source", "front.kind", "front.num_query_tokens", "align.kind", "align.weight",
+                    "optim.micro_batch_size", "vision.image_size", "vision.model", "front.init_from"):
+            section, field = key.split(".")
+            assert getattr(getattr(c, section), field) == getattr(getattr(runner, section), field), (stage, key)
+    assert (ours["stage2"].align.weight, ours["generative"].align.weight) == (100.0, 30.0)
+
+    # measured in this process (the tool runs each in a fresh subprocess)
+    cases[0].update(sizes=[64], repeats=1)
+    results = [{**bench.run_case(c), "spec": c, "peak_rss_mb": 1.0} for c in cases]
+    report = cell.assemble(results, target_minutes=1e-6)
+    stages, total = report["stages"], report["cell"]
+    for name, c in zip(("stage1", "representation", "generative"), cases[1:]):
+        s, r = stages[name], results[cases.index(c)]
+        assert s["projected_s"] == pytest.approx(c["cell_steps"] * r["step_time_s"])
+        assert s["floor_s"] == pytest.approx(c["cell_steps"] * r["flops_per_sample"]["total"] * c["batch"]
+                                             / (report["peak_tflops"]["float32"] * 1e12))
+    assert total["projected_s"] == pytest.approx(stages["representation"]["projected_s"]
+                                                 + stages["generative"]["projected_s"])  # stage 1: once per grid
+    assert total["mfu_needed"] > 1
+    full = {"config": "grid.yaml", "arm": "pformer:w1=100,w2=30", "overrides": [], "dtype": "float32",
+            "machine": bench.machine_info("cpu"), "warmup_steps": 0, "timed_steps": 1, "result": report, "wall_s": 1.0,
+            "load_average_end": [0.0, 0.0, 0.0]}
+    cell.write_markdown(full, tmp_path / "cell.md")
+    text = (tmp_path / "cell.md").read_text()
+    assert "stage1 (once per grid)" in text and "below the floor" in text
