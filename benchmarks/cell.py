@@ -65,6 +65,8 @@ def _stage_shape(stage: str, front: str | None, overrides: list[str]) -> tuple[i
 def plan(cfg, arm_name: str, device: str, dtype: str, warmup: int, steps: int) -> list[dict]:
     """The measurements: the matmul peak, then one step per stage of the cell (and stage 1)."""
     sizes = [1024, 2048] if device == "cpu" else [4096, 8192]
+    # the peak before and after the steps: on shared VMs it drifts between processes (0.42-0.71 TFLOP/s bf16 seen on
+    # one 2-core EPYC); the higher one sets the floor, so that the floor is not flattered by a slow moment
     cases = [{"name": "matmul_peak", "kind": "peak", "device": device, "sizes": sizes, "repeats": 5}]
     counts = {"stage1": cfg.stage1_steps, "representation": cfg.stage2_steps, "generative": cfg.generative_steps}
     from pipelines.ablate import arm_of
@@ -76,12 +78,14 @@ def plan(cfg, arm_name: str, device: str, dtype: str, warmup: int, steps: int) -
                       "dtype": dtype, "image_size": image_size, "batch": batch, "overrides": overrides,
                       "warmup": warmup, "steps": steps, "count_executed": False,
                       "cell_steps": counts[stage], "accumulation": accumulation})
+    cases.append({**cases[0], "name": "matmul_peak_after"})
     return cases
 
 
 def assemble(results: list[dict], target_minutes: float | None) -> dict:
     """Per stage and for the cell: projected seconds at the measured step time, and the floor at the matmul peak."""
-    peak_row = next(r for r in results if r["spec"]["kind"] == "peak")
+    peaks = [r["peak"] for r in results if r["spec"]["kind"] == "peak" and "error" not in r]
+    best = {dtype: max(p[dtype]["tflops"] for p in peaks) for dtype in peaks[0]}
     stages = {}
     for r in results:
         spec = r["spec"]
@@ -90,7 +94,7 @@ def assemble(results: list[dict], target_minutes: float | None) -> dict:
         if "error" in r:
             stages[spec["name"]] = {"error": r["error"], "log_tail": r.get("log_tail", "")}
             continue
-        peak = peak_row["peak"][spec["dtype"]]["tflops"] * 1e12
+        peak = best[spec["dtype"]] * 1e12
         step_s = r["step_time_s"] * spec["accumulation"]
         flops = r["flops_per_sample"]["total"] * spec["batch"] * spec["accumulation"]
         stages[spec["name"]] = {
@@ -106,7 +110,8 @@ def assemble(results: list[dict], target_minutes: float | None) -> dict:
         # the MFU the cell would need on this machine to fit the target (above 1: no kernel work can reach it)
         cell["mfu_needed"] = cell["floor_s"] / cell["target_s"]
         cell["speedup_needed"] = cell["projected_s"] / cell["target_s"]
-    return {"peak_tflops": {k: v["tflops"] for k, v in peak_row["peak"].items()}, "stages": stages, "cell": cell}
+    return {"peak_tflops": best, "peaks_measured_tflops": [{k: v["tflops"] for k, v in p.items()} for p in peaks],
+            "stages": stages, "cell": cell}
 
 
 def _minutes(s: float) -> str:
@@ -119,8 +124,10 @@ def write_markdown(report: dict, path: Path) -> None:
              f"Machine: {m['gpu'] or m['cpu']}; {m['usable_cores']} usable cores, {m['torch_threads']} torch threads; "
              f"torch {m['torch']}. Load average (1 min) {m['load_average_start'][0]:.2f} at the start, "
              f"{report['load_average_end'][0]:.2f} at the end (other work on the machine slows the steps). "
-             f"Compute dtype **{report['dtype']}**; matmul peak in this run: "
-             + ", ".join(f"{k} {v * 1e3:.0f} GFLOP/s" for k, v in r["peak_tflops"].items())
+             f"Compute dtype **{report['dtype']}**; matmul peak, the higher of its measurements before and after the "
+               "steps: " + ", ".join(f"{k} {v * 1e3:.0f} GFLOP/s (measured "
+                                     + " and ".join(f"{p[k] * 1e3:.0f}" for p in r["peaks_measured_tflops"]) + ")"
+                                     for k, v in r["peak_tflops"].items())
              + f". {report['timed_steps']} timed steps per stage after {report['warmup_steps']} warm-up steps. "
                f"Total wall time {report['wall_s']:.0f} s.\n",
              "| stage | steps | batch | s/step (median) | GFLOP/step | s/step at 100% MFU | MFU | projected | floor |",
@@ -178,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         msg = r.get("error") or (f"{r['step_time_s']:.3f} s/step" if spec["kind"] == "step" else
                                  ", ".join(f"{k} {v['tflops'] * 1e3:.0f} GFLOP/s" for k, v in r["peak"].items()))
         print(f"{spec['name']}: {msg} ({r['wall_s']:.0f} s)", flush=True)
-    if "error" in results[0]:
+    if all("error" in r for r in results if r["spec"]["kind"] == "peak"):
         print(f"the matmul peak failed: {results[0]['error']}", flush=True)
         return 1
     report = {"config": args.config, "arm": arm, "overrides": args.overrides, "dtype": dtype,

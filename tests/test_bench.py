@@ -227,9 +227,10 @@ def test_cell_cost_times_the_grids_steps_as_the_runner_builds_them(tmp_path, mon
     (tmp_path / "grid.yaml").write_text(yaml.safe_dump(grid))
     cfg = load_config(AblateConfig, tmp_path / "grid.yaml", [f"output_dir={tmp_path / 'grid'}"])
     cases = cell.plan(cfg, "pformer:w1=100,w2=30", "cpu", "float32", warmup=0, steps=1)
-    assert [c["name"] for c in cases] == ["matmul_peak", "stage1", "representation", "generative"]
-    assert [c.get("cell_steps") for c in cases[1:]] == [3, 7, 5] and [c["batch"] for c in cases[1:]] == [2, 3, 3]
-    assert [c["name"] for c in cell.plan(cfg, "blip2", "cpu", "float32", 0, 1)][1:] == [
+    assert [c["name"] for c in cases] == ["matmul_peak", "stage1", "representation", "generative",
+                                          "matmul_peak_after"]
+    assert [c.get("cell_steps") for c in cases[1:-1]] == [3, 7, 5] and [c["batch"] for c in cases[1:-1]] == [2, 3, 3]
+    assert [c["name"] for c in cell.plan(cfg, "blip2", "cpu", "float32", 0, 1)][1:-1] == [
         "stage1", "representation", "generative"]
     with pytest.raises(ConfigError, match="video"):  # --arm names it
         cell.plan(cfg, "video_faithful", "cpu", "float32", 0, 1)
@@ -257,11 +258,13 @@ def test_cell_cost_times_the_grids_steps_as_the_runner_builds_them(tmp_path, mon
     assert (ours["stage2"].align.weight, ours["generative"].align.weight) == (100.0, 30.0)
 
     # measured in this process (the tool runs each in a fresh subprocess)
-    cases[0].update(sizes=[64], repeats=1)
+    for c in (cases[0], cases[-1]):
+        c.update(sizes=[64], repeats=1)
     results = [{**bench.run_case(c), "spec": c, "peak_rss_mb": 1.0} for c in cases]
     report = cell.assemble(results, target_minutes=1e-6)
+    assert report["peak_tflops"]["float32"] == max(r["peak"]["float32"]["tflops"] for r in (results[0], results[-1]))
     stages, total = report["stages"], report["cell"]
-    for name, c in zip(("stage1", "representation", "generative"), cases[1:]):
+    for name, c in zip(("stage1", "representation", "generative"), cases[1:-1]):
         s, r = stages[name], results[cases.index(c)]
         assert s["projected_s"] == pytest.approx(c["cell_steps"] * r["step_time_s"])
         assert s["floor_s"] == pytest.approx(c["cell_steps"] * r["flops_per_sample"]["total"] * c["batch"]
