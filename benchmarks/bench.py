@@ -594,6 +594,12 @@ def measure_in_subprocess(spec: dict, log_dir: Path, timeout_s: float) -> dict:
     return out
 
 
+def peak_spec(device: str, repeats: int, name: str = "matmul_peak") -> dict:
+    """The matmul-peak measurement: square matmuls of sizes that saturate the device."""
+    sizes = [1024, 2048] if device == "cpu" else [4096, 8192]
+    return {"name": name, "kind": "peak", "device": device, "sizes": sizes, "repeats": repeats}
+
+
 def plan(quick: bool, device: str, dtype: str, batch: int | None = None, steps: int | None = None,
          overrides: list[str] | None = None) -> list[dict]:
     """The measurements of a run; ``overrides`` (config ``key=value`` words, e.g. ``optim.implementation=fused``)
@@ -611,9 +617,7 @@ def plan(quick: bool, device: str, dtype: str, batch: int | None = None, steps: 
                 "image_size": size, "dtype": dt, "count_executed": dt == dtype and not quick, **kw}
         return spec
 
-    sizes = [1024, 2048] if device == "cpu" else [4096, 8192]
-    cases = [{"name": "matmul_peak", "kind": "peak", "device": device, "sizes": sizes,
-              "repeats": 3 if quick else 8}]
+    cases = [peak_spec(device, repeats=3 if quick else 8)]
     cases.append(step("stage1"))
     cases += [step("representation", f) for f in (*REPRESENTATION_FRONTS, LIVE_TOWER_QFORMER)]
     cases += [step("generative", f) for f in GENERATIVE_FRONTS]

@@ -64,21 +64,21 @@ def _stage_shape(stage: str, front: str | None, overrides: list[str]) -> tuple[i
 
 def plan(cfg, arm_name: str, device: str, dtype: str, warmup: int, steps: int) -> list[dict]:
     """The measurements: the matmul peak, then one step per stage of the cell (and stage 1)."""
-    sizes = [1024, 2048] if device == "cpu" else [4096, 8192]
-    # the peak before and after the steps: on shared VMs it drifts between processes (0.42-0.71 TFLOP/s bf16 seen on
-    # one 2-core EPYC); the higher one sets the floor, so that the floor is not flattered by a slow moment
-    cases = [{"name": "matmul_peak", "kind": "peak", "device": device, "sizes": sizes, "repeats": 5}]
-    counts = {"stage1": cfg.stage1_steps, "representation": cfg.stage2_steps, "generative": cfg.generative_steps}
     from pipelines.ablate import arm_of
 
+    # the peak before and after the steps: on shared VMs it drifts between processes (0.42-0.71 TFLOP/s bf16 seen on
+    # one 2-core EPYC); the higher one sets the floor, so that the floor is not flattered by a slow moment
+    cases = [bench.peak_spec(device, repeats=5)]
+    counts = {"stage1": cfg.stage1_steps, "representation": cfg.stage2_steps, "generative": cfg.generative_steps}
+    arm_front = arm_of(arm_name).front
     for stage, overrides in stage_overrides(cfg, arm_name).items():
-        front = None if stage == "stage1" else arm_of(arm_name).front
+        front = None if stage == "stage1" else arm_front
         batch, accumulation, image_size = _stage_shape(stage, front, overrides)
         cases.append({"name": stage, "kind": "step", "stage": stage, "front": front, "device": device,
                       "dtype": dtype, "image_size": image_size, "batch": batch, "overrides": overrides,
                       "warmup": warmup, "steps": steps, "count_executed": False,
                       "cell_steps": counts[stage], "accumulation": accumulation})
-    cases.append({**cases[0], "name": "matmul_peak_after"})
+    cases.append(bench.peak_spec(device, repeats=5, name="matmul_peak_after"))
     return cases
 
 
