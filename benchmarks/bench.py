@@ -118,18 +118,34 @@ def _stand_in_targets(num_prompts: int, width: int):
     return lambda captions, device: torch.randn(len(captions), num_prompts, width, device=device)
 
 
+def stage_config(stage: str, front: str | None, overrides: list[str]):
+    """A stage's config as every benchmark builds it: the shipped base YAML of the stage (stage 2's ELIP front has its
+    own), then ``overrides``. ``stage`` is stage1, representation or generative."""
+    from dvlp_common.config import load_config
+    from pipelines.generative import GenerativeConfig
+    from pipelines.stage1 import Stage1Config
+    from pipelines.stage2 import Stage2Config
+
+    if stage == "stage1":
+        return load_config(Stage1Config, CONFIG_DIR / "stage1.yaml", overrides)
+    if stage == "representation":
+        return load_config(Stage2Config, CONFIG_DIR / ("stage2_elip.yaml" if front == "elip" else "stage2.yaml"),
+                           overrides)
+    if stage == "generative":
+        return load_config(GenerativeConfig, CONFIG_DIR / "generative.yaml", overrides)
+    raise ValueError(f"unknown stage {stage!r}: expected stage1, representation or generative")
+
+
 def _setup_stage1(spec, device, dtype):
     from benchmarks import flops as F
     from dvlp_common import zoo
-    from dvlp_common.config import load_config
     from pformer.data import load_text_corpus
     from pformer.llm import FrozenLLM
     from pformer.model import PFormer
     from pformer.objective import Stage1Collator, stage1_loss
     from vl_align.sources import resolve_text_source
-    from pipelines.stage1 import Stage1Config
 
-    cfg = load_config(Stage1Config, CONFIG_DIR / "stage1.yaml", spec["overrides"])
+    cfg = stage_config("stage1", None, spec["overrides"])
     b = spec["batch"]
     llm = FrozenLLM.load(cfg.model.llm, dtype=dtype, text_suffix=cfg.model.text_suffix,
                          bos_before_prefix=cfg.model.bos_before_prefix).to(device)
@@ -159,8 +175,6 @@ def _setup_stage1(spec, device, dtype):
 def _setup_representation(spec, device, dtype):
     from benchmarks import flops as F
     from dvlp_common import zoo
-    from dvlp_common.config import load_config
-    from pipelines.stage2 import Stage2Config
     from vl_align.fronts import build_front, needs_live_tower
     from vl_align.inputs import ImageInputs, llm_width_of
     from vl_align.objectives import RepresentationCollator, representation_loss
@@ -170,10 +184,9 @@ def _setup_representation(spec, device, dtype):
     # ELIP's baseline: the same Q-Former with the unpruned frozen tower running inside the step (no feature cache)
     unpruned_tower = front_kind == LIVE_TOWER_QFORMER
     front_kind = "qformer" if unpruned_tower else front_kind
-    yaml = "stage2_elip.yaml" if front_kind == "elip" else "stage2.yaml"
-    cfg = load_config(Stage2Config, CONFIG_DIR / yaml,
-                      [f"front.kind={front_kind}", f"vision.image_size={size}",
-                       *(["vision.cache_features=false"] if unpruned_tower else []), *spec["overrides"]])
+    cfg = stage_config("representation", front_kind,
+                       [f"front.kind={front_kind}", f"vision.image_size={size}",
+                        *(["vision.cache_features=false"] if unpruned_tower else []), *spec["overrides"]])
     # the stage's own parts: tower, front, image inputs (the feature cache unless the tower runs live), collator
     tower = VisionTower.build(cfg.vision).to(device)
     live = needs_live_tower(cfg.front, cfg.vision)
@@ -223,9 +236,7 @@ def _setup_generative(spec, device, dtype):
 
     from benchmarks import flops as F
     from dvlp_common import zoo
-    from dvlp_common.config import load_config
     from pformer.llm import FrozenLLM
-    from pipelines.generative import GenerativeConfig
     from vl_align.fronts import build_front, needs_live_tower
     from vl_align.generative import GenerativeCollator, generative_loss
     from vl_align.inputs import ImageInputs
@@ -234,9 +245,8 @@ def _setup_generative(spec, device, dtype):
     front_kind, size, b = spec["front"], spec["image_size"], spec["batch"]
     # SimVLG trains on the LM loss alone; its token count differs from the P-Former's prompts
     extra = ["align.weight=0"] if front_kind == "tome" else []
-    cfg = load_config(GenerativeConfig, CONFIG_DIR / "generative.yaml",
-                      ["init_front=null", f"front.kind={front_kind}", f"vision.image_size={size}", *extra,
-                       *spec["overrides"]])
+    cfg = stage_config("generative", front_kind, ["init_front=null", f"front.kind={front_kind}",
+                                                  f"vision.image_size={size}", *extra, *spec["overrides"]])
     # the stage's own parts: tower, LLM, front, image inputs, collator
     tower = VisionTower.build(cfg.vision).to(device)
     live = needs_live_tower(cfg.front, cfg.vision)
@@ -370,15 +380,13 @@ def _setup_reference(spec, device, dtype):
 
     from benchmarks import flops as F
     from dvlp_common import zoo
-    from dvlp_common.config import load_config
     from pformer.llm import FrozenLLM
-    from pipelines.generative import GenerativeConfig
     from vl_align.inputs import ImageInputs
     from vl_align.vision import VisionTower
 
     size, b, vision_input = spec["image_size"], spec["batch"], spec["vision_input"]
-    cfg = load_config(GenerativeConfig, CONFIG_DIR / "generative.yaml",
-                      ["init_front=null", "front.kind=qformer", f"vision.image_size={size}", *spec["overrides"]])
+    cfg = stage_config("generative", "qformer",
+                       ["init_front=null", "front.kind=qformer", f"vision.image_size={size}", *spec["overrides"]])
     model, image_token_id = build_blip2_reference(cfg, size, vision_input, device, dtype)
     tower = VisionTower.build(cfg.vision).to(device)  # our preprocessing; our features for the cached variant
     pairs = _pairs(cfg.data, cfg.seed, b)

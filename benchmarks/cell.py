@@ -48,15 +48,7 @@ def stage_overrides(cfg, arm_name: str) -> dict[str, list[str]]:
 
 def _stage_shape(stage: str, front: str | None, overrides: list[str]) -> tuple[int, int, int]:
     """(micro-batch, gradient-accumulation steps, image size) of a stage's config with these overrides."""
-    from dvlp_common.config import load_config
-    from pipelines.generative import GenerativeConfig
-    from pipelines.stage1 import Stage1Config
-    from pipelines.stage2 import Stage2Config
-
-    config_class, yaml = {"stage1": (Stage1Config, "stage1.yaml"), "generative": (GenerativeConfig, "generative.yaml"),
-                          "representation": (Stage2Config, "stage2_elip.yaml" if front == "elip" else "stage2.yaml"),
-                          }[stage]  # the base YAMLs benchmarks.bench builds each step from
-    stage_cfg = load_config(config_class, bench.CONFIG_DIR / yaml, overrides)
+    stage_cfg = bench.stage_config(stage, front, overrides)
     vision = getattr(stage_cfg, "vision", None)
     return (stage_cfg.optim.micro_batch_size, stage_cfg.optim.grad_accum_steps,
             vision.image_size if vision is not None else bench.MAIN_SIZE)
