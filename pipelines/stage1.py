@@ -103,7 +103,7 @@ def streamed_corpus(cfg: Stage1Config, tokenizer, llm: FrozenLLM, report: SkipRe
 
 
 def run_stage1(cfg: Stage1Config, resume: bool = False, stop_after: int | None = None) -> dict:
-    dist, dtype, run_dir = training.start_run(cfg)
+    dist, dtype, run_dir = training.start_run(cfg, resume)
 
     report = SkipReport(max_skip_fraction=cfg.reliability.max_skip_fraction, name="stage-1 corpus")
     if not cfg.data.streaming:

@@ -61,7 +61,7 @@ class Stage2Config(Config):
 
 
 def run_stage2(cfg: Stage2Config, resume: bool = False, stop_after: int | None = None) -> dict:
-    dist, dtype, run_dir = training.start_run(cfg)
+    dist, dtype, run_dir = training.start_run(cfg, resume)
     training.seed_everything(cfg.seed)
     live_tower = needs_live_tower(cfg.front, cfg.vision)
     # a video front reads data.source as video-text pairs and trains on clips (vl_align.video_inputs)

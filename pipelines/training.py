@@ -28,7 +28,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from dvlp_common.config import save_config
+from dvlp_common.config import ConfigError, save_config
 from dvlp_common.precision import autocast, compute_dtype
 from dvlp_common.seeding import seed_everything, step_seed
 
@@ -62,11 +62,18 @@ class GlobalBatchOrder:
         return step * self.global_batch / self.n
 
 
-def start_run(cfg) -> tuple[DistInfo, torch.dtype, Path]:
-    """Process group, compute dtype and run folder of a stage config; the resolved config is saved beside it."""
+def start_run(cfg, resume: bool = False) -> tuple[DistInfo, torch.dtype, Path]:
+    """Process group, compute dtype and run folder of a stage config; the resolved config is saved beside it.
+
+    A fresh run (``resume`` false) refuses a folder that already holds a checkpoint: starting over there would
+    overwrite that run's config and metric log, and later its checkpoints."""
     dist_info = init_distributed(cfg.deepspeed)
-    dtype = compute_dtype(cfg.deepspeed.precision, dist_info.device)
     run_dir = Path(cfg.logging.output_dir)
+    if not resume and (earlier := CheckpointManager(run_dir, 0, dist_info).latest()) is not None:
+        raise ConfigError("logging.output_dir", f"{run_dir} already holds a run (checkpoint {earlier.name}): pass "
+                                                f"--resume to continue it, or choose a new folder (or remove this "
+                                                f"one) to start over")
+    dtype = compute_dtype(cfg.deepspeed.precision, dist_info.device)
     if dist_info.is_main:
         save_config(cfg, run_dir / "config.yaml")
     return dist_info, dtype, run_dir

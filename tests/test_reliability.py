@@ -30,7 +30,7 @@ from PIL import Image
 
 from conftest import shape_png
 
-from dvlp_common.config import load_config
+from dvlp_common.config import ConfigError, load_config
 from dvlp_common.records import SkipReport
 from pipelines import checkpoint, training
 from pipelines.cli import main
@@ -425,6 +425,18 @@ def test_nonfinite_loss_stops_with_names_and_last_good_state(tmp_path, monkeypat
     monkeypatch.setattr(stage1, "stage1_loss", real_loss)  # the cause fixed: resume from the last good state
     assert run_stage1(cfg, resume=True)["resumed_from"] == bad_step
     _assert_same_losses(_rows(tmp_path / "run"), _rows(stage1_inprocess), STAGE1_KEYS)
+
+
+def test_a_fresh_run_refuses_a_folder_that_holds_a_run(stage1_inprocess, corpus, tiny_bert_dir, tiny_llm_dir):
+    """Rerunning a command without --resume into its own folder would start over and overwrite that run's config and
+    metric log: it is an error naming the key and --resume, and the folder is left as it was."""
+    before = {p.name: p.read_bytes() for p in (stage1_inprocess / "metrics.jsonl", stage1_inprocess / "config.yaml")}
+    cfg = _stage1_cfg(stage1_inprocess.parent, corpus, tiny_bert_dir, tiny_llm_dir, out=stage1_inprocess.name,
+                      **{"optim.max_steps": 2})
+    with pytest.raises(ConfigError, match=r"output_dir.*already holds a run \(checkpoint step_\d+\).*--resume"):
+        run_stage1(cfg)
+    assert {p.name: p.read_bytes() for p in (stage1_inprocess / "metrics.jsonl",
+                                             stage1_inprocess / "config.yaml")} == before
 
 
 def test_nonfinite_loss_in_stage2_names_image_ids_and_parts(tmp_path, monkeypatch, pairs, tiny_vit_dir,
