@@ -21,15 +21,15 @@ from pformer.llm import FrozenLLM
 from pformer.model import read_pformer_config
 from vl_align.alignment import AlignmentConfig
 from vl_align.evaluation import EvalConfig, evaluate_generative
-from vl_align.fronts import FrontConfig, build_front, load_front_weights, needs_live_tower, save_front
+from vl_align.fronts import FrontConfig, load_front_weights, save_front
 from vl_align.generative import GenerativeCollator, GenerativeWeights, generative_loss
-from vl_align.inputs import prepare_stage_inputs, training_pairs
+from vl_align.inputs import training_pairs
 from vl_align.pairs import PairDataConfig
-from vl_align.video_inputs import VideoSource
 from vl_align.simvlg import TomeFront
-from vl_align.vision import VisionTower, VisionTowerConfig
+from vl_align.vision import VisionTowerConfig
 
 from . import distributed, optim, training
+from .vl_run import open_vl_run
 from .config import DeepSpeedConfig, LoggingConfig, OptimConfig, ReliabilityConfig
 
 
@@ -70,19 +70,8 @@ class GenerativeConfig(Config):
 
 
 def run_generative(cfg: GenerativeConfig, resume: bool = False, stop_after: int | None = None) -> dict:
-    dist, dtype, run_dir = training.start_run(cfg, resume)
-    training.seed_everything(cfg.seed)
-    live_tower = needs_live_tower(cfg.front, cfg.vision)
-    # a video front reads data.source as video-text pairs and trains on clips (vl_align.video_inputs)
-    video = (VideoSource(cfg.data, cfg.front.video.num_frames, cfg.seed, cfg.reliability.max_skip_fraction,
-                         video=cfg.front.video) if cfg.front.video.enabled else None)
-    with distributed.main_first(dist):  # the main rank builds the shared caches, the other ranks then open them
-        inputs = prepare_stage_inputs(
-            data=cfg.data, vision=cfg.vision, live_tower=live_tower, llm=cfg.llm, align=cfg.align,
-            pformer=cfg.pformer, align_stats_source=cfg.align_stats_source, seed=cfg.seed,
-            max_skip_fraction=cfg.reliability.max_skip_fraction,
-            num_prompt_slots=cfg.front.num_query_tokens if cfg.front.kind != "tome" else None,
-            device=dist.device, dtype=dtype, verbose=dist.is_main, video=video)
+    run = open_vl_run(cfg, resume, num_prompt_slots=cfg.front.num_query_tokens if cfg.front.kind != "tome" else None)
+    dist, dtype, run_dir, inputs = run.dist, run.dtype, run.run_dir, run.inputs
     if cfg.align.weight:
         trained_with = read_pformer_config(cfg.pformer).bos_before_prefix
         if trained_with != cfg.bos_before_prefix:
@@ -96,11 +85,8 @@ def run_generative(cfg: GenerativeConfig, resume: bool = False, stop_after: int 
     stream, pairs = training_pairs(inputs, cfg.data, count_tokens, cfg.front.max_text_length, seed=cfg.seed,
                                    rank=dist.rank, world_size=dist.world_size, verbose=dist.is_main)
 
-    def new_front(tower: VisionTower):
-        return build_front(cfg.front, tower.hidden_size, inputs.llm_width, vision_tower=tower if live_tower else None)
-
     training.seed_everything(cfg.seed)  # the front's init must not depend on whether the caches existed
-    front = new_front(inputs.tower)
+    front = run.new_front(inputs.tower)
     if cfg.init_front:
         load_front_weights(front, cfg.init_front)
     engine = optim.build_engine(front, cfg.optim, cfg.deepspeed, dist, dtype)
@@ -113,18 +99,10 @@ def run_generative(cfg: GenerativeConfig, resume: bool = False, stop_after: int 
         return generative_loss(eng, llm, batch, cfg.weights, cfg.align, inputs.stats,
                                distributed.all_gather_with_grad, dist.rank, distributed.mean_over_ranks_tensor)
 
-    def trained_front():
-        """(front, tower) for use on the main rank outside the engine; call on every rank: under ZeRO-3 the weights
-        are gathered from the ranks' partitions into a fresh front (and a fresh tower where it runs inside)."""
-        tower = inputs.tower
-        if live_tower and optim.partitions_weights(engine) and dist.is_main:
-            tower = VisionTower.build(cfg.vision).to(dist.device)
-        return optim.trained_module(engine, lambda: new_front(tower), dist.is_main), tower
-
     def curve_point(step: int, train_seconds: float) -> None:
         if not cfg.curve.every or (step % cfg.curve.every and step != cfg.optim.max_steps):
             return
-        trained, tower = trained_front()
+        trained, tower = run.trained_front(engine)
         if dist.is_main:
             _append_curve_point(trained, llm, tower, cfg, run_dir, step, train_seconds, dist.device, dtype)
         distributed.barrier()
@@ -142,7 +120,7 @@ def run_generative(cfg: GenerativeConfig, resume: bool = False, stop_after: int 
         summary.update(pairs=None, streamed={"shards": len(stream.shards), **stream.state_dict()})
     if result.final_step < cfg.optim.max_steps:
         return summary
-    trained, tower = trained_front()
+    trained, tower = run.trained_front(engine)
     if not dist.is_main:
         return summary
     summary["front_dir"] = str(save_front(trained, run_dir / "front", cfg.front, cfg.vision, cfg.llm,

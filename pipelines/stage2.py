@@ -23,14 +23,14 @@ from pformer.model import read_pformer_config
 from vl_align.alignment import AlignmentConfig
 from vl_align.evaluation import (EvalConfig, RetrievalEvalConfig, evaluate_generative, evaluate_retrieval,
                                  heldout_lm_loss)
-from vl_align.fronts import FrontConfig, build_front, needs_live_tower, save_front
-from vl_align.inputs import prepare_stage_inputs, training_pairs
+from vl_align.fronts import FrontConfig, save_front
+from vl_align.inputs import training_pairs
 from vl_align.objectives import RepresentationCollator, RepresentationWeights, representation_loss
 from vl_align.pairs import PairDataConfig, held_out_pairs
-from vl_align.video_inputs import VideoSource
-from vl_align.vision import VisionTower, VisionTowerConfig
+from vl_align.vision import VisionTowerConfig
 
 from . import distributed, optim, training
+from .vl_run import open_vl_run
 from .config import DeepSpeedConfig, LoggingConfig, OptimConfig, ReliabilityConfig
 
 
@@ -61,18 +61,8 @@ class Stage2Config(Config):
 
 
 def run_stage2(cfg: Stage2Config, resume: bool = False, stop_after: int | None = None) -> dict:
-    dist, dtype, run_dir = training.start_run(cfg, resume)
-    training.seed_everything(cfg.seed)
-    live_tower = needs_live_tower(cfg.front, cfg.vision)
-    # a video front reads data.source as video-text pairs and trains on clips (vl_align.video_inputs)
-    video = (VideoSource(cfg.data, cfg.front.video.num_frames, cfg.seed, cfg.reliability.max_skip_fraction,
-                         video=cfg.front.video) if cfg.front.video.enabled else None)
-    with distributed.main_first(dist):  # the main rank builds the shared caches, the other ranks then open them
-        inputs = prepare_stage_inputs(
-            data=cfg.data, vision=cfg.vision, live_tower=live_tower, llm=cfg.llm, align=cfg.align,
-            pformer=cfg.pformer, align_stats_source=cfg.align_stats_source, seed=cfg.seed,
-            max_skip_fraction=cfg.reliability.max_skip_fraction, num_prompt_slots=cfg.front.num_query_tokens,
-            device=dist.device, dtype=dtype, verbose=dist.is_main, video=video)
+    run = open_vl_run(cfg, resume, num_prompt_slots=cfg.front.num_query_tokens)
+    dist, dtype, run_dir, inputs, video = run.dist, run.dtype, run.run_dir, run.inputs, run.video
     tokenizer = zoo.load_tokenizer(cfg.front.init_from)
     def count_tokens(caps):
         return [len(ids) for ids in tokenizer(caps).input_ids]
@@ -80,11 +70,8 @@ def run_stage2(cfg: Stage2Config, resume: bool = False, stop_after: int | None =
     stream, pairs = training_pairs(inputs, cfg.data, count_tokens, cfg.front.max_text_length, seed=cfg.seed,
                                    rank=dist.rank, world_size=dist.world_size, verbose=dist.is_main)
 
-    def new_front(tower: VisionTower):
-        return build_front(cfg.front, tower.hidden_size, inputs.llm_width, vision_tower=tower if live_tower else None)
-
     training.seed_everything(cfg.seed)  # the front's init must not depend on whether the caches existed
-    engine = optim.build_engine(new_front(inputs.tower), cfg.optim, cfg.deepspeed, dist, dtype)
+    engine = optim.build_engine(run.new_front(inputs.tower), cfg.optim, cfg.deepspeed, dist, dtype)
     collate = RepresentationCollator(pairs, tokenizer, cfg.front.max_text_length, inputs.caption_index,
                                      inputs.images, inputs.targets, cfg.seed, dist.device)
 
@@ -103,12 +90,7 @@ def run_stage2(cfg: Stage2Config, resume: bool = False, stop_after: int | None =
         summary.update(pairs=None, streamed={"shards": len(stream.shards), **stream.state_dict()})
     if result.final_step < cfg.optim.max_steps:
         return summary
-    # every rank: under ZeRO-3 the weights (a live tower's too) are gathered from the ranks' partitions into a fresh
-    # front, with a fresh tower where it runs inside the front
-    tower = inputs.tower
-    if live_tower and optim.partitions_weights(engine) and dist.is_main:
-        tower = VisionTower.build(cfg.vision).to(dist.device)
-    trained = optim.trained_module(engine, lambda: new_front(tower), dist.is_main)
+    trained, tower = run.trained_front(engine)  # every rank (ZeRO-3 gathers the partitions)
     if not dist.is_main:
         return summary
     layout = prompt_layout(cfg)
