@@ -532,7 +532,8 @@ def test_stage1_sentence_over_the_token_limit_is_a_counted_skip(tmp_path, capsys
     first = summary["skipped"]["examples"]["too_long"][0]
     assert re.fullmatch(rf"{re.escape(str(source))}: sentence 25 'a red square next .*' \(\d+ tokens > 32\)", first)
     assert LONG.strip() not in (tmp_path / "run" / "heldout.txt").read_text()
-    assert main(["stage1", *args]) == 1  # the default threshold, 5%: the run aborts with one message
+    # the default threshold, 5%: the run aborts with one message
+    assert main(["stage1", *args, f"logging.output_dir={tmp_path / 'strict'}"]) == 1
     assert re.search(r"(?s)error: TooManySkippedRecords: .*skipped 2 of 26 records.*too_long: 2",
                      capsys.readouterr().err)
 
@@ -585,7 +586,8 @@ def test_cli_stage2_bad_records_are_counted_reported_and_thresholded(tmp_path, c
         assert skipped["examples"][reason][0].startswith(f"{source}:{line}"), (reason, skipped["examples"])
     assert re.fullmatch(r"image_id long 'a red square .*' \(\d+ tokens > 32\)", skipped["examples"]["too_long"][0])
 
-    assert main(["stage2", *args[:-1], "reliability.max_skip_fraction=0.05"]) == 1
+    assert main(["stage2", *args[:-1], "reliability.max_skip_fraction=0.05",
+                 f"logging.output_dir={tmp_path / 'strict'}"]) == 1
     err = capsys.readouterr().err
     assert re.search(r"error: TooManySkippedRecords: .*skipped 6 of 19 records.*max_skip_fraction=5\.0%", err)
     assert f"{source}:13" in err and "missing_image: 1" in err
