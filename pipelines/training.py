@@ -106,7 +106,8 @@ def train(*, engine, dist_info: DistInfo, make_batch: Callable[[list[int], int],
     (``pipelines.loss_scaling``, schedule ``loss_scale``); its state is checkpointed with the trainer state.
 
     ``after_step(step, train_seconds)`` runs on every rank after each step (and its checkpoint), e.g. a periodic
-    evaluation for quality-against-time curves; its time is excluded from the training time and throughput.
+    evaluation for quality-against-time curves; its time is excluded from the training time and throughput. A resumed
+    run calls it once more for the step it resumed at, so it must be idempotent for a step.
     """
     run_dir = Path(logging.output_dir)
     ckpt = CheckpointManager(run_dir, logging.keep_checkpoints, dist_info)
@@ -145,6 +146,10 @@ def train(*, engine, dist_info: DistInfo, make_batch: Callable[[list[int], int],
 
         bar = tqdm(total=optim.max_steps, initial=step, desc=run_dir.name, dynamic_ncols=True)
     last = min(optim.max_steps, step + stop_after) if stop_after is not None else optim.max_steps
+    if result.resumed_from and after_step is not None:
+        # a run killed after its checkpoint but before the hook for that step finished (a curve evaluation, say)
+        # would otherwise never run it for that step; hooks replace what an earlier call wrote for their step
+        after_step(step, earlier_seconds)
     start_time = time.perf_counter() - earlier_seconds
     window_time, window_samples = time.perf_counter(), 0
     engine.train()

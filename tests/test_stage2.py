@@ -92,6 +92,25 @@ def test_generative_stage_trains_and_evaluates(tmp_path, kind, tiny_vit_dir, tin
     assert json.loads((tmp_path / "again" / "eval.json").read_text()) == scores
 
 
+def test_a_curve_point_lost_to_a_kill_after_its_checkpoint_is_made_on_resume(tmp_path, tiny_vit_dir, tiny_bert_dir,
+                                                                             tiny_llm_dir, tiny_pformer_dir):
+    """Killed after the checkpoint at step 2 but before that step's curve evaluation was written: the resumed run
+    evaluates step 2 again (the same scores as an uninterrupted run) instead of leaving a hole in the curve."""
+    args = _common(tmp_path, "curve", tiny_vit_dir, tiny_bert_dir, tiny_llm_dir, tiny_pformer_dir) + [
+        "curve.every=2", "curve.images=4", "eval.enabled=false", "eval.max_new_tokens=3", "eval.meteor=false"]
+    cfg = load_config(GenerativeConfig, None, args)
+    run_generative(cfg, stop_after=2)
+    curve = tmp_path / "curve" / "eval_curve.jsonl"
+    written = json.loads(curve.read_text().splitlines()[0])
+    assert written["step"] == 2
+    curve.unlink()  # what a kill between the checkpoint and the evaluation leaves
+    run_generative(cfg, resume=True)
+    rows = [json.loads(line) for line in curve.read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 3]
+    assert {k: v for k, v in rows[0].items() if k != "train_seconds"} == {
+        k: v for k, v in written.items() if k != "train_seconds"}
+
+
 def test_evaluation_on_given_held_out_files(tmp_path, tiny_vit_dir, tiny_bert_dir, tiny_llm_dir, tiny_pformer_dir):
     """At scale the held-out captions and questions are files; a bad question line is named."""
     from vl_align.sources import embedded_files
