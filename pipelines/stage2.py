@@ -30,8 +30,8 @@ from vl_align.pairs import PairDataConfig, held_out_pairs
 from vl_align.vision import VisionTowerConfig
 
 from . import distributed, optim, training
-from .vl_run import open_vl_run
 from .config import DeepSpeedConfig, LoggingConfig, OptimConfig, ReliabilityConfig
+from .vl_run import open_vl_run
 
 
 @dataclass
