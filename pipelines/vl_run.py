@@ -29,8 +29,7 @@ class VLRun:
     inputs: StageInputs
 
     def new_front(self, tower: VisionTower):
-        cfg = self.cfg
-        return build_front(cfg.front, tower.hidden_size, self.inputs.llm_width,
+        return build_front(self.cfg.front, tower.hidden_size, self.inputs.llm_width,
                            vision_tower=tower if self.live_tower else None)
 
     def trained_front(self, engine) -> tuple[Any, VisionTower]:
