@@ -300,7 +300,9 @@ def summarize_cell(cell_dir: Path, has_stage2: bool, checker: CaptionChecker, co
                             or validity < collapse.min_valid)
     before_lm = stage2_seconds + align_seconds
     row["curve"] = [{"step": align_steps + r["step"], "train_seconds": before_lm + r["train_seconds"],
-                     "CIDEr": r["CIDEr"], "exact_match": r.get("exact_match", float("nan"))}
+                     "CIDEr": r["CIDEr"], "exact_match": r.get("exact_match", float("nan")),
+                     **{f"kw_{family}": r[f"keywords_{family}"] for family in ("order", "set")
+                        if f"keywords_{family}" in r}}
                     for r in _read_jsonl(gen / "eval_curve.jsonl")]
     row["loss_curve"] = [{"step": r["step"], "lm": r["lm"]} for r in history]
     return row

@@ -96,7 +96,8 @@ def report_markdown(cfg, cells: list[dict], groups: list[dict], comparisons: lis
              *([f"## Fraction of `{cfg.baseline}`'s data gap each arm closes (CIDEr; 1 = the arm at that pair count "
                 f"matches `{cfg.baseline}` at the largest count, 0 = no better than `{cfg.baseline}` at its own)", "",
                 markdown_table(gaps), ""] if gaps else []), *video_section(groups),
-             "Plots: `loss_curves.png`, `metrics_vs_pairs.png`, `quality_vs_time.png`."]
+             "Plots: `loss_curves.png`, `metrics_vs_pairs.png`, `quality_vs_time.png`"
+             + (", `keywords_vs_steps.png`." if has_keyword_curves(cells) else ".")]
     return "\n".join(lines) + "\n"
 
 
@@ -113,6 +114,12 @@ def _title(fig, title: str, width_inches: float) -> None:
     import textwrap
 
     fig.suptitle("\n".join(textwrap.wrap(title, width=int(width_inches * 10))), fontsize=10)
+
+
+def has_keyword_curves(cells: list[dict]) -> bool:
+    """Video arms on a keyed set (embedded:motion) score the order family's key words at each curve point too:
+    whether, and when, the caption starts to follow frame order."""
+    return any("kw_order" in point for c in cells for point in c["curve"])
 
 
 def write_plots(out: Path, cfg, cells: list[dict], groups: list[dict]) -> list[Path]:
@@ -132,10 +139,13 @@ def write_plots(out: Path, cfg, cells: list[dict], groups: list[dict]) -> list[P
         _title(fig, title, width)
         return fig, axes
 
-    for name, key, x, y, xlabel, ylabel in (
-            ("loss_curves.png", "loss_curve", "step", "lm", "generative step", "training LM loss"),
-            ("quality_vs_time.png", "curve", "train_seconds", "CIDEr", "training seconds (2a + 2b)",
-             "held-out CIDEr")):
+    plots = [("loss_curves.png", "loss_curve", "step", "lm", "generative step", "training LM loss"),
+             ("quality_vs_time.png", "curve", "train_seconds", "CIDEr", "training seconds (2a + 2b)",
+              "held-out CIDEr")]
+    if has_keyword_curves(cells):
+        plots.append(("keywords_vs_steps.png", "curve", "step", "kw_order", "training step (2a + 2b)",
+                      "held-out key words, order family"))
+    for name, key, x, y, xlabel, ylabel in plots:
         fig, axes = grid(f"{cfg.dataset}: {ylabel} (mean over seeds)")
         for i, lr in enumerate(lrs):
             for j, pairs in enumerate(pairs_values):

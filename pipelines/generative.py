@@ -160,6 +160,8 @@ def _append_curve_point(front, llm, tower, cfg: GenerativeConfig, run_dir: Path,
     path = run_dir / "eval_curve.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
     rows = [r for r in rows if r["step"] < step]  # a resumed run replaces the points after its checkpoint
+    # a video front on a keyed set (embedded:motion) also records its key-word accuracy per caption family
+    keywords = {f"keywords_{family}": v for family, v in result.get("keywords", {}).items()}
     rows.append({"step": step, "train_seconds": train_seconds,
-                 **{k: v for k, v in scores.items() if isinstance(v, float)}})
+                 **{k: v for k, v in scores.items() if isinstance(v, float)}, **keywords})
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -34,7 +34,8 @@ def test_generative_stage_trains_saves_and_evaluates_a_video_front(tmp_path, mot
     from pipelines.generative import GenerativeConfig, run_generative
 
     cfg = load_config(GenerativeConfig, None, [*_video_overrides(tmp_path, tiny_vit_dir, tiny_bert_dir,
-                                                                 tiny_llm_dir), "init_front=null"])
+                                                                 tiny_llm_dir), "init_front=null",
+                                                   "curve.every=4", "curve.images=8"])
     summary = run_generative(cfg)
     run = tmp_path / "run"
     assert summary["steps"] == 4 and summary["pairs"] == 40
@@ -49,6 +50,10 @@ def test_generative_stage_trains_saves_and_evaluates_a_video_front(tmp_path, mot
     assert scores["captioning"]["num_images"] == 8 and scores["captioning"]["num_frames"] == 4
     assert set(scores["keywords"]) == {"all", "order", "set"} and 0.0 <= scores["keywords"]["all"] <= 1.0
     assert set(scores["keywords_by_category"]) - {"all"} <= set(motion.CATEGORIES)
+    # the curve point at the last step captioned the same 8 clips: its key-word accuracy is the final evaluation's
+    (point,) = [json.loads(line) for line in (run / "eval_curve.jsonl").read_text().splitlines()]
+    assert point["step"] == 4
+    assert {k: point[f"keywords_{k}"] for k in ("all", "order", "set")} == scores["keywords"]
     preds = json.loads((run / "predictions.json").read_text())["captions"]
     assert [p["image_id"] for p in preds] == [f"test/{i}" for i in range(8)]
 
@@ -184,7 +189,7 @@ def test_video_arms_through_the_ablation(tmp_path, motion_cache, tiny_vit_dir, t
     cfg = load_config(AblateConfig, None, [
         f"output_dir={tmp_path / 'ab'}", "dataset=embedded:motion", f"arms=[{','.join(arms)}]",
         "baseline=video_faithful", "pairs=[8]", "lrs=[1e-3]", "seeds=[0,1]", "stage1_steps=2", "generative_steps=2",
-        "curve_every=0", "eval_images=20", "eval_questions=0", "gallery_images=2",
+        "curve_every=2", "curve_images=20", "eval_images=20", "eval_questions=0", "gallery_images=2",
         (f"stage1_overrides=[model.text_encoder={tiny_bert_dir},model.llm={tiny_llm_dir},model.num_prompts=4,"
          f"data.holdout=4,data.max_records=64,optim.micro_batch_size=8,{','.join(tiny)}]"),
     ]).replace(generative_overrides=[  # a list here: "blocks=[11]" would not survive a YAML flow list
@@ -207,6 +212,9 @@ def test_video_arms_through_the_ablation(tmp_path, motion_cache, tiny_vit_dir, t
             assert json.loads((gen / f"frames_{order}" / "eval.json").read_text())["keywords"]
         for key in ("kw_order", "kw_set", "kw_order_reversed", "kw_order_reversed_shown", "kw_order_shuffled"):
             assert 0.0 <= cell[key] <= 1.0, key
+        # the curve point at the last step captions the same 20 clips with the same weights: the same key words
+        (point,) = cell["curve"]
+        assert point["step"] == 2 and (point["kw_order"], point["kw_set"]) == (cell["kw_order"], cell["kw_set"])
         if arm == "video_frame":  # one frame: every order feeds the same clip
             assert cell["kw_order"] == cell["kw_order_reversed"] == cell["kw_order_shuffled"]
         state = load_file(str(gen / "front" / "model.safetensors"))
@@ -225,6 +233,7 @@ def test_video_arms_through_the_ablation(tmp_path, motion_cache, tiny_vit_dir, t
     assert {c["metric"] for c in comparisons} >= {"kw_order", "kw_set", "kw_order_reversed"}
     text = (out / "results.md").read_text()
     assert "Key-word accuracy per caption family" in text and "order, shuffled" in text
+    assert "keywords_vs_steps.png" in text and (out / "keywords_vs_steps.png").stat().st_size > 0
     with pytest.raises(ConfigError, match="image set"):
         load_config(AblateConfig, None, ["arms=[video_faithful]", "baseline=video_faithful"])
     with pytest.raises(ConfigError, match="mixes"):
