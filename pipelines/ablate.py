@@ -21,6 +21,7 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal, Optional
@@ -400,10 +401,11 @@ def _run_stage2_once(cfg: AblateConfig, cell_dir: Path, s2, run_stage2) -> str |
     """Run a cell's stage 2a, once per distinct stage-2a config: arms whose representation stages are the same run
     (``pformer`` and ``pformer_seq`` differ only in the generative stage; same seed, pairs and weights) share one run
     under ``output_dir/stage2_runs/<digest of its config>``, and each cell's ``stage2`` links to it. A file lock
-    keeps two grid processes from training it twice; its ``stage2_summary.json`` (written last) marks it done.
+    keeps two grid processes from training it twice (the second gets :class:`CellBusy` and runs other cells
+    meanwhile); its ``stage2_summary.json`` (written last) marks it done.
     A cell of an older grid with a ``stage2`` folder of its own keeps it. Returns the shared run's folder (relative
     to ``output_dir``), or None for a cell's own folder."""
-    from filelock import FileLock
+    from filelock import FileLock, Timeout
 
     from dvlp_common.cache import fingerprint
 
@@ -415,9 +417,17 @@ def _run_stage2_once(cfg: AblateConfig, cell_dir: Path, s2, run_stage2) -> str |
     settings["logging"] = {k: v for k, v in settings["logging"].items() if k != "output_dir"}
     home = Path(cfg.output_dir) / "stage2_runs" / fingerprint(settings)
     home.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(home) + ".lock"):
-        if not (home / "stage2_summary.json").exists():
-            run_stage2(s2.replace(logging=s2.logging.replace(output_dir=str(home))), resume=True)
+    if not (home / "stage2_summary.json").exists():
+        lock = FileLock(str(home) + ".lock")
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            raise CellBusy(f"another grid process is training its stage 2a (stage2_runs/{home.name})") from None
+        try:
+            if not (home / "stage2_summary.json").exists():  # not finished between the check above and the lock
+                run_stage2(s2.replace(logging=s2.logging.replace(output_dir=str(home))), resume=True)
+        finally:
+            lock.release()
     if not own.is_symlink():
         cell_dir.mkdir(parents=True, exist_ok=True)
         own.symlink_to(os.path.relpath(home, cell_dir), target_is_directory=True)
@@ -469,15 +479,17 @@ def run_stage1_once(cfg: AblateConfig, out: Path) -> tuple[Path, str]:
         if not Path(cfg.pformer).is_dir():
             raise ConfigError("pformer", f"{cfg.pformer} is not a P-Former folder")
         return Path(cfg.pformer), ""
+    from filelock import FileLock
+
     from .stage1 import Stage1Config, run_stage1
 
-    report = next((p for p in (out / "stage1" / "eval.md", out / "stage1" / "stage1_eval.md") if p.exists()), None)
-    if (out / "stage1" / "stage1_summary.json").exists() and (out / "stage1" / "pformer").is_dir():
-        return out / "stage1" / "pformer", report.read_text() if report else ""  # finished earlier
-    s1 = load_config(Stage1Config, cfg.stage1_config, [
-        f"data.source={cfg.dataset}", f"logging.output_dir={out / 'stage1'}", f"optim.max_steps={cfg.stage1_steps}",
-        f"optim.warmup_steps={_warmup(cfg.stage1_steps, 30)}", "logging.progress_bar=false", *cfg.stage1_overrides])
-    run_stage1(s1, resume=True)
+    with FileLock(str(out / "stage1.lock")):  # a second grid process on this output_dir waits for the first's
+        if not ((out / "stage1" / "stage1_summary.json").exists() and (out / "stage1" / "pformer").is_dir()):
+            s1 = load_config(Stage1Config, cfg.stage1_config, [
+                f"data.source={cfg.dataset}", f"logging.output_dir={out / 'stage1'}",
+                f"optim.max_steps={cfg.stage1_steps}", f"optim.warmup_steps={_warmup(cfg.stage1_steps, 30)}",
+                "logging.progress_bar=false", *cfg.stage1_overrides])
+            run_stage1(s1, resume=True)
     report = next((p for p in (out / "stage1" / "eval.md", out / "stage1" / "stage1_eval.md") if p.exists()), None)
     return out / "stage1" / "pformer", report.read_text() if report else ""
 
@@ -507,6 +519,51 @@ def compare_arms(cfg: AblateConfig, cells: list[dict]) -> list[dict]:
     return rows
 
 
+class CellBusy(Exception):
+    """A cell cannot start yet: another grid process is training the stage-2a run it shares."""
+
+
+def run_cells_once(names: list[str], cells_dir: Path, run_one: Callable[[str], dict],
+                   busy_poll_s: float = 30.0) -> dict[str, dict]:
+    """``run_one(name)`` for each cell, in order, under the cell's file lock (``cells_dir/<name>.lock``), so that
+    several grid processes on one ``output_dir`` share its cells instead of training one cell twice. A cell that
+    another process holds is put off: this process runs the free cells meanwhile, then waits for it. By then it is
+    finished (``run_one`` reads its row back) or its holder died, and this process resumes it. ``run_one`` raising
+    :class:`CellBusy` (its shared stage 2a is held) puts the cell off the same way. Returns the rows by name."""
+    from filelock import FileLock, Timeout
+
+    def lock_of(name: str) -> FileLock:
+        path = Path(f"{cells_dir / name}.lock")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return FileLock(str(path))
+
+    rows, busy = {}, []
+    for name in names:
+        lock = lock_of(name)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            print(f"== cell {name}: another grid process holds it; taken up after the free cells", flush=True)
+            busy.append(name)
+            continue
+        try:
+            rows[name] = run_one(name)
+        except CellBusy as why:
+            print(f"== cell {name}: {why}; taken up after the free cells", flush=True)
+            busy.append(name)
+        finally:
+            lock.release()
+    while busy:  # the put-off cells: wait for whoever holds them
+        name = busy.pop(0)
+        with lock_of(name):
+            try:
+                rows[name] = run_one(name)
+            except CellBusy:
+                busy.append(name)
+                time.sleep(busy_poll_s)
+    return rows
+
+
 def run_ablation(cfg: AblateConfig) -> dict:
     start = time.perf_counter()
     out = Path(cfg.output_dir)
@@ -516,18 +573,18 @@ def run_ablation(cfg: AblateConfig) -> dict:
         raise ConfigError("report_only", f"no finished stage 1 in {out / 'stage1'} (and no pformer=DIR)")
     pformer_dir, stage1_md = run_stage1_once(cfg, out)
     checker = caption_checker(cfg.dataset)
-    cells, missing = [], []
     # seeds outermost: an interrupted run has compared every arm on the first seeds
-    for seed in cfg.seeds:
-        for pairs in cfg.pairs:
-            for lr in cfg.lrs:
-                for arm in cfg.arms:
-                    name = cell_name(arm, pairs, lr, seed)
-                    if cfg.report_only and not (out / "cells" / name / "cell.json").exists():
-                        missing.append(name)
-                        continue
-                    print(f"== cell {name}", flush=True)
-                    cells.append(run_cell(cfg, arm, pairs, lr, seed, pformer_dir, checker))
+    grid = {cell_name(arm, pairs, lr, seed): (arm, pairs, lr, seed)
+            for seed in cfg.seeds for pairs in cfg.pairs for lr in cfg.lrs for arm in cfg.arms}
+    missing = [n for n in grid if cfg.report_only and not (out / "cells" / n / "cell.json").exists()]
+    todo = [n for n in grid if n not in missing]
+
+    def run_one(name: str) -> dict:
+        print(f"== cell {name}", flush=True)
+        return run_cell(cfg, *grid[name], pformer_dir, checker)
+
+    rows = run_cells_once(todo, out / "cells", run_one)
+    cells = [rows[n] for n in todo]
     if not cells:
         raise ConfigError("report_only", f"no finished cell of this grid in {out / 'cells'}")
     groups = group_cells(cells)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -135,6 +136,63 @@ def test_gap_closed_is_the_arms_paired_gain_over_the_baselines_paired_data_gap()
     assert "| pformer | 50 | 0.0001 | 3 | 0.300 | 1.300 | 1.000 ± 0.000 | +0.500 | +0.50 | +0.40, +0.50, +0.60 |" \
         in section
     assert "| no gap beyond seed spread at 4000 pairs | —, +1.00, — |" in section
+
+
+def test_grid_processes_share_the_cells_instead_of_training_one_twice(tmp_path):
+    """Another grid process holds cell b; cell c's shared stage 2a is busy on its first try. This process runs the
+    free cells first, then waits for b (its holder finishes or dies meanwhile: here, during cell d) and c."""
+    from filelock import FileLock
+
+    from pipelines.ablate import CellBusy, run_cells_once
+
+    other = FileLock(str(tmp_path / "arm_b" / "seed0.lock"))
+    (tmp_path / "arm_b").mkdir()
+    other.acquire()
+    calls, stage2_busy = [], {"arm_c/seed0"}
+
+    def run_one(name):
+        calls.append(name)
+        if name in stage2_busy:
+            stage2_busy.discard(name)
+            raise CellBusy("its stage 2a is being trained")
+        if name == "arm_d/seed0":
+            other.release()  # the other process is done with b
+        return {"cell": name}
+
+    names = ["arm_a/seed0", "arm_b/seed0", "arm_c/seed0", "arm_d/seed0"]
+    rows = run_cells_once(names, tmp_path, run_one, busy_poll_s=0.0)
+    assert calls == ["arm_a/seed0", "arm_c/seed0", "arm_d/seed0", "arm_b/seed0", "arm_c/seed0"]
+    assert rows == {n: {"cell": n} for n in names}
+    for name in names:  # every lock is free again
+        lock = FileLock(str(tmp_path / f"{name}.lock"))
+        lock.acquire(timeout=0)
+        lock.release()
+
+
+def test_a_shared_stage2a_that_another_process_trains_puts_the_cell_off(tmp_path):
+    """Two cells share one stage-2a run. While one grid process trains it, a second process's cell raises CellBusy
+    at once (it does not wait for hours); once it is finished, that cell links to it without training it again."""
+    from pipelines.ablate import CellBusy, _run_stage2_once
+    from pipelines.stage2 import Stage2Config
+
+    cfg = load_config(AblateConfig, None, [f"output_dir={tmp_path}"])
+    s2 = load_config(Stage2Config, None, [f"logging.output_dir={tmp_path / 'cells' / 'one' / 'stage2'}"])
+    trained = []
+
+    def run_stage2(config, resume):
+        # meanwhile, a second grid process reaches the other cell that shares this run
+        with pytest.raises(CellBusy, match="stage2_runs/"):
+            _run_stage2_once(cfg, tmp_path / "cells" / "two", s2, run_stage2)
+        home = Path(config.logging.output_dir)
+        home.mkdir(parents=True)
+        (home / "stage2_summary.json").write_text("{}")
+        trained.append(home)
+
+    shared = _run_stage2_once(cfg, tmp_path / "cells" / "one", s2, run_stage2)
+    assert len(trained) == 1 and shared.startswith("stage2_runs/")
+    assert _run_stage2_once(cfg, tmp_path / "cells" / "two", s2, run_stage2) == shared
+    assert len(trained) == 1
+    assert (tmp_path / "cells" / "two" / "stage2").resolve() == trained[0].resolve()
 
 
 def test_caption_checker_flags_degenerate_outputs():
