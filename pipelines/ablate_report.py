@@ -151,7 +151,9 @@ def write_plots(out: Path, cfg, cells: list[dict], groups: list[dict]) -> list[P
             for j, pairs in enumerate(pairs_values):
                 ax = axes[i][j]
                 for arm in arms:
-                    members = [c for c in cells if (c["arm"], c["pairs"], c["lr"]) == (arm, pairs, lr) and c[key]]
+                    # a cell from before a curve carried y (a grid resumed across versions) is left out of its plot
+                    members = [c for c in cells if (c["arm"], c["pairs"], c["lr"]) == (arm, pairs, lr) and c[key]
+                               and all(y in point for point in c[key])]
                     xs, ys = mean_curve(members, key, x, y)
                     if xs:
                         ax.plot(xs, ys, marker="." if key == "curve" else None, label=arm)

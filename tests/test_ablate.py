@@ -195,6 +195,20 @@ def test_a_shared_stage2a_that_another_process_trains_puts_the_cell_off(tmp_path
     assert (tmp_path / "cells" / "two" / "stage2").resolve() == trained[0].resolve()
 
 
+def test_the_key_word_plot_leaves_out_cells_whose_curves_predate_it(tmp_path):
+    """A video grid resumed across versions: one cell's curve points carry the key words, an older one's do not."""
+    from pipelines.ablate_report import write_plots
+
+    cfg = load_config(AblateConfig, None, ["dataset=embedded:motion", "arms=[video_faithful,video_position]",
+                                           "baseline=video_faithful"])
+    points = [{"step": s, "train_seconds": 10.0 * s, "CIDEr": 0.1 * s, "exact_match": 0.0} for s in (1, 2)]
+    cells = [_cell("video_faithful", 0, 1.0, curve=points, loss_curve=[{"step": 1, "lm": 2.0}]),
+             _cell("video_position", 0, 1.0, curve=[{**p, "kw_order": 0.5, "kw_set": 0.5} for p in points],
+                   loss_curve=[{"step": 1, "lm": 2.0}])]
+    paths = write_plots(tmp_path, cfg, cells, group_cells(cells))
+    assert tmp_path / "keywords_vs_steps.png" in paths
+
+
 def test_caption_checker_flags_degenerate_outputs():
     check = CaptionChecker(["a red circle", "a small blue square left of a green triangle"])
     assert check("A red square.") and check("a green circle left of a blue triangle")
