@@ -1,0 +1,198 @@
+"""Does a trained video front *encode* frame order, whatever its captions say? (issue 20)
+
+A captioner can fail the order family of ``embedded:motion`` in two places: the front's output does not tell a clip
+from its time reversal, or it does and the frozen LLM is not steered by it. This script separates the two with
+linear probes on the front's outputs, fitted on order-family clips of the training split and scored on the test
+split's:
+
+* ``tower``: the video tower's output after the temporal modules and the mean over frames, ``image_embeds``
+  (B, N, C), mean over the N tokens (C features); what the tiny probe of ``tests/test_video_order.py`` reads;
+* ``prefix``: the front's prompt vectors W·Z (B, Nq, D), mean over the Nq positions (D features);
+* ``prefix_flat``: the same, all positions (Nq·D features).
+
+One ridge classifier per order kind (left/right, up/down, grows/shrinks, appears/disappears, blue/red: which of the
+kind's two captions), its penalty chosen by 5-fold cross-validation on the training clips, features standardised on
+them. Two probes, chance 0.5 for both:
+
+* ``order``: each clip's uniformly sampled frames fed as sampled (its own label) and reversed (its pair partner's
+  label). Both classes hold the same frames, so only their order separates them: an order-blind front (the faithful
+  module) gives both the same features and scores exactly 0.5.
+* ``partner``: a clip against its pair partner, each sampled uniformly, as the caption evaluation compares them.
+  Uniform sampling takes frames ``floor(i·n/T)`` (0, 2, 4, 6 of 8), and the partner is the clip stored reversed, so
+  the two show *different* frames (the partner's are the clip's 7, 5, 3, 1): a frame-set difference that even an
+  order-blind front can pass on. Training does not teach a captioner this cue (head-tail sampling draws the same
+  frame sets for a clip and its reversal, in distribution); the probe, fitted on uniform samples, can learn it.
+
+Besides accuracy it reports the size of the order signal: the mean distance between the features of a clip's frames
+and of the same frames reversed, over the mean distance between two different clips of the same kind (0 for an
+order-blind front).
+
+    python scripts/order_probe.py FRONT_DIR [FRONT_DIR ...] [--labels a,b] [--train-clips 800] [--out FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from dvlp_common.io import write_json_atomic
+from dvlp_common.precision import autocast, compute_dtype
+from vl_align.fronts import load_front
+from vl_align.motion import ORDER_PAIRS
+from vl_align.pairs import PairDataConfig
+from vl_align.video_data import load_video_pairs
+from vl_align.video_inputs import VideoClipsConfig, VideoInputs, VideoRecord, front_frames, video_data_config
+
+KINDS = [a for a, _ in ORDER_PAIRS]
+SECOND = {b: a for a, b in ORDER_PAIRS}  # the reversed caption of each kind -> its kind
+PENALTIES = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)  # relative to the mean eigenvalue of XᵀX
+
+
+def order_records(split: str, limit: int | None) -> list[VideoRecord]:
+    """The order-family clips of ``embedded:motion``'s ``split``, complete pairs only (first ``limit`` clips)."""
+    data = PairDataConfig(source="embedded:motion", video=VideoClipsConfig())
+    pairs, _ = load_video_pairs(video_data_config(data, 4, 0.0), split=split)
+    recs = [VideoRecord.of(p) for p in pairs if p.meta.get("family") == "order"]
+    by_pair: dict[str, list[VideoRecord]] = defaultdict(list)
+    for r in recs:
+        by_pair[r.meta["pair_id"]].append(r)
+    out = [r for group in by_pair.values() if len(group) == 2 for r in group]
+    return out if limit is None else out[:limit - limit % 2]
+
+
+def labels(recs: list[VideoRecord]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kind index [n], label [n] in {-1, +1}: +1 = the kind's second caption)."""
+    cats = [r.meta["category"] for r in recs]
+    kind = torch.tensor([KINDS.index(SECOND.get(c, c)) for c in cats])
+    return kind, torch.tensor([1.0 if c in SECOND else -1.0 for c in cats], dtype=torch.float64)
+
+
+@torch.no_grad()
+def features(front, tower, recs: list[VideoRecord], order: str, device, dtype, batch: int = 16) -> dict:
+    inputs = VideoInputs(tower, front_frames(front), train=False, frame_order=order)
+    feats: dict[str, list[torch.Tensor]] = defaultdict(list)
+    with autocast(device, dtype):
+        for start in range(0, len(recs), batch):
+            out = front("queries", **inputs([r.video_path for r in recs[start:start + batch]], device))
+            feats["tower"].append(out["image_embeds"].float().mean(1))
+            feats["prefix"].append(out["prompt_pred"].float().mean(1))
+            feats["prefix_flat"].append(out["prompt_pred"].float().flatten(1))
+    return {k: torch.cat(v).double() for k, v in feats.items()}
+
+
+def _ridge_fit(x: torch.Tensor, y: torch.Tensor, penalty: float) -> torch.Tensor:
+    """w (with bias, last) minimising |[x 1]·w - y|² + penalty·mean eig·|w|²; dual form when features > samples."""
+    xb = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
+    if xb.shape[1] > xb.shape[0]:
+        gram = xb @ xb.T
+        gram += penalty * gram.diagonal().mean() * torch.eye(len(xb), dtype=x.dtype)
+        return xb.T @ torch.linalg.solve(gram, y)
+    gram = xb.T @ xb
+    gram += penalty * gram.diagonal().mean() * torch.eye(xb.shape[1], dtype=x.dtype)
+    return torch.linalg.solve(gram, xb.T @ y)
+
+
+def _predict(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1) @ w
+
+
+def probe(train_x, train_y, test_x, test_y, folds: int = 5) -> dict:
+    """Ridge classifier with the penalty chosen by cross-validation on the training set (folds keep pairs whole:
+    consecutive records are a pair)."""
+    mean, std = train_x.mean(0), train_x.std(0).clamp_min(1e-8)
+    train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
+    n = len(train_y)
+    fold = (torch.arange(n) // 2) % folds
+    scores = {}
+    for penalty in PENALTIES:
+        right = 0
+        for f in range(folds):
+            w = _ridge_fit(train_x[fold != f], train_y[fold != f], penalty)
+            right += int((_predict(train_x[fold == f], w).sign() == train_y[fold == f]).sum())
+        scores[penalty] = right / n
+    best = max(PENALTIES, key=lambda p: (scores[p], p))  # ties: the stronger penalty
+    w = _ridge_fit(train_x, train_y, best)
+    return {"accuracy": float((_predict(test_x, w).sign() == test_y).double().mean()), "cv_accuracy": scores[best],
+            "penalty": best, "train_accuracy": float((_predict(train_x, w).sign() == train_y).double().mean())}
+
+
+def order_signal(x: torch.Tensor, x_reversed: torch.Tensor, kind: torch.Tensor) -> float:
+    """mean |f(clip) - f(reversal)| / mean |f(a) - f(b)| over different clips a, b of the same kind."""
+    own = (x - x_reversed).norm(dim=1).mean()
+    spread = []
+    for k in kind.unique():
+        xs = x[kind == k]
+        d = torch.cdist(xs, xs)
+        spread.append(d.sum() / (len(xs) * (len(xs) - 1)))
+    return float(own / torch.stack(spread).mean())
+
+
+def run(front_dir: str, train: list[VideoRecord], test: list[VideoRecord]) -> dict:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = compute_dtype("auto", device)
+    front, tower, _llm, meta = load_front(front_dir)
+    front, tower = front.to(device), tower.to(device)
+    started = time.perf_counter()
+    feats = {(split, order): features(front, tower, recs, order, device, dtype)
+             for split, recs in (("train", train), ("test", test)) for order in ("as_is", "reversed")}
+    (train_k, train_y), (test_k, test_y) = labels(train), labels(test)
+    result = {"front": front_dir, "video": meta["front"].get("video", {}), "train_clips": len(train),
+              "test_clips": len(test), "features_seconds": round(time.perf_counter() - started, 1)}
+    for name in feats["train", "as_is"]:
+        tr_x, tr_rev = feats["train", "as_is"][name], feats["train", "reversed"][name]
+        te_x, te_rev = feats["test", "as_is"][name], feats["test", "reversed"][name]
+        per_kind = {}
+        for k, kind in enumerate(KINDS):
+            tr, te = train_k == k, test_k == k
+            # order: each clip's sampled frames as sampled (its label) and reversed (the partner's label): the two
+            # classes hold the same frames, so only their order can separate them (rows interleaved: CV keeps a
+            # clip and its reversal in one fold)
+            order = probe(torch.stack([tr_x[tr], tr_rev[tr]], 1).flatten(0, 1),
+                          torch.stack([train_y[tr], -train_y[tr]], 1).flatten(),
+                          torch.cat([te_x[te], te_rev[te]]), torch.cat([test_y[te], -test_y[te]]))
+            # partner: a clip against its pair partner, each uniformly sampled, as the captions are scored; the
+            # sampled frame sets differ between the two (see the note in main), so an order-blind front can pass
+            partner = probe(tr_x[tr], train_y[tr], te_x[te], test_y[te])
+            per_kind[kind] = {"order": order, "partner": partner, "test_clips": int(te.sum())}
+        weights = torch.tensor([per_kind[k]["test_clips"] for k in KINDS], dtype=torch.float64)
+
+        def mean_of(probe_name, kinds=per_kind, w=weights):
+            return float(sum(kinds[k][probe_name]["accuracy"] * wk for k, wk in zip(KINDS, w)) / w.sum())
+
+        result[name] = {"order_accuracy": mean_of("order"), "partner_accuracy": mean_of("partner"),
+                        "order_signal": order_signal(te_x, te_rev, test_k), "features": int(tr_x.shape[1]),
+                        "per_kind": per_kind}
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("fronts", nargs="+", help="front/ folders of trained video fronts")
+    parser.add_argument("--labels", default=None, help="comma-separated names of the fronts, for the table")
+    parser.add_argument("--train-clips", type=int, default=800)
+    parser.add_argument("--test-clips", type=int, default=None)
+    parser.add_argument("--out", default=None, help="json file (default: print only)")
+    args = parser.parse_args()
+    names = args.labels.split(",") if args.labels else args.fronts
+    if len(names) != len(args.fronts):
+        parser.error(f"--labels names {len(names)} fronts, {len(args.fronts)} given")
+    train, test = order_records("train", args.train_clips), order_records("test", args.test_clips)
+    results = {}
+    for name, front_dir in zip(names, args.fronts):
+        results[name] = run(front_dir, train, test)
+        r = results[name]
+        print(f"{name}: " + "; ".join(f"{f}: order {r[f]['order_accuracy']:.3f}, partner {r[f]['partner_accuracy']:.3f}, "
+                                      f"signal {r[f]['order_signal']:.3f}" for f in ("tower", "prefix", "prefix_flat")),
+              flush=True)
+        if args.out:
+            write_json_atomic(Path(args.out), results)
+    if not args.out:
+        print(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
