@@ -28,6 +28,7 @@ and of the same frames reversed, over the mean distance between two different cl
 order-blind front).
 
     python scripts/order_probe.py FRONT_DIR [FRONT_DIR ...] [--labels a,b] [--train-clips 800] [--out FILE]
+        [--cache-dir DIR]
 """
 from __future__ import annotations
 
@@ -97,27 +98,31 @@ def _ridge_fit(x: torch.Tensor, y: torch.Tensor, penalty: float) -> torch.Tensor
 
 
 def _predict(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    return torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1) @ w
+    """±1 per row (a score of exactly 0, e.g. a clip and its reversal that an order-blind front cannot tell
+    apart, says +1: one of the two is then right)."""
+    score = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1) @ w
+    return torch.where(score >= 0, 1.0, -1.0).to(x.dtype)
 
 
-def probe(train_x, train_y, test_x, test_y, folds: int = 5) -> dict:
-    """Ridge classifier with the penalty chosen by cross-validation on the training set (folds keep pairs whole:
-    consecutive records are a pair)."""
+def probe(train_x, train_y, test_x, test_y, group: int, folds: int = 5) -> dict:
+    """Ridge classifier with the penalty chosen by cross-validation on the training set. Folds keep each run of
+    ``group`` consecutive rows whole: a clip, its pair partner (nearly the clip's frames reversed) and their
+    reversals belong in one fold, or the fold's near-duplicates inflate the CV score."""
     mean, std = train_x.mean(0), train_x.std(0).clamp_min(1e-8)
     train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
     n = len(train_y)
-    fold = (torch.arange(n) // 2) % folds
+    fold = (torch.arange(n) // group) % folds
     scores = {}
     for penalty in PENALTIES:
         right = 0
         for f in range(folds):
             w = _ridge_fit(train_x[fold != f], train_y[fold != f], penalty)
-            right += int((_predict(train_x[fold == f], w).sign() == train_y[fold == f]).sum())
+            right += int((_predict(train_x[fold == f], w) == train_y[fold == f]).sum())
         scores[penalty] = right / n
     best = max(PENALTIES, key=lambda p: (scores[p], p))  # ties: the stronger penalty
     w = _ridge_fit(train_x, train_y, best)
-    return {"accuracy": float((_predict(test_x, w).sign() == test_y).double().mean()), "cv_accuracy": scores[best],
-            "penalty": best, "train_accuracy": float((_predict(train_x, w).sign() == train_y).double().mean())}
+    return {"accuracy": float((_predict(test_x, w) == test_y).double().mean()), "cv_accuracy": scores[best],
+            "penalty": best, "train_accuracy": float((_predict(train_x, w) == train_y).double().mean())}
 
 
 def order_signal(x: torch.Tensor, x_reversed: torch.Tensor, kind: torch.Tensor) -> float:
@@ -131,17 +136,36 @@ def order_signal(x: torch.Tensor, x_reversed: torch.Tensor, kind: torch.Tensor) 
     return float(own / torch.stack(spread).mean())
 
 
-def run(front_dir: str, train: list[VideoRecord], test: list[VideoRecord]) -> dict:
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = compute_dtype("auto", device)
-    front, tower, _llm, meta = load_front(front_dir)
-    front, tower = front.to(device), tower.to(device)
+def run(front_dir: str, train: list[VideoRecord], test: list[VideoRecord], cache: Path | None = None) -> dict:
+    """Probe one front; ``cache`` (a .pt file) keeps its features for a rerun of the fits."""
     started = time.perf_counter()
-    feats = {(split, order): features(front, tower, recs, order, device, dtype)
-             for split, recs in (("train", train), ("test", test)) for order in ("as_is", "reversed")}
-    (train_k, train_y), (test_k, test_y) = labels(train), labels(test)
+    meta = json.loads((Path(front_dir) / "front_config.json").read_text())
+    key = {"front": str(Path(front_dir).resolve()), "train": [r.image_id for r in train],
+           "test": [r.image_id for r in test]}
+    stored = torch.load(cache) if cache is not None and cache.is_file() else None
+    if stored is not None and stored["key"] == key:
+        feats = {k: {name: x.double() for name, x in v.items()} for k, v in stored["features"].items()}
+    else:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = compute_dtype("auto", device)
+        front, tower, _llm, _ = load_front(front_dir)
+        front, tower = front.to(device), tower.to(device)
+        feats = {(split, order): features(front, tower, recs, order, device, dtype)
+                 for split, recs in (("train", train), ("test", test)) for order in ("as_is", "reversed")}
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"key": key, "features": {k: {name: x.float() for name, x in v.items()}
+                                                 for k, v in feats.items()}}, cache)
     result = {"front": front_dir, "video": meta["front"].get("video", {}), "train_clips": len(train),
               "test_clips": len(test), "features_seconds": round(time.perf_counter() - started, 1)}
+    return {**result, **score(feats, *labels(train), *labels(test))}
+
+
+def score(feats: dict, train_k, train_y, test_k, test_y) -> dict:
+    """The probes on features ``{(split, order): {name: [n, F]}}`` (split train/test, order as_is/reversed; rows:
+    a clip then its pair partner, as ``order_records`` gives them) with kinds and ±1 labels per split:
+    ``{name: {order_accuracy, partner_accuracy, order_signal, features, per_kind}}``."""
+    result = {}
     for name in feats["train", "as_is"]:
         tr_x, tr_rev = feats["train", "as_is"][name], feats["train", "reversed"][name]
         te_x, te_rev = feats["test", "as_is"][name], feats["test", "reversed"][name]
@@ -153,10 +177,10 @@ def run(front_dir: str, train: list[VideoRecord], test: list[VideoRecord]) -> di
             # clip and its reversal in one fold)
             order = probe(torch.stack([tr_x[tr], tr_rev[tr]], 1).flatten(0, 1),
                           torch.stack([train_y[tr], -train_y[tr]], 1).flatten(),
-                          torch.cat([te_x[te], te_rev[te]]), torch.cat([test_y[te], -test_y[te]]))
+                          torch.cat([te_x[te], te_rev[te]]), torch.cat([test_y[te], -test_y[te]]), group=4)
             # partner: a clip against its pair partner, each uniformly sampled, as the captions are scored; the
             # sampled frame sets differ between the two (see the note in main), so an order-blind front can pass
-            partner = probe(tr_x[tr], train_y[tr], te_x[te], test_y[te])
+            partner = probe(tr_x[tr], train_y[tr], te_x[te], test_y[te], group=2)
             per_kind[kind] = {"order": order, "partner": partner, "test_clips": int(te.sum())}
         weights = torch.tensor([per_kind[k]["test_clips"] for k in KINDS], dtype=torch.float64)
 
@@ -176,6 +200,7 @@ def main() -> None:
     parser.add_argument("--train-clips", type=int, default=800)
     parser.add_argument("--test-clips", type=int, default=None)
     parser.add_argument("--out", default=None, help="json file (default: print only)")
+    parser.add_argument("--cache-dir", default=None, help="keep each front's features here (<label>.pt) for reruns")
     args = parser.parse_args()
     names = args.labels.split(",") if args.labels else args.fronts
     if len(names) != len(args.fronts):
@@ -183,7 +208,8 @@ def main() -> None:
     train, test = order_records("train", args.train_clips), order_records("test", args.test_clips)
     results = {}
     for name, front_dir in zip(names, args.fronts):
-        results[name] = run(front_dir, train, test)
+        cache = Path(args.cache_dir) / f"{name}.pt" if args.cache_dir else None
+        results[name] = run(front_dir, train, test, cache)
         r = results[name]
         print(f"{name}: " + "; ".join(f"{f}: order {r[f]['order_accuracy']:.3f}, partner {r[f]['partner_accuracy']:.3f}, "
                                       f"signal {r[f]['order_signal']:.3f}" for f in ("tower", "prefix", "prefix_flat")),
