@@ -74,6 +74,7 @@ def labels(recs: list[VideoRecord]) -> tuple[torch.Tensor, torch.Tensor]:
 
 @torch.no_grad()
 def features(front, tower, recs: list[VideoRecord], order: str, device, dtype, batch: int = 16) -> dict:
+    """``{tower, prefix, prefix_flat: [n, F]}`` of the clips' uniformly sampled frames fed in ``order``."""
     inputs = VideoInputs(tower, front_frames(front), train=False, frame_order=order)
     feats: dict[str, list[torch.Tensor]] = defaultdict(list)
     with autocast(device, dtype):
@@ -142,7 +143,7 @@ def run(front_dir: str, train: list[VideoRecord], test: list[VideoRecord], cache
     meta = json.loads((Path(front_dir) / "front_config.json").read_text())
     key = {"front": str(Path(front_dir).resolve()), "train": [r.image_id for r in train],
            "test": [r.image_id for r in test]}
-    stored = torch.load(cache) if cache is not None and cache.is_file() else None
+    stored = torch.load(cache, weights_only=True) if cache is not None and cache.is_file() else None
     if stored is not None and stored["key"] == key:
         feats = {k: {name: x.double() for name, x in v.items()} for k, v in stored["features"].items()}
     else:
@@ -179,7 +180,7 @@ def score(feats: dict, train_k, train_y, test_k, test_y) -> dict:
                           torch.stack([train_y[tr], -train_y[tr]], 1).flatten(),
                           torch.cat([te_x[te], te_rev[te]]), torch.cat([test_y[te], -test_y[te]]), group=4)
             # partner: a clip against its pair partner, each uniformly sampled, as the captions are scored; the
-            # sampled frame sets differ between the two (see the note in main), so an order-blind front can pass
+            # sampled frame sets differ between the two (module docstring), so an order-blind front can pass
             partner = probe(tr_x[tr], train_y[tr], te_x[te], test_y[te], group=2)
             per_kind[kind] = {"order": order, "partner": partner, "test_clips": int(te.sum())}
         weights = torch.tensor([per_kind[k]["test_clips"] for k in KINDS], dtype=torch.float64)
