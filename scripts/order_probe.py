@@ -36,6 +36,7 @@ import argparse
 import json
 import time
 from collections import defaultdict
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -72,17 +73,36 @@ def labels(recs: list[VideoRecord]) -> tuple[torch.Tensor, torch.Tensor]:
     return kind, torch.tensor([1.0 if c in SECOND else -1.0 for c in cats], dtype=torch.float64)
 
 
-@torch.no_grad()
-def features(front, tower, recs: list[VideoRecord], order: str, device, dtype, batch: int = 16) -> dict:
-    """``{tower, prefix, prefix_flat: [n, F]}`` of the clips' uniformly sampled frames fed in ``order``."""
+def clip_batches(front, tower, recs: list[VideoRecord], order: str, device, batch: int = 16) -> Iterator[dict]:
+    """The front's inputs for ``recs``: uniformly sampled frames fed in ``order``, ``batch`` clips at a time."""
     inputs = VideoInputs(tower, front_frames(front), train=False, frame_order=order)
+    for start in range(0, len(recs), batch):
+        yield inputs([r.video_path for r in recs[start:start + batch]], device)
+
+
+@torch.no_grad()
+def features(front, batches: Iterable[dict], connector_layers: bool = False) -> dict:
+    """``{tower, prefix, prefix_flat: [n, F]}`` of a video front on ``batches`` of its inputs; with
+    ``connector_layers`` (a tome front) also the mean over tokens of the connector's input (``connector_in``, after
+    its projection and norm) and of each layer's output (``connector_<i>``, after its merge)."""
     feats: dict[str, list[torch.Tensor]] = defaultdict(list)
-    with autocast(device, dtype):
-        for start in range(0, len(recs), batch):
-            out = front("queries", **inputs([r.video_path for r in recs[start:start + batch]], device))
+    hooks = []
+    if connector_layers:
+        connector = front.connector
+        taps = [("connector_in", connector.input_norm)] + [(f"connector_{i + 1}", layer.output)
+                                                             for i, layer in enumerate(connector.layers)]
+        for name, module in taps:
+            hooks.append(module.register_forward_hook(
+                lambda _m, _i, out, name=name: feats[name].append(out.float().mean(1))))
+    try:
+        for clips in batches:
+            out = front("queries", **clips)
             feats["tower"].append(out["image_embeds"].float().mean(1))
             feats["prefix"].append(out["prompt_pred"].float().mean(1))
             feats["prefix_flat"].append(out["prompt_pred"].float().flatten(1))
+    finally:
+        for hook in hooks:
+            hook.remove()
     return {k: torch.cat(v).double() for k, v in feats.items()}
 
 
@@ -137,12 +157,13 @@ def order_signal(x: torch.Tensor, x_reversed: torch.Tensor, kind: torch.Tensor) 
     return float(own / torch.stack(spread).mean())
 
 
-def run(front_dir: str, train: list[VideoRecord], test: list[VideoRecord], cache: Path | None = None) -> dict:
+def run(front_dir: str, train: list[VideoRecord], test: list[VideoRecord], cache: Path | None = None,
+        connector_layers: bool = False) -> dict:
     """Probe one front; ``cache`` (a .pt file) keeps its features for a rerun of the fits."""
     started = time.perf_counter()
     meta = json.loads((Path(front_dir) / "front_config.json").read_text())
     key = {"front": str(Path(front_dir).resolve()), "train": [r.image_id for r in train],
-           "test": [r.image_id for r in test]}
+           "test": [r.image_id for r in test], **({"connector_layers": True} if connector_layers else {})}
     stored = torch.load(cache, weights_only=True) if cache is not None and cache.is_file() else None
     if stored is not None and stored["key"] == key:
         feats = {k: {name: x.double() for name, x in v.items()} for k, v in stored["features"].items()}
@@ -151,8 +172,9 @@ def run(front_dir: str, train: list[VideoRecord], test: list[VideoRecord], cache
         dtype = compute_dtype("auto", device)
         front, tower, _llm, _ = load_front(front_dir)
         front, tower = front.to(device), tower.to(device)
-        feats = {(split, order): features(front, tower, recs, order, device, dtype)
-                 for split, recs in (("train", train), ("test", test)) for order in ("as_is", "reversed")}
+        with autocast(device, dtype):
+            feats = {(split, order): features(front, clip_batches(front, tower, recs, order, device), connector_layers)
+                     for split, recs in (("train", train), ("test", test)) for order in ("as_is", "reversed")}
         if cache is not None:
             cache.parent.mkdir(parents=True, exist_ok=True)
             torch.save({"key": key, "features": {k: {name: x.float() for name, x in v.items()}
@@ -201,6 +223,8 @@ def main() -> None:
     parser.add_argument("--train-clips", type=int, default=800)
     parser.add_argument("--test-clips", type=int, default=None)
     parser.add_argument("--out", default=None, help="json file (default: print only)")
+    parser.add_argument("--connector-layers", action="store_true",
+                        help="also probe the tome connector's input and each of its layers (where order is lost)")
     parser.add_argument("--cache-dir", default=None, help="keep each front's features here (<label>.pt) for reruns")
     args = parser.parse_args()
     names = args.labels.split(",") if args.labels else args.fronts
@@ -210,10 +234,11 @@ def main() -> None:
     results = {}
     for name, front_dir in zip(names, args.fronts):
         cache = Path(args.cache_dir) / f"{name}.pt" if args.cache_dir else None
-        results[name] = run(front_dir, train, test, cache)
+        results[name] = run(front_dir, train, test, cache, args.connector_layers)
         r = results[name]
         print(f"{name}: " + "; ".join(f"{f}: order {r[f]['order_accuracy']:.3f}, partner {r[f]['partner_accuracy']:.3f}, "
-                                      f"signal {r[f]['order_signal']:.3f}" for f in ("tower", "prefix", "prefix_flat")),
+                                      f"signal {r[f]['order_signal']:.3f}" for f in r
+                                      if isinstance(r[f], dict) and "order_accuracy" in r[f]),
               flush=True)
         if args.out:
             write_json_atomic(Path(args.out), results)

@@ -9,6 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers as tf
+
+from vl_align.fronts import FrontConfig, build_front
+from vl_align.simvlg import TomeConnectorConfig
+from vl_align.video import VideoConfig
+from vl_align.vision import VisionTower, VisionTowerConfig
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "order_probe.py"
 
@@ -65,3 +71,28 @@ def test_cross_validation_keeps_a_clip_and_its_partner_in_one_fold(order_probe):
     result = order_probe.probe(x, y, test_x, test_y, group=2)
     assert 0.3 <= result["cv_accuracy"] <= 0.7, result
     assert result["penalty"] in order_probe.PENALTIES
+
+
+def test_connector_taps_reach_the_prefix(order_probe):
+    """``--connector-layers``: the last connector layer's tapped output, through W, is the prefix (mean over tokens
+    commutes with the linear W), and every layer is tapped once per clip."""
+    torch.manual_seed(0)
+    model = tf.Dinov2Model(tf.Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=2,
+                                           patch_size=4, image_size=16))
+    tower = VisionTower(model, VisionTowerConfig(model="in-memory", image_size=16, cache_features=False),
+                        "in-memory", (0.5,) * 3, (0.5,) * 3)
+    tome = TomeConnectorConfig(init_from=None, hidden_size=32, num_attention_heads=4, intermediate_size=64,
+                               num_hidden_layers=3, hidden_dropout_prob=0.0, r=2)
+    cfg = FrontConfig(kind="tome", tome=tome, video=VideoConfig(enabled=True, hidden_dim=16, num_heads=4))
+    front = build_front(cfg, tower.hidden_size, 24, vision_tower=tower).eval()
+    clips = [{"pixel_values_videos": torch.randn(b, 4, 3, 16, 16, generator=torch.Generator().manual_seed(b))}
+             for b in (3, 2)]
+    feats = order_probe.features(front, clips, connector_layers=True)
+    assert set(feats) == {"tower", "prefix", "prefix_flat", "connector_in", "connector_1", "connector_2",
+                          "connector_3"}
+    assert all(len(v) == 5 for v in feats.values())
+    w = front.llm_proj
+    through_w = feats["connector_3"] @ w.weight.double().T + w.bias.double()
+    torch.testing.assert_close(through_w, feats["prefix"], rtol=1e-5, atol=1e-6)
+    assert order_probe.features(front, clips)["prefix"].equal(feats["prefix"])  # the hooks are gone, same output
+    assert not any(m._forward_hooks for m in front.modules())
