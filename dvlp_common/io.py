@@ -4,6 +4,7 @@ Every file or folder the project leaves behind for later (configs, checkpoint st
 data sets, exports) is written through one of these:
 
 * :func:`write_text_atomic` / :func:`write_json_atomic`: one file, written beside its final name and renamed;
+* :func:`writing_file`: the same for any writer, which is handed the temporary name;
 * :func:`building_folder`: a folder filled under a temporary sibling name and put in place by :func:`replace_folder`
   only when the block ends without an error.
 """
@@ -49,22 +50,29 @@ def building_folder(out: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path`` and rename it over ``path``."""
+@contextlib.contextmanager
+def writing_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary file name beside ``path`` for any writer (``torch.save``, ``np.save``...); when the block
+    ends without an error the file is renamed over ``path``, otherwise it is deleted and ``path`` is left as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-            fh.write(text)
+        yield Path(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    finally:
         Path(tmp).unlink(missing_ok=True)
-        raise
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path`` and rename it over ``path``."""
+    with writing_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8", newline="\n")
 
 
 def write_json_atomic(path: str | os.PathLike, data: Any, indent: int | None = 2) -> None:
     write_text_atomic(path, json.dumps(data, indent=indent) + "\n")
 
 
-__all__ = ["replace_folder", "building_folder", "write_text_atomic", "write_json_atomic"]
+__all__ = ["replace_folder", "building_folder", "writing_file", "write_text_atomic", "write_json_atomic"]

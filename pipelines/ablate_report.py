@@ -11,6 +11,8 @@ import json
 import math
 from pathlib import Path
 
+from dvlp_common.io import writing_file
+
 from .ablate_stats import mean_curve, multiplicity_note
 
 
@@ -103,7 +105,7 @@ def report_markdown(cfg, cells: list[dict], groups: list[dict], comparisons: lis
 
 def write_csv(path: Path, cells: list[dict]) -> None:
     keys = [k for k in cells[0] if k not in ("curve", "loss_curve")]
-    with path.open("w", newline="") as fh:
+    with writing_file(path) as tmp, tmp.open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=keys, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(cells)

@@ -35,17 +35,11 @@ from dvlp_common.precision import autocast, compute_dtype
 from pipelines.stage2 import Stage2Config
 from vl_align.fronts import load_front
 from vl_align.inputs import prepare_stage_inputs
+from vl_align.ridge import ridge_fit, with_bias
 
 
 def _mse(pred: torch.Tensor, target: torch.Tensor) -> float:
     return float((pred - target).pow(2).mean())
-
-
-def _ridge(x: torch.Tensor, y: torch.Tensor, ridge: float) -> torch.Tensor:
-    """Least squares x·W ≈ y with a ridge relative to the mean eigenvalue of xᵀx (float64)."""
-    gram = x.T @ x
-    gram += ridge * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype)
-    return torch.linalg.solve(gram, x.T @ y)
 
 
 def _front_at(run: Path, cfg: Stage2Config, step: int, inputs):
@@ -101,20 +95,20 @@ def main(argv: list[str] | None = None) -> int:
     half = len(pairs) // 2
     q = z.shape[1]
     # one W shared by the Q query positions, as llm_proj is: rows are (sample, query)
-    x = torch.cat([z, torch.ones(*z.shape[:2], 1)], dim=-1)  # [N, Q, H+1]
+    x = with_bias(z)  # [N, Q, H+1]
     x_fit, y_fit = x[:half].reshape(-1, x.shape[-1]).double(), target[:half].reshape(-1, target.shape[-1]).double()
-    w = _ridge(x_fit, y_fit, args.ridge)  # [H+1, d]
+    w = ridge_fit(x_fit, y_fit, args.ridge)  # [H+1, d]
     lstsq_pred = (x[half:].double() @ w).float()
     # one shared W plus a bias per query position: does the shared W lack only the positions' offsets?
     onehot = torch.eye(q).expand(z.shape[0], q, q)  # [N, Q, Q]
     xb = torch.cat([z, onehot], dim=-1)
     xb_fit = xb[:half].reshape(-1, xb.shape[-1]).double()
-    shared_bias_pred = (xb[half:].double() @ _ridge(xb_fit, y_fit, args.ridge)).float()
+    shared_bias_pred = (xb[half:].double() @ ridge_fit(xb_fit, y_fit, args.ridge)).float()
     # the same fit with one W per query position (an upper bound for a non-shared projection): is sharing W the limit?
     per_query = torch.empty_like(target[half:])
     for i in range(q):
         xi, yi = x[:half, i].double(), target[:half, i].double()
-        per_query[:, i] = (x[half:, i].double() @ _ridge(xi, yi, args.ridge)).float()
+        per_query[:, i] = (x[half:, i].double() @ ridge_fit(xi, yi, args.ridge)).float()
     # how different the query positions are: the share of Z's variance that is between the positions' means
     z_fit = z[:half]
     between = float((z_fit.mean(0) - z_fit.mean((0, 1))).pow(2).sum(-1).mean())

@@ -28,11 +28,12 @@ and of the same frames reversed, over the mean distance between two different cl
 order-blind front).
 
     python scripts/order_probe.py FRONT_DIR [FRONT_DIR ...] [--labels a,b] [--train-clips 800] [--out FILE]
-        [--cache-dir DIR]
+        [--cache-dir DIR] [--connector-layers] [--connector-r R]
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from collections import defaultdict
@@ -41,11 +42,12 @@ from pathlib import Path
 
 import torch
 
-from dvlp_common.io import write_json_atomic
+from dvlp_common.io import write_json_atomic, writing_file
 from dvlp_common.precision import autocast, compute_dtype
 from vl_align.fronts import load_front
 from vl_align.motion import ORDER_PAIRS
 from vl_align.pairs import PairDataConfig
+from vl_align.ridge import ridge_fit, with_bias
 from vl_align.video_data import load_video_pairs
 from vl_align.video_inputs import VideoClipsConfig, VideoInputs, VideoRecord, front_frames, video_data_config
 
@@ -106,22 +108,10 @@ def features(front, batches: Iterable[dict], connector_layers: bool = False) -> 
     return {k: torch.cat(v).double() for k, v in feats.items()}
 
 
-def _ridge_fit(x: torch.Tensor, y: torch.Tensor, penalty: float) -> torch.Tensor:
-    """w (with bias, last) minimising |[x 1]·w - y|² + penalty·mean eig·|w|²; dual form when features > samples."""
-    xb = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
-    if xb.shape[1] > xb.shape[0]:
-        gram = xb @ xb.T
-        gram += penalty * gram.diagonal().mean() * torch.eye(len(xb), dtype=x.dtype)
-        return xb.T @ torch.linalg.solve(gram, y)
-    gram = xb.T @ xb
-    gram += penalty * gram.diagonal().mean() * torch.eye(xb.shape[1], dtype=x.dtype)
-    return torch.linalg.solve(gram, xb.T @ y)
-
-
 def _predict(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """±1 per row (a score of exactly 0, e.g. a clip and its reversal that an order-blind front cannot tell
     apart, says +1: one of the two is then right)."""
-    score = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1) @ w
+    score = with_bias(x) @ w
     return torch.where(score >= 0, 1.0, -1.0).to(x.dtype)
 
 
@@ -137,11 +127,11 @@ def probe(train_x, train_y, test_x, test_y, group: int, folds: int = 5) -> dict:
     for penalty in PENALTIES:
         right = 0
         for f in range(folds):
-            w = _ridge_fit(train_x[fold != f], train_y[fold != f], penalty)
+            w = ridge_fit(with_bias(train_x[fold != f]), train_y[fold != f], penalty)
             right += int((_predict(train_x[fold == f], w) == train_y[fold == f]).sum())
         scores[penalty] = right / n
     best = max(PENALTIES, key=lambda p: (scores[p], p))  # ties: the stronger penalty
-    w = _ridge_fit(train_x, train_y, best)
+    w = ridge_fit(with_bias(train_x), train_y, best)
     return {"accuracy": float((_predict(test_x, w) == test_y).double().mean()), "cv_accuracy": scores[best],
             "penalty": best, "train_accuracy": float((_predict(train_x, w) == train_y).double().mean())}
 
@@ -157,13 +147,21 @@ def order_signal(x: torch.Tensor, x_reversed: torch.Tensor, kind: torch.Tensor) 
     return float(own / torch.stack(spread).mean())
 
 
+def set_connector_r(front, r: int) -> None:
+    """Run a tome front's connector with ``r`` merges per layer from now on (its weights unchanged)."""
+    front.connector.cfg = dataclasses.replace(front.connector.cfg, r=r)
+
+
 def run(front_dir: str, train: list[VideoRecord], test: list[VideoRecord], cache: Path | None = None,
-        connector_layers: bool = False) -> dict:
-    """Probe one front; ``cache`` (a .pt file) keeps its features for a rerun of the fits."""
+        connector_layers: bool = False, connector_r: int | None = None) -> dict:
+    """Probe one front; ``cache`` (a .pt file) keeps its features for a rerun of the fits. ``connector_r`` runs the
+    trained tome connector with another number of merges per layer (0: none), a diagnostic of whether merging or
+    the layers lose the order (the weights were trained with their own schedule, so it is off their distribution)."""
     started = time.perf_counter()
     meta = json.loads((Path(front_dir) / "front_config.json").read_text())
     key = {"front": str(Path(front_dir).resolve()), "train": [r.image_id for r in train],
-           "test": [r.image_id for r in test], **({"connector_layers": True} if connector_layers else {})}
+           "test": [r.image_id for r in test], **({"connector_layers": True} if connector_layers else {}),
+           **({"connector_r": connector_r} if connector_r is not None else {})}
     stored = torch.load(cache, weights_only=True) if cache is not None and cache.is_file() else None
     if stored is not None and stored["key"] == key:
         feats = {k: {name: x.double() for name, x in v.items()} for k, v in stored["features"].items()}
@@ -172,14 +170,17 @@ def run(front_dir: str, train: list[VideoRecord], test: list[VideoRecord], cache
         dtype = compute_dtype("auto", device)
         front, tower, _llm, _ = load_front(front_dir)
         front, tower = front.to(device), tower.to(device)
+        if connector_r is not None:
+            set_connector_r(front, connector_r)
         with autocast(device, dtype):
             feats = {(split, order): features(front, clip_batches(front, tower, recs, order, device), connector_layers)
                      for split, recs in (("train", train), ("test", test)) for order in ("as_is", "reversed")}
-        if cache is not None:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"key": key, "features": {k: {name: x.float() for name, x in v.items()}
-                                                 for k, v in feats.items()}}, cache)
+        if cache is not None:  # atomically: a cut-off write must not leave a cache that fails to load
+            with writing_file(cache) as tmp:
+                torch.save({"key": key, "features": {k: {name: x.float() for name, x in v.items()}
+                                                     for k, v in feats.items()}}, tmp)
     result = {"front": front_dir, "video": meta["front"].get("video", {}), "train_clips": len(train),
+              **({"connector_r": connector_r} if connector_r is not None else {}),
               "test_clips": len(test), "features_seconds": round(time.perf_counter() - started, 1)}
     return {**result, **score(feats, *labels(train), *labels(test))}
 
@@ -225,6 +226,8 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="json file (default: print only)")
     parser.add_argument("--connector-layers", action="store_true",
                         help="also probe the tome connector's input and each of its layers (where order is lost)")
+    parser.add_argument("--connector-r", type=int, default=None,
+                        help="run the trained tome connector with this many merges per layer (0: none; diagnostic)")
     parser.add_argument("--cache-dir", default=None, help="keep each front's features here (<label>.pt) for reruns")
     args = parser.parse_args()
     names = args.labels.split(",") if args.labels else args.fronts
@@ -234,7 +237,7 @@ def main() -> None:
     results = {}
     for name, front_dir in zip(names, args.fronts):
         cache = Path(args.cache_dir) / f"{name}.pt" if args.cache_dir else None
-        results[name] = run(front_dir, train, test, cache, args.connector_layers)
+        results[name] = run(front_dir, train, test, cache, args.connector_layers, args.connector_r)
         r = results[name]
         print(f"{name}: " + "; ".join(f"{f}: order {r[f]['order_accuracy']:.3f}, partner {r[f]['partner_accuracy']:.3f}, "
                                       f"signal {r[f]['order_signal']:.3f}" for f in r

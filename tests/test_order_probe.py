@@ -75,7 +75,8 @@ def test_cross_validation_keeps_a_clip_and_its_partner_in_one_fold(order_probe):
 
 def test_connector_taps_reach_the_prefix(order_probe):
     """``--connector-layers``: the last connector layer's tapped output, through W, is the prefix (mean over tokens
-    commutes with the linear W), and every layer is tapped once per clip."""
+    commutes with the linear W), and every layer is tapped once per clip; ``--connector-r 0`` runs the same weights
+    without merging."""
     torch.manual_seed(0)
     model = tf.Dinov2Model(tf.Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=2,
                                            patch_size=4, image_size=16))
@@ -96,3 +97,9 @@ def test_connector_taps_reach_the_prefix(order_probe):
     torch.testing.assert_close(through_w, feats["prefix"], rtol=1e-5, atol=1e-6)
     assert order_probe.features(front, clips)["prefix"].equal(feats["prefix"])  # the hooks are gone, same output
     assert not any(m._forward_hooks for m in front.modules())
+    # --connector-r 0: the same weights without merging; every layer keeps all tokens (16 patches + [CLS])
+    order_probe.set_connector_r(front, 0)
+    unmerged = order_probe.features(front, clips, connector_layers=True)
+    assert front.connector.schedule(17) == [0, 0, 0]
+    assert unmerged["prefix_flat"].shape == (5, 17 * 24) and feats["prefix_flat"].shape == (5, (17 - 6) * 24)
+    assert unmerged["connector_in"].equal(feats["connector_in"])  # before the first merge: the same

@@ -615,3 +615,21 @@ def test_replace_folder_puts_the_old_folder_back_when_the_new_one_cannot_go_in(t
     monkeypatch.setattr(atomic.os, "replace", real)
     atomic.replace_folder(new, out)
     assert (out / "v").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["cache"]
+
+
+def test_writing_file_keeps_the_old_file_when_the_writer_fails(tmp_path):
+    """Used for files written by other libraries' writers (torch.save of the order probe's feature cache, csv)."""
+    from dvlp_common.io import writing_file
+
+    path = tmp_path / "features.pt"
+    torch.save({"v": torch.ones(2)}, path)
+    with pytest.raises(RuntimeError, match="cut off"):
+        with writing_file(path) as tmp:
+            tmp.write_bytes(b"half a pick")
+            raise RuntimeError("cut off")
+    assert torch.equal(torch.load(path, weights_only=True)["v"], torch.ones(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["features.pt"]  # no temporary file left behind
+    with writing_file(path) as tmp:
+        torch.save({"v": torch.zeros(3)}, tmp)
+    assert torch.equal(torch.load(path, weights_only=True)["v"], torch.zeros(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["features.pt"]

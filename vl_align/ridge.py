@@ -1,0 +1,31 @@
+"""Ridge regression for linear read-outs of a front's features: the best linear W from query outputs to P(y)
+(``scripts/align_lstsq.py``) and the linear probes of frame order (``scripts/order_probe.py``).
+
+The penalty is relative to the mean eigenvalue of XᵀX (trace / features), so one value means the same on features
+of any scale or width. With more features than samples the dual form solves an n x n system instead of d x d;
+with the penalty scaled the same way both forms give the same W.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def with_bias(x: torch.Tensor) -> torch.Tensor:
+    """[..., F] -> [..., F + 1]: a column of ones appended, so the last row of a fitted W is the bias."""
+    return torch.cat([x, torch.ones(*x.shape[:-1], 1, dtype=x.dtype, device=x.device)], dim=-1)
+
+
+def ridge_fit(x: torch.Tensor, y: torch.Tensor, penalty: float) -> torch.Tensor:
+    """W [F, K] minimising |x·W - y|² + λ·|W|², λ = penalty x the mean eigenvalue of xᵀx (x [n, F], y [n, K] or
+    [n]). Fit in float64 for conditioning; add a bias column with :func:`with_bias`."""
+    n, features = x.shape
+    if features > n:  # dual: W = xᵀ(x·xᵀ + λI)⁻¹y, the same solution from an n x n system
+        gram = x @ x.T
+        lam = penalty * gram.diagonal().sum() / features
+        return x.T @ torch.linalg.solve(gram + lam * torch.eye(n, dtype=x.dtype, device=x.device), y)
+    gram = x.T @ x
+    lam = penalty * gram.diagonal().mean()
+    return torch.linalg.solve(gram + lam * torch.eye(features, dtype=x.dtype, device=x.device), x.T @ y)
+
+
+__all__ = ["ridge_fit", "with_bias"]
