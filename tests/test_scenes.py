@@ -327,3 +327,21 @@ def test_default_build_size_and_time(tmp_path):
     assert (c["pairs_train"], c["pairs_test"], c["caption_corpus"], c["caption_space"]) == (4000, 500, 30000, 25920)
     assert info["test_seen_fraction"] < 0.25
     assert elapsed < 60, f"default build took {elapsed:.1f} s"
+
+
+def test_slot_accuracy_scores_each_part_of_the_template():
+    from vl_align.scenes import SLOTS, slot_accuracy
+
+    refs = ["a large pink circle left of a small red star"] * 4
+    preds = ["a large pink circle left of a small gray star",  # second colour wrong
+             "a large pink circle above a small red star",  # relation wrong
+             "a small red star right of a large pink circle",  # objects swapped: off the canonical order
+             "a pink circle"]  # off the template
+    acc = slot_accuracy(preds, refs)
+    assert acc["well_formed"] == 0.75 and acc["exact"] == 0.0
+    assert acc["first size"] == acc["first colour"] == acc["first shape"] == 0.5
+    assert acc["relation"] == 0.25 and acc["second colour"] == 0.25 and acc["second shape"] == 0.5
+    assert set(SLOTS) < set(acc)
+    assert slot_accuracy(refs[:1], refs[:1])["exact"] == 1.0
+    with pytest.raises(ValueError, match="as many"):
+        slot_accuracy(preds, refs[:2])

@@ -49,6 +49,7 @@ import itertools
 import os
 import random
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -70,6 +71,8 @@ __all__ = [
     "caption_space",
     "caption_of",
     "parse_caption",
+    "SLOTS",
+    "slot_accuracy",
     "relation_between",
     "render_scene",
     "scene_questions",
@@ -156,16 +159,46 @@ _OBJ_RE = rf"({'|'.join(SIZES)}) ({'|'.join(COLOURS)}) ({'|'.join(SHAPES)})"
 _CAPTION_RE = re.compile(rf"^a {_OBJ_RE} ({'|'.join(RELATIONS)}) a {_OBJ_RE}$")
 
 
-def parse_caption(caption: str) -> SceneKey:
-    """The scene key of a canonical caption (``ValueError`` otherwise)."""
+def parse_caption(caption: str, canonical: bool = True) -> SceneKey:
+    """The scene key of a canonical caption (``ValueError`` otherwise; ``canonical=False`` also takes a
+    template-shaped caption that names its objects in another order or repeats a colour, as a model may write)."""
     m = _CAPTION_RE.match(caption)
     if not m:
         raise ValueError(f"not a scenes caption: {caption!r}")
     g = m.groups()
     key = SceneKey(SceneObject(*g[0:3]), g[3], SceneObject(*g[4:7]))
-    if not _is_canonical(key):
+    if canonical and not _is_canonical(key):
         raise ValueError(f"not a canonical scenes caption (naming order or repeated colour): {caption!r}")
     return key
+
+
+SLOTS = ("first size", "first colour", "first shape", "relation", "second size", "second colour", "second shape")
+
+
+def _slots(key: SceneKey) -> tuple[str, ...]:
+    a, rel, b = key
+    return (a.size, a.colour, a.shape, rel, b.size, b.colour, b.shape)
+
+
+def slot_accuracy(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+    """What generated captions get right, slot by slot of the template (``SLOTS``): per slot the share of
+    predictions naming the reference's value, ``well_formed`` (the share that follow the template) and ``exact``.
+    A prediction off the template counts wrong in every slot (the denominator is always every prediction)."""
+    if len(predictions) != len(references) or not predictions:
+        raise ValueError(f"need as many predictions as references (got {len(predictions)} and {len(references)})")
+    right = [0] * len(SLOTS)
+    well_formed = exact = 0
+    for pred, ref in zip(predictions, references):
+        want = _slots(parse_caption(ref, canonical=False))
+        try:
+            got = _slots(parse_caption(pred.strip(), canonical=False))
+        except ValueError:
+            continue
+        well_formed += 1
+        exact += got == want
+        right = [r + (g == w) for r, g, w in zip(right, got, want)]
+    n = len(predictions)
+    return {"well_formed": well_formed / n, **{slot: r / n for slot, r in zip(SLOTS, right)}, "exact": exact / n}
 
 
 # ----------------------------------------------------------------------------------------------------------
