@@ -3,6 +3,8 @@
     python -m benchmarks.ab --step representation/qformer --a deepspeed.cpu_dropout=torch \\
         --b deepspeed.cpu_dropout=bits [--set front.num_query_tokens=32] [--batch 32] [--rounds 12] [--out DIR]
     python -m benchmarks.ab --step reference/features --step-b generative/qformer    # transformers' BLIP-2 vs ours
+    python -m benchmarks.ab --step generative/tome --set data.source=embedded:motion --set front.video.enabled=true \
+        --a front.video.num_frames=1 "front.video.blocks=[]" --b "front.video.blocks=[8,9,10,11]"   # video vs frame
 
 Why: on a shared VM the machine's speed drifts between processes (the matmul peak measured by ``benchmarks.bench``
 moved between 0.47 and 0.71 TFLOP/s in consecutive runs here), so two separate benchmark runs cannot resolve a 10%

@@ -25,6 +25,7 @@ the stage's AdamW (``pipelines.optim.build_optimizer``) and gradient clipping.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -240,6 +241,8 @@ def _setup_generative(spec, device, dtype):
     from vl_align.fronts import build_front, needs_live_tower
     from vl_align.generative import GenerativeCollator, generative_loss
     from vl_align.inputs import ImageInputs
+    from vl_align.objectives import video_kwargs
+    from vl_align.video_inputs import VideoSource
     from vl_align.vision import VisionTower
 
     front_kind, size, b = spec["front"], spec["image_size"], spec["batch"]
@@ -252,8 +255,15 @@ def _setup_generative(spec, device, dtype):
     live = needs_live_tower(cfg.front, cfg.vision)
     llm = FrozenLLM.load(cfg.llm, dtype=dtype, bos_before_prefix=cfg.bos_before_prefix).to(device)
     front = build_front(cfg.front, tower.hidden_size, llm.hidden_size, vision_tower=tower if live else None).to(device)
-    pairs = _pairs(cfg.data, cfg.seed, b)
-    images = ImageInputs.build(tower, [r.image for r in pairs], live, device, dtype)
+    if cfg.front.video.enabled:  # clips as the stage serves them: the frozen blocks from the frame cache if valid
+        source = VideoSource(dataclasses.replace(cfg.data, max_pairs=None), cfg.front.video.num_frames, cfg.seed,
+                             video=cfg.front.video)
+        records, _ = source.load_pairs()
+        pairs = [records[i % len(records)] for i in range(b)]
+        images = source.inputs(tower, [r.image for r in pairs], device, dtype)
+    else:
+        pairs = _pairs(cfg.data, cfg.seed, b)
+        images = ImageInputs.build(tower, [r.image for r in pairs], live, device, dtype)
     q = cfg.front.num_query_tokens
     collate = GenerativeCollator(
         pairs, llm, cfg.front.max_text_length, images,
@@ -282,10 +292,13 @@ def _setup_generative(spec, device, dtype):
                                      lead=int(llm.lead_token_id is not None), **kwargs)
     tokens = {"vision_tokens": nv, "visual_tokens_to_next_stage": info["tokens_to_llm"],
               "vision_tokens_into_front": info["vision_tokens_to_front"]}
+    if cfg.front.video.enabled:  # the ledger has no live tower blocks or temporal modules: no FLOP count (timing only)
+        ledger = None
     if front_kind == "tome":  # the real forward's count, not the schedule's
         front.train()
         with torch.no_grad():
-            out = front("queries", image_embeds=batch.image_embeds, pixel_values=batch.pixel_values)
+            out = front("queries", image_embeds=batch.image_embeds, pixel_values=batch.pixel_values,
+                        **video_kwargs(batch))
         tokens.update(visual_tokens_to_next_stage=out["prompt_pred"].shape[1],
                       connector_tokens_per_layer=list(out["tokens_per_layer"]))
     if front_kind == "elip":
@@ -472,6 +485,9 @@ def measure_step(spec: dict) -> dict:
     device, dtype = torch.device(spec["device"]), _torch_dtype(spec["dtype"])
     training.seed_everything(0)
     model, loss_fn, ledger, tokens, shapes, optim_cfg, _kernels = build_step(spec, device, dtype)
+    if ledger is None:
+        raise ValueError(f"{spec['stage']} with {spec['overrides']}: no FLOP count for a video front's step; time it "
+                         "against another step with benchmarks.ab")
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = optim.build_optimizer(model, optim_cfg)
     if spec.get("compile"):  # as deepspeed.compile=true does in the stages

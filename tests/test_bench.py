@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from benchmarks import flops as F
-from benchmarks.bench import measure_in_subprocess, plan, run_case
+from benchmarks.bench import measure_in_subprocess, measure_step, plan, run_case
 
 
 def test_linear_layer_hand_count():
@@ -278,3 +278,22 @@ def test_cell_cost_times_the_grids_steps_as_the_runner_builds_them(tmp_path, mon
     cell.write_markdown(full, tmp_path / "cell.md")
     text = (tmp_path / "cell.md").read_text()
     assert "stage1 (once per grid)" in text and "below the floor" in text
+
+
+def test_ab_times_a_video_step_against_the_single_frame_step(tmp_path, motion_cache, tiny_vit_dir, tiny_bert_dir,
+                                                             tiny_llm_dir):
+    """Issue 20's 'training time per step against the image pipeline': benchmarks.ab builds a video front's
+    generative step as the stage serves it (clips of embedded:motion, the frozen blocks from the frame cache) beside
+    the single-frame step; benchmarks.bench, which reports MFU, refuses it (no FLOP count for the live blocks)."""
+    from benchmarks import ab
+    common = [*_tiny_overrides("generative", tiny_vit_dir, tiny_bert_dir, tiny_llm_dir), "data.source=embedded:motion",
+              "front.video.enabled=true", "front.video.hidden_dim=16", "front.video.num_heads=4"]
+    r = ab.measure("generative/tome", ["front.video.num_frames=1", "front.video.blocks=[]"],
+                   ["front.video.blocks=[10,11]", "front.video.max_frames=8"], common, batch=2, rounds=2, warmup=1,
+                   image_size=16)
+    assert len(r["times_s"]["B"]) == 2 and all(t > 0 for t in r["times_s"]["A"] + r["times_s"]["B"])
+    spec = _spec("generative", "tome", tiny_vit_dir, tiny_bert_dir, tiny_llm_dir)
+    spec["overrides"] += ["data.source=embedded:motion", "front.video.enabled=true", "front.video.blocks=[11]",
+                          "front.video.hidden_dim=16", "front.video.num_heads=4"]
+    with pytest.raises(ValueError, match="no FLOP count for a video front"):
+        measure_step(spec)
