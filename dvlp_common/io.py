@@ -19,6 +19,10 @@ from pathlib import Path
 from typing import Any, Iterator
 
 
+_UMASK = os.umask(0)  # read once (os.umask can only be read by setting it), and put back at once
+os.umask(_UMASK)
+
+
 def replace_folder(tmp: Path, out: Path) -> None:
     """Rename the finished folder ``tmp`` to ``out`` (same file system). An existing ``out`` is moved aside first
     and put back if the new one cannot go in, so a failure leaves the previous folder intact."""
@@ -43,6 +47,7 @@ def building_folder(out: str | os.PathLike) -> Iterator[Path]:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes it 0700; a shared cache or run folder must be readable as mkdir's
     try:
         yield tmp
         replace_folder(tmp, out)
@@ -58,6 +63,7 @@ def writing_file(path: str | os.PathLike) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it 0600; the finished file gets what open() would give it
     try:
         yield Path(tmp)
         os.replace(tmp, path)

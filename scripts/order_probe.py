@@ -28,7 +28,7 @@ and of the same frames reversed, over the mean distance between two different cl
 order-blind front).
 
     python scripts/order_probe.py FRONT_DIR [FRONT_DIR ...] [--labels a,b] [--train-clips 800] [--out FILE]
-        [--cache-dir DIR] [--connector-layers] [--connector-r R]
+        [--cache-dir DIR] [--connector-layers] [--connector-r R] [--rbf]
 """
 from __future__ import annotations
 
@@ -47,13 +47,14 @@ from dvlp_common.precision import autocast, compute_dtype
 from vl_align.fronts import load_front
 from vl_align.motion import ORDER_PAIRS
 from vl_align.pairs import PairDataConfig
-from vl_align.ridge import ridge_fit, with_bias
+from vl_align.ridge import kernel_ridge_fit, median_gamma, rbf_kernel, ridge_fit, with_bias
 from vl_align.video_data import load_video_pairs
 from vl_align.video_inputs import VideoClipsConfig, VideoInputs, VideoRecord, front_frames, video_data_config
 
 KINDS = [a for a, _ in ORDER_PAIRS]
 SECOND = {b: a for a, b in ORDER_PAIRS}  # the reversed caption of each kind -> its kind
-PENALTIES = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)  # relative to the mean eigenvalue of XᵀX
+PENALTIES = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)  # relative to the mean eigenvalue of XᵀX (of K for rbf)
+RBF_WIDTHS = (0.25, 1.0, 4.0)  # x the median heuristic's gamma
 
 
 def order_records(split: str, limit: int | None) -> list[VideoRecord]:
@@ -108,32 +109,46 @@ def features(front, batches: Iterable[dict], connector_layers: bool = False) -> 
     return {k: torch.cat(v).double() for k, v in feats.items()}
 
 
-def _predict(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def _sign(score: torch.Tensor) -> torch.Tensor:
     """±1 per row (a score of exactly 0, e.g. a clip and its reversal that an order-blind front cannot tell
     apart, says +1: one of the two is then right)."""
-    score = with_bias(x) @ w
-    return torch.where(score >= 0, 1.0, -1.0).to(x.dtype)
+    return torch.where(score >= 0, 1.0, -1.0).to(score.dtype)
 
 
-def probe(train_x, train_y, test_x, test_y, group: int, folds: int = 5) -> dict:
-    """Ridge classifier with the penalty chosen by cross-validation on the training set. Folds keep each run of
-    ``group`` consecutive rows whole: a clip, its pair partner (nearly the clip's frames reversed) and their
-    reversals belong in one fold, or the fold's near-duplicates inflate the CV score."""
+def _fit(reader: str, x: torch.Tensor, y: torch.Tensor, penalty: float, width: float):
+    """A fitted reader: rows -> scores. ``linear``: ridge with a bias; ``rbf``: kernel ridge, kernel width
+    ``width`` x the median heuristic on ``x`` (plus a constant, the bias)."""
+    if reader == "linear":
+        w = ridge_fit(with_bias(x), y, penalty)
+        return lambda z: with_bias(z) @ w
+    gamma = width * median_gamma(x)
+    alpha = kernel_ridge_fit(rbf_kernel(x, x, gamma) + 1.0, y, penalty)
+    return lambda z: (rbf_kernel(z, x, gamma) + 1.0) @ alpha
+
+
+def probe(train_x, train_y, test_x, test_y, group: int, folds: int = 5, reader: str = "linear") -> dict:
+    """A ridge classifier (``reader`` linear or rbf) with its penalty (and kernel width) chosen by cross-validation
+    on the training set. Folds keep each run of ``group`` consecutive rows whole: a clip, its pair partner (nearly
+    the clip's frames reversed) and their reversals belong in one fold, or the fold's near-duplicates inflate the
+    CV score. Either reader gives a clip and its reversal the same score when their features are equal, so an
+    order-blind front scores exactly 0.5 on the order probe under both."""
     mean, std = train_x.mean(0), train_x.std(0).clamp_min(1e-8)
     train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
     n = len(train_y)
     fold = (torch.arange(n) // group) % folds
+    grid = [(p, w) for p in PENALTIES for w in (RBF_WIDTHS if reader == "rbf" else (1.0,))]
     scores = {}
-    for penalty in PENALTIES:
+    for penalty, width in grid:
         right = 0
         for f in range(folds):
-            w = ridge_fit(with_bias(train_x[fold != f]), train_y[fold != f], penalty)
-            right += int((_predict(train_x[fold == f], w) == train_y[fold == f]).sum())
-        scores[penalty] = right / n
-    best = max(PENALTIES, key=lambda p: (scores[p], p))  # ties: the stronger penalty
-    w = ridge_fit(with_bias(train_x), train_y, best)
-    return {"accuracy": float((_predict(test_x, w) == test_y).double().mean()), "cv_accuracy": scores[best],
-            "penalty": best, "train_accuracy": float((_predict(train_x, w) == train_y).double().mean())}
+            read = _fit(reader, train_x[fold != f], train_y[fold != f], penalty, width)
+            right += int((_sign(read(train_x[fold == f])) == train_y[fold == f]).sum())
+        scores[penalty, width] = right / n
+    best = max(grid, key=lambda pw: (scores[pw], pw[0], -pw[1]))  # ties: the stronger penalty, the wider kernel
+    read = _fit(reader, train_x, train_y, *best)
+    return {"accuracy": float((_sign(read(test_x)) == test_y).double().mean()), "cv_accuracy": scores[best],
+            "penalty": best[0], **({"kernel_width": best[1]} if reader == "rbf" else {}),
+            "train_accuracy": float((_sign(read(train_x)) == train_y).double().mean())}
 
 
 def order_signal(x: torch.Tensor, x_reversed: torch.Tensor, kind: torch.Tensor) -> float:
@@ -153,7 +168,7 @@ def set_connector_r(front, r: int) -> None:
 
 
 def run(front_dir: str, train: list[VideoRecord], test: list[VideoRecord], cache: Path | None = None,
-        connector_layers: bool = False, connector_r: int | None = None) -> dict:
+        connector_layers: bool = False, connector_r: int | None = None, rbf: bool = False) -> dict:
     """Probe one front; ``cache`` (a .pt file) keeps its features for a rerun of the fits. ``connector_r`` runs the
     trained tome connector with another number of merges per layer (0: none), a diagnostic of whether merging or
     the layers lose the order (the weights were trained with their own schedule, so it is off their distribution)."""
@@ -182,13 +197,14 @@ def run(front_dir: str, train: list[VideoRecord], test: list[VideoRecord], cache
     result = {"front": front_dir, "video": meta["front"].get("video", {}), "train_clips": len(train),
               **({"connector_r": connector_r} if connector_r is not None else {}),
               "test_clips": len(test), "features_seconds": round(time.perf_counter() - started, 1)}
-    return {**result, **score(feats, *labels(train), *labels(test))}
+    return {**result, **score(feats, *labels(train), *labels(test), rbf=rbf)}
 
 
-def score(feats: dict, train_k, train_y, test_k, test_y) -> dict:
+def score(feats: dict, train_k, train_y, test_k, test_y, rbf: bool = False) -> dict:
     """The probes on features ``{(split, order): {name: [n, F]}}`` (split train/test, order as_is/reversed; rows:
     a clip then its pair partner, as ``order_records`` gives them) with kinds and ±1 labels per split:
-    ``{name: {order_accuracy, partner_accuracy, order_signal, features, per_kind}}``."""
+    ``{name: {order_accuracy, partner_accuracy, order_signal, features, per_kind}}``; with ``rbf`` also the order
+    probe read by an RBF kernel (``order_accuracy_rbf``): is the order there but not linearly?"""
     result = {}
     for name in feats["train", "as_is"]:
         tr_x, tr_rev = feats["train", "as_is"][name], feats["train", "reversed"][name]
@@ -199,13 +215,15 @@ def score(feats: dict, train_k, train_y, test_k, test_y) -> dict:
             # order: each clip's sampled frames as sampled (its label) and reversed (the partner's label): the two
             # classes hold the same frames, so only their order can separate them (rows interleaved: CV keeps a
             # clip and its reversal in one fold)
-            order = probe(torch.stack([tr_x[tr], tr_rev[tr]], 1).flatten(0, 1),
+            order_data = (torch.stack([tr_x[tr], tr_rev[tr]], 1).flatten(0, 1),
                           torch.stack([train_y[tr], -train_y[tr]], 1).flatten(),
-                          torch.cat([te_x[te], te_rev[te]]), torch.cat([test_y[te], -test_y[te]]), group=4)
+                          torch.cat([te_x[te], te_rev[te]]), torch.cat([test_y[te], -test_y[te]]))
+            order = probe(*order_data, group=4)
             # partner: a clip against its pair partner, each uniformly sampled, as the captions are scored; the
             # sampled frame sets differ between the two (module docstring), so an order-blind front can pass
             partner = probe(tr_x[tr], train_y[tr], te_x[te], test_y[te], group=2)
-            per_kind[kind] = {"order": order, "partner": partner, "test_clips": int(te.sum())}
+            per_kind[kind] = {"order": order, "partner": partner, "test_clips": int(te.sum()),
+                              **({"order_rbf": probe(*order_data, group=4, reader="rbf")} if rbf else {})}
         weights = torch.tensor([per_kind[k]["test_clips"] for k in KINDS], dtype=torch.float64)
 
         def mean_of(probe_name, kinds=per_kind, w=weights):
@@ -213,7 +231,7 @@ def score(feats: dict, train_k, train_y, test_k, test_y) -> dict:
 
         result[name] = {"order_accuracy": mean_of("order"), "partner_accuracy": mean_of("partner"),
                         "order_signal": order_signal(te_x, te_rev, test_k), "features": int(tr_x.shape[1]),
-                        "per_kind": per_kind}
+                        "per_kind": per_kind, **({"order_accuracy_rbf": mean_of("order_rbf")} if rbf else {})}
     return result
 
 
@@ -226,6 +244,8 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="json file (default: print only)")
     parser.add_argument("--connector-layers", action="store_true",
                         help="also probe the tome connector's input and each of its layers (where order is lost)")
+    parser.add_argument("--rbf", action="store_true",
+                        help="also read the order probe with an RBF kernel (is the order there, but not linearly?)")
     parser.add_argument("--connector-r", type=int, default=None,
                         help="run the trained tome connector with this many merges per layer (0: none; diagnostic)")
     parser.add_argument("--cache-dir", default=None, help="keep each front's features here (<label>.pt) for reruns")
@@ -237,10 +257,11 @@ def main() -> None:
     results = {}
     for name, front_dir in zip(names, args.fronts):
         cache = Path(args.cache_dir) / f"{name}.pt" if args.cache_dir else None
-        results[name] = run(front_dir, train, test, cache, args.connector_layers, args.connector_r)
+        results[name] = run(front_dir, train, test, cache, args.connector_layers, args.connector_r, args.rbf)
         r = results[name]
         print(f"{name}: " + "; ".join(f"{f}: order {r[f]['order_accuracy']:.3f}, partner {r[f]['partner_accuracy']:.3f}, "
-                                      f"signal {r[f]['order_signal']:.3f}" for f in r
+                                      + (f"order (rbf) {r[f]['order_accuracy_rbf']:.3f}, " if args.rbf else "")
+                                      + f"signal {r[f]['order_signal']:.3f}" for f in r
                                       if isinstance(r[f], dict) and "order_accuracy" in r[f]),
               flush=True)
         if args.out:

@@ -63,6 +63,26 @@ def test_an_order_aware_front_is_read_by_the_order_probe(order_probe):
     assert set(result["per_kind"]) == set(order_probe.KINDS)
 
 
+def test_the_rbf_reader_finds_an_order_code_the_linear_one_cannot(order_probe):
+    """--rbf: the order written as an XOR (the sign of coordinate 1 times a per-clip sign held in coordinate 0): no
+    linear reader can use it, a kernel one can; an order-blind front stays exactly at chance under both."""
+    g = torch.Generator().manual_seed(3)
+    feats, labels = {}, {}
+    for split, n, seed in (("train", 160, 0), ("test", 60, 1)):
+        x, kind, label = _clips(n, len(order_probe.KINDS), 4, seed)
+        sign = torch.where(torch.rand(len(x), generator=g) < 0.5, -1.0, 1.0).double()
+        code = torch.zeros_like(x[:, :2])
+        code[:, 0], code[:, 1] = 3 * sign, 3 * sign * label
+        labels[split] = (kind, label)
+        flip = torch.tensor([1.0, -1.0], dtype=torch.float64)  # reversing flips the label's part only
+        feats[split, "as_is"] = {"xor": torch.cat([x, code], 1), "blind": x}
+        feats[split, "reversed"] = {"xor": torch.cat([x, code * flip], 1), "blind": x}
+    result = order_probe.score(feats, *labels["train"], *labels["test"], rbf=True)
+    assert result["xor"]["order_accuracy"] < 0.65 < 0.9 < result["xor"]["order_accuracy_rbf"], result["xor"]
+    assert result["blind"]["order_accuracy"] == result["blind"]["order_accuracy_rbf"] == 0.5
+    assert "kernel_width" in result["xor"]["per_kind"]["left"]["order_rbf"]
+
+
 def test_cross_validation_keeps_a_clip_and_its_partner_in_one_fold(order_probe):
     # the training partner is a near-copy of the clip's content with the opposite label: split across folds the
     # CV would be near 0 for an order-blind partner probe; kept together, the CV sees unrelated clips (chance)

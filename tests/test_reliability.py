@@ -633,3 +633,19 @@ def test_writing_file_keeps_the_old_file_when_the_writer_fails(tmp_path):
         torch.save({"v": torch.zeros(3)}, tmp)
     assert torch.equal(torch.load(path, weights_only=True)["v"], torch.zeros(3))
     assert [p.name for p in tmp_path.iterdir()] == ["features.pt"]
+    # the finished file has the permissions a plain open() would give it (mkstemp's are 0600)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_building_folder_gives_the_folder_mkdirs_permissions(tmp_path):
+    """mkdtemp makes 0700 folders; a cache or saved model shared on a cluster must get what mkdir would give it."""
+    from dvlp_common.io import building_folder
+
+    with building_folder(tmp_path / "model") as tmp:
+        (tmp / "weights").write_text("w")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "model").stat().st_mode & 0o777 == 0o777 & ~umask
+    assert (tmp_path / "model" / "weights").read_text() == "w"

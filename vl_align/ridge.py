@@ -1,5 +1,6 @@
-"""Ridge regression for linear read-outs of a front's features: the best linear W from query outputs to P(y)
-(``scripts/align_lstsq.py``) and the linear probes of frame order (``scripts/order_probe.py``).
+"""Ridge regression for read-outs of a front's features: the best linear W from query outputs to P(y)
+(``scripts/align_lstsq.py``) and the probes of frame order (``scripts/order_probe.py``), linear or with an RBF
+kernel.
 
 The penalty is relative to the mean eigenvalue of XᵀX (trace / features), so one value means the same on features
 of any scale or width. With more features than samples the dual form solves an n x n system instead of d x d;
@@ -28,4 +29,25 @@ def ridge_fit(x: torch.Tensor, y: torch.Tensor, penalty: float) -> torch.Tensor:
     return torch.linalg.solve(gram + lam * torch.eye(features, dtype=x.dtype, device=x.device), x.T @ y)
 
 
-__all__ = ["ridge_fit", "with_bias"]
+def rbf_kernel(a: torch.Tensor, b: torch.Tensor, gamma: float) -> torch.Tensor:
+    """exp(-gamma·|a_i - b_j|²) [len(a), len(b)]."""
+    return torch.exp(-gamma * torch.cdist(a, b).pow(2))
+
+
+def median_gamma(x: torch.Tensor) -> float:
+    """The median heuristic: 1 / the median squared distance between rows of x (a kernel width on the data's
+    scale)."""
+    d2 = torch.cdist(x, x).pow(2)
+    off = d2[~torch.eye(len(x), dtype=torch.bool, device=x.device)]
+    return 1.0 / float(off.median().clamp_min(1e-12))
+
+
+def kernel_ridge_fit(kernel: torch.Tensor, y: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Dual weights α of kernel ridge regression, (K + λI)α = y with λ = penalty x the mean eigenvalue of K
+    (trace / n); predictions are K(new, train)·α."""
+    n = len(kernel)
+    lam = penalty * kernel.diagonal().sum() / n
+    return torch.linalg.solve(kernel + lam * torch.eye(n, dtype=kernel.dtype, device=kernel.device), y)
+
+
+__all__ = ["ridge_fit", "with_bias", "rbf_kernel", "median_gamma", "kernel_ridge_fit"]
