@@ -47,7 +47,7 @@ from dvlp_common.precision import autocast, compute_dtype
 from vl_align.fronts import load_front
 from vl_align.motion import ORDER_PAIRS
 from vl_align.pairs import PairDataConfig
-from vl_align.ridge import kernel_ridge_fit, median_gamma, rbf_kernel, ridge_fit, with_bias
+from vl_align.ridge import kernel_ridge_path, median_gamma, ridge_fit, with_bias
 from vl_align.video_data import load_video_pairs
 from vl_align.video_inputs import VideoClipsConfig, VideoInputs, VideoRecord, front_frames, video_data_config
 
@@ -115,15 +115,48 @@ def _sign(score: torch.Tensor) -> torch.Tensor:
     return torch.where(score >= 0, 1.0, -1.0).to(score.dtype)
 
 
-def _fit(reader: str, x: torch.Tensor, y: torch.Tensor, penalty: float, width: float):
-    """A fitted reader: rows -> scores. ``linear``: ridge with a bias; ``rbf``: kernel ridge, kernel width
-    ``width`` x the median heuristic on ``x`` (plus a constant, the bias)."""
-    if reader == "linear":
-        w = ridge_fit(with_bias(x), y, penalty)
-        return lambda z: with_bias(z) @ w
-    gamma = width * median_gamma(x)
-    alpha = kernel_ridge_fit(rbf_kernel(x, x, gamma) + 1.0, y, penalty)
-    return lambda z: (rbf_kernel(z, x, gamma) + 1.0) @ alpha
+def _cv_linear(train_x, train_y, test_x, fold, folds: int) -> tuple[dict, object]:
+    """CV accuracy of ridge (with a bias) per (penalty, 1.0), and the refit on every training row: (penalty, _) ->
+    the scores of the training and the test rows."""
+    scores = {}
+    for penalty in PENALTIES:
+        right = 0
+        for f in range(folds):
+            w = ridge_fit(with_bias(train_x[fold != f]), train_y[fold != f], penalty)
+            right += int((_sign(with_bias(train_x[fold == f]) @ w) == train_y[fold == f]).sum())
+        scores[penalty, 1.0] = right / len(train_y)
+
+    def refit(penalty: float, _width: float):
+        w = ridge_fit(with_bias(train_x), train_y, penalty)
+        return with_bias(train_x) @ w, with_bias(test_x) @ w
+    return scores, refit
+
+
+def _cv_rbf(train_x, train_y, test_x, fold, folds: int) -> tuple[dict, object]:
+    """The same for kernel ridge with an RBF kernel (width x the median heuristic on the fitting rows) plus a
+    constant (the bias): squared distances computed once, one eigendecomposition per fold and width."""
+    n = len(train_y)
+    d2 = torch.cdist(torch.cat([train_x, test_x]), train_x).pow(2)  # [n + m, n]
+    scores = {(p, w): 0 for p in PENALTIES for w in RBF_WIDTHS}
+
+    def fitted(fit: torch.Tensor, width: float):
+        d2_fit = d2[fit][:, fit]
+        gamma = width * median_gamma(d2_fit)
+        return gamma, kernel_ridge_path(torch.exp(-gamma * d2_fit) + 1.0, train_y[fit], PENALTIES)
+
+    for f in range(folds):
+        fit, held = (fold != f).nonzero().squeeze(1), (fold == f).nonzero().squeeze(1)
+        for width in RBF_WIDTHS:
+            gamma, alphas = fitted(fit, width)
+            k_held = torch.exp(-gamma * d2[held][:, fit]) + 1.0
+            for penalty, alpha in alphas.items():
+                scores[penalty, width] += int((_sign(k_held @ alpha) == train_y[held]).sum())
+
+    def refit(penalty: float, width: float):
+        gamma, alphas = fitted(torch.arange(n), width)
+        score = (torch.exp(-gamma * d2) + 1.0) @ alphas[penalty]
+        return score[:n], score[n:]
+    return {k: v / n for k, v in scores.items()}, refit
 
 
 def probe(train_x, train_y, test_x, test_y, group: int, folds: int = 5, reader: str = "linear") -> dict:
@@ -134,21 +167,14 @@ def probe(train_x, train_y, test_x, test_y, group: int, folds: int = 5, reader: 
     order-blind front scores exactly 0.5 on the order probe under both."""
     mean, std = train_x.mean(0), train_x.std(0).clamp_min(1e-8)
     train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
-    n = len(train_y)
-    fold = (torch.arange(n) // group) % folds
-    grid = [(p, w) for p in PENALTIES for w in (RBF_WIDTHS if reader == "rbf" else (1.0,))]
-    scores = {}
-    for penalty, width in grid:
-        right = 0
-        for f in range(folds):
-            read = _fit(reader, train_x[fold != f], train_y[fold != f], penalty, width)
-            right += int((_sign(read(train_x[fold == f])) == train_y[fold == f]).sum())
-        scores[penalty, width] = right / n
-    best = max(grid, key=lambda pw: (scores[pw], pw[0], -pw[1]))  # ties: the stronger penalty, the wider kernel
-    read = _fit(reader, train_x, train_y, *best)
-    return {"accuracy": float((_sign(read(test_x)) == test_y).double().mean()), "cv_accuracy": scores[best],
+    fold = (torch.arange(len(train_y)) // group) % folds
+    scores, refit = (_cv_rbf(train_x, train_y, test_x, fold, folds) if reader == "rbf" else
+                     _cv_linear(train_x, train_y, test_x, fold, folds))
+    best = max(scores, key=lambda pw: (scores[pw], pw[0], -pw[1]))  # ties: the stronger penalty, the wider kernel
+    train_score, test_score = refit(*best)
+    return {"accuracy": float((_sign(test_score) == test_y).double().mean()), "cv_accuracy": scores[best],
             "penalty": best[0], **({"kernel_width": best[1]} if reader == "rbf" else {}),
-            "train_accuracy": float((_sign(read(train_x)) == train_y).double().mean())}
+            "train_accuracy": float((_sign(train_score) == train_y).double().mean())}
 
 
 def order_signal(x: torch.Tensor, x_reversed: torch.Tensor, kind: torch.Tensor) -> float:

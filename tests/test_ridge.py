@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from vl_align.ridge import ridge_fit, with_bias
+from vl_align.ridge import kernel_ridge_path, median_gamma, ridge_fit, with_bias
 
 
 def test_ridge_fit_recovers_a_linear_map_and_its_bias():
@@ -29,3 +29,16 @@ def test_dual_form_gives_the_primal_solution():
         torch.testing.assert_close(dual, primal, rtol=1e-7, atol=1e-9)
     # a stronger penalty shrinks W
     assert ridge_fit(x, y, 10.0).norm() < ridge_fit(x, y, 0.1).norm()
+
+
+def test_kernel_ridge_path_solves_each_penalty():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(40, 3, generator=g, dtype=torch.float64)
+    y = torch.randn(40, generator=g, dtype=torch.float64)
+    d2 = torch.cdist(x, x).pow(2)
+    gamma = median_gamma(d2)
+    assert gamma == 1.0 / float(d2[~torch.eye(40, dtype=torch.bool)].median())
+    kernel = torch.exp(-gamma * d2)
+    for penalty, alpha in kernel_ridge_path(kernel, y, (1e-3, 1.0)).items():
+        lam = penalty * kernel.diagonal().mean()
+        torch.testing.assert_close(alpha, torch.linalg.solve(kernel + lam * torch.eye(40, dtype=x.dtype), y))

@@ -29,25 +29,21 @@ def ridge_fit(x: torch.Tensor, y: torch.Tensor, penalty: float) -> torch.Tensor:
     return torch.linalg.solve(gram + lam * torch.eye(features, dtype=x.dtype, device=x.device), x.T @ y)
 
 
-def rbf_kernel(a: torch.Tensor, b: torch.Tensor, gamma: float) -> torch.Tensor:
-    """exp(-gamma·|a_i - b_j|²) [len(a), len(b)]."""
-    return torch.exp(-gamma * torch.cdist(a, b).pow(2))
-
-
-def median_gamma(x: torch.Tensor) -> float:
-    """The median heuristic: 1 / the median squared distance between rows of x (a kernel width on the data's
-    scale)."""
-    d2 = torch.cdist(x, x).pow(2)
-    off = d2[~torch.eye(len(x), dtype=torch.bool, device=x.device)]
+def median_gamma(sq_dists: torch.Tensor) -> float:
+    """The median heuristic for an RBF kernel exp(-gamma·d²): 1 / the median squared distance between different
+    rows, from their square matrix of squared distances."""
+    off = sq_dists[~torch.eye(len(sq_dists), dtype=torch.bool, device=sq_dists.device)]
     return 1.0 / float(off.median().clamp_min(1e-12))
 
 
-def kernel_ridge_fit(kernel: torch.Tensor, y: torch.Tensor, penalty: float) -> torch.Tensor:
-    """Dual weights α of kernel ridge regression, (K + λI)α = y with λ = penalty x the mean eigenvalue of K
-    (trace / n); predictions are K(new, train)·α."""
-    n = len(kernel)
-    lam = penalty * kernel.diagonal().sum() / n
-    return torch.linalg.solve(kernel + lam * torch.eye(n, dtype=kernel.dtype, device=kernel.device), y)
+def kernel_ridge_path(kernel: torch.Tensor, y: torch.Tensor, penalties) -> dict[float, torch.Tensor]:
+    """Dual weights α of kernel ridge regression for each penalty, (K + λI)α = y with λ = penalty x the mean
+    eigenvalue of K (trace / n); predictions are K(new, train)·α. One eigendecomposition serves every penalty."""
+    evals, evecs = torch.linalg.eigh(kernel)
+    proj = evecs.T @ y
+    unit = kernel.diagonal().sum() / len(kernel)
+    shape = (-1,) + (1,) * (proj.dim() - 1)
+    return {p: evecs @ (proj / (evals + p * unit).reshape(shape)) for p in penalties}
 
 
-__all__ = ["ridge_fit", "with_bias", "rbf_kernel", "median_gamma", "kernel_ridge_fit"]
+__all__ = ["ridge_fit", "with_bias", "median_gamma", "kernel_ridge_path"]
