@@ -343,5 +343,6 @@ def test_slot_accuracy_scores_each_part_of_the_template():
     assert acc["relation"] == 0.25 and acc["second colour"] == 0.25 and acc["second shape"] == 0.5
     assert set(SLOTS) < set(acc)
     assert slot_accuracy(refs[:1], refs[:1])["exact"] == 1.0
+    assert slot_accuracy(["A large pink circle left of a small red star. "], refs[:1])["exact"] == 1.0
     with pytest.raises(ValueError, match="as many"):
         slot_accuracy(preds, refs[:2])

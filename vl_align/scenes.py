@@ -182,8 +182,9 @@ def _slots(key: SceneKey) -> tuple[str, ...]:
 
 def slot_accuracy(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
     """What generated captions get right, slot by slot of the template (``SLOTS``): per slot the share of
-    predictions naming the reference's value, ``well_formed`` (the share that follow the template) and ``exact``.
-    A prediction off the template counts wrong in every slot (the denominator is always every prediction)."""
+    predictions naming the reference's value, ``well_formed`` (the share that follow the template, case and a final
+    full stop aside, as the caption metrics' tokenizer ignores them) and ``exact``. A prediction off the template
+    counts wrong in every slot (the denominator is always every prediction)."""
     if len(predictions) != len(references) or not predictions:
         raise ValueError(f"need as many predictions as references (got {len(predictions)} and {len(references)})")
     right = [0] * len(SLOTS)
@@ -191,7 +192,7 @@ def slot_accuracy(predictions: Sequence[str], references: Sequence[str]) -> dict
     for pred, ref in zip(predictions, references):
         want = _slots(parse_caption(ref, canonical=False))
         try:
-            got = _slots(parse_caption(pred.strip(), canonical=False))
+            got = _slots(parse_caption(pred.strip().rstrip(".").rstrip().lower(), canonical=False))
         except ValueError:
             continue
         well_formed += 1
