@@ -17,7 +17,7 @@ from pathlib import Path
 
 from dvlp_common.io import write_json_atomic
 from dvlp_common.reports import markdown_table
-from vl_align.scenes import parse_caption, slot_accuracy
+from vl_align.scenes import caption_slots, slot_accuracy
 
 
 def slots_of(predictions_file: str | Path) -> dict:
@@ -30,9 +30,7 @@ def majority_of(predictions_file: str | Path) -> dict:
     """The reference point of a caption-blind captioner: every slot filled with its most common value among these
     references (what a constant caption would score)."""
     refs = [r["references"][0] for r in json.loads(Path(predictions_file).read_text())["captions"]]
-    keys = [parse_caption(ref, canonical=False) for ref in refs]
-    slots = list(zip(*((a.size, a.colour, a.shape, rel, b.size, b.colour, b.shape) for a, rel, b in keys)))
-    constant = [Counter(values).most_common(1)[0][0] for values in slots]
+    constant = [Counter(values).most_common(1)[0][0] for values in zip(*map(caption_slots, refs))]
     constant_caption = f"a {' '.join(constant[:3])} {constant[3]} a {' '.join(constant[4:])}"
     return {"captions": len(refs), **slot_accuracy([constant_caption] * len(refs), refs)}
 

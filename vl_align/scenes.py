@@ -72,6 +72,7 @@ __all__ = [
     "caption_of",
     "parse_caption",
     "SLOTS",
+    "caption_slots",
     "slot_accuracy",
     "relation_between",
     "render_scene",
@@ -175,8 +176,10 @@ def parse_caption(caption: str, canonical: bool = True) -> SceneKey:
 SLOTS = ("first size", "first colour", "first shape", "relation", "second size", "second colour", "second shape")
 
 
-def _slots(key: SceneKey) -> tuple[str, ...]:
-    a, rel, b = key
+def caption_slots(caption: str) -> tuple[str, ...]:
+    """The values of a template-shaped caption's ``SLOTS`` (case and a final full stop aside; ``ValueError`` off
+    the template)."""
+    a, rel, b = parse_caption(caption.strip().rstrip(".").rstrip().lower(), canonical=False)
     return (a.size, a.colour, a.shape, rel, b.size, b.colour, b.shape)
 
 
@@ -190,9 +193,9 @@ def slot_accuracy(predictions: Sequence[str], references: Sequence[str]) -> dict
     right = [0] * len(SLOTS)
     well_formed = exact = 0
     for pred, ref in zip(predictions, references):
-        want = _slots(parse_caption(ref, canonical=False))
+        want = caption_slots(ref)
         try:
-            got = _slots(parse_caption(pred.strip().rstrip(".").rstrip().lower(), canonical=False))
+            got = caption_slots(pred)
         except ValueError:
             continue
         well_formed += 1
