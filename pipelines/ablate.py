@@ -28,6 +28,7 @@ from typing import Literal, Optional
 
 from dvlp_common.config import Config, ConfigError, load_config, param, save_config, to_dict
 from dvlp_common.io import write_json_atomic
+from vl_align.scenes import SLOTS, template_slot_accuracy
 from vl_align.video_inputs import is_video_source
 
 from .ablate_report import write_gallery, write_report
@@ -295,6 +296,10 @@ def summarize_cell(cell_dir: Path, has_stage2: bool, checker: CaptionChecker, co
         for key in ("align_r2", "align_rel", "align_share"):
             row[f"{key}_{stage}"] = _final(rows, key)
     row.update(_video_metrics(gen, scores))
+    zero_shot_preds = cell_dir / "stage2" / "zero_shot" / "predictions.json"
+    row.update(_slot_metrics(preds, "slot"))
+    row.update(_slot_metrics(json.loads(zero_shot_preds.read_text())["captions"]
+                             if has_stage2 and zero_shot_preds.exists() else [], "zero_shot_slot"))
     steps = align_steps + summary["steps"]
     row["seconds_per_step"] = generative_seconds / steps if steps else float("nan")  # 2b, against the image arms
     row["collapsed"] = bool(not math.isfinite(final_lm) or final_lm > collapse.lm_loss
@@ -307,6 +312,14 @@ def summarize_cell(cell_dir: Path, has_stage2: bool, checker: CaptionChecker, co
                     for r in _read_jsonl(gen / "eval_curve.jsonl")]
     row["loss_curve"] = [{"step": r["step"], "lm": r["lm"]} for r in history]
     return row
+
+
+def _slot_metrics(predictions: list[dict], prefix: str) -> dict:
+    """Slot accuracy of scenes captions (``vl_align.scenes.slot_accuracy``) as ``<prefix>_<slot>``; nan where the
+    references are not scenes captions or there are no predictions."""
+    slots = template_slot_accuracy([p["prediction"] for p in predictions], [p["references"][0] for p in predictions])
+    names = ("well_formed", *SLOTS)
+    return {f"{prefix}_{name.replace(' ', '_')}": float((slots or {}).get(name, float("nan"))) for name in names}
 
 
 def _video_metrics(gen: Path, scores: dict) -> dict:

@@ -45,6 +45,28 @@ def video_section(groups: list[dict]) -> list[str]:
             markdown_table(table), ""]
 
 
+def slots_section(groups: list[dict]) -> list[str]:
+    """What the held-out captions get right, slot by slot of the scenes template, per arm: after the generative
+    stage and zero-shot from W·Z after stage 2a (scenes grids; nothing elsewhere)."""
+    from dvlp_common.reports import markdown_table
+    from vl_align.scenes import SLOTS
+
+    lines = []
+    for prefix, title in (("slot", "after the generative stage"), ("zero_shot_slot", "zero-shot from W·Z after stage 2a")):
+        keys = [f"{prefix}_{name.replace(' ', '_')}" for name in ("well_formed", *SLOTS)]
+        shown = [g for g in groups if any(math.isfinite(g.get(k, float("nan"))) for k in keys)]
+        if not shown:
+            continue
+        table = [{"arm": g["arm"], "pairs": g["pairs"], "lr": f"{g['lr']:g}", "seeds": g["seeds"],
+                  **{k[len(prefix) + 1:].replace("_", " "): _pm(g[k], g[f"{k}_std"], g["seeds"]) for k in keys}}
+                 for g in shown]
+        lines += [f"## Caption slots, {title} (held-out images)", "",
+                  ("Share of captions naming the reference's value in each slot of the scenes template (a caption "
+                   "off the template counts wrong in every slot; well-formed: the share on it)."), "",
+                  markdown_table(table), ""]
+    return lines
+
+
 def report_markdown(cfg, cells: list[dict], groups: list[dict], comparisons: list[dict], stage1_md: str,
                     wall_seconds: float, time_to_quality: list[dict] = (), *, descriptions: dict[str, str],
                     gaps_closed: list[dict] = ()) -> str:
@@ -97,7 +119,7 @@ def report_markdown(cfg, cells: list[dict], groups: list[dict], comparisons: lis
              markdown_table(speed) if speed else "(no curves)", "",
              *([f"## Fraction of `{cfg.baseline}`'s data gap each arm closes (CIDEr; 1 = the arm at that pair count "
                 f"matches `{cfg.baseline}` at the largest count, 0 = no better than `{cfg.baseline}` at its own)", "",
-                markdown_table(gaps), ""] if gaps else []), *video_section(groups),
+                markdown_table(gaps), ""] if gaps else []), *video_section(groups), *slots_section(groups),
              "Plots: `loss_curves.png`, `metrics_vs_pairs.png`, `quality_vs_time.png`"
              + (", `keywords_vs_steps.png`." if has_keyword_curves(cells) else ".")]
     return "\n".join(lines) + "\n"

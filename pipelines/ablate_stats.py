@@ -7,11 +7,16 @@ from __future__ import annotations
 
 import math
 
+from vl_align.scenes import SLOTS
+
+# slot accuracy of scenes captions (nan on other data): after the generative stage, and zero-shot after stage 2a
+SLOT_METRICS = tuple(f"{prefix}_{name.replace(' ', '_')}" for prefix in ("slot", "zero_shot_slot")
+                     for name in ("well_formed", *SLOTS))
 # the metrics of a cell row that are averaged over seeds (the first five are the captioning scores)
 METRICS = ("CIDEr", "Bleu_4", "METEOR", "ROUGE_L", "exact_match", "vqa_accuracy", "caption_validity", "final_lm",
            "retrieval_itc_r_mean", "retrieval_itm_r_mean", "align_r2_2a", "align_r2_2b", "zero_shot_CIDEr_2a",
            "heldout_lm_step0", "kw_order", "kw_set", "kw_order_reversed", "kw_order_reversed_shown", "kw_set_reversed",
-           "kw_order_shuffled", "kw_set_shuffled", "seconds_per_step")
+           "kw_order_shuffled", "kw_set_shuffled", "seconds_per_step", *SLOT_METRICS)
 NAN = float("nan")  # a metric a cell did not record (older cells, arms without P(y)) counts as missing
 
 

@@ -444,3 +444,25 @@ def test_the_fair_test_grids_build_their_stages_as_the_protocol_says(tmp_path, m
         assert s2.optim.lr_scale == {"llm_proj": 30} and s2.align.weight == arm_of(arm).w1
         assert s2.data.validation_images == 200 and s2.zero_shot.enabled
     assert any(arm_of(a).w1 == 0 for a in cfg.arms) and any(arm_of(a).w1 > 0 for a in cfg.arms)
+
+
+def test_scenes_grids_report_what_the_captions_get_right_slot_by_slot():
+    from pipelines.ablate import _slot_metrics
+    from pipelines.ablate_report import slots_section
+
+    preds = [{"prediction": "a large pink circle left of a small red star",
+              "references": ["a large pink circle left of a small red star"]},
+             {"prediction": "A large pink circle above a small red star.",
+              "references": ["a large blue circle above a small red star"]}]
+    slots = _slot_metrics(preds, "slot")
+    assert slots["slot_well_formed"] == slots["slot_relation"] == 1.0 and slots["slot_first_colour"] == 0.5
+    assert len(slots) == 8
+    # another data set (references off the template) or no predictions: nan, and no report section
+    assert all(math.isnan(v) for v in _slot_metrics([{"prediction": "a cat", "references": ["a cat"]}], "x").values())
+    assert all(math.isnan(v) for v in _slot_metrics([], "zero_shot_slot").values())
+    nan_slots = {k: float("nan") for k in ablate_stats.SLOT_METRICS}
+    assert slots_section(group_cells([_cell("blip2", s, 1.0, **nan_slots) for s in range(2)])) == []
+    cells = [_cell("blip2", s, 1.0, **{**nan_slots, **slots}) for s in range(2)]
+    text = "\n".join(slots_section(group_cells(cells)))
+    assert "## Caption slots, after the generative stage" in text and "zero-shot" not in text
+    assert "| first colour |" in text and "| 0.500 ± 0.000 |" in text  # first colour, the same in both seeds

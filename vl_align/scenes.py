@@ -74,6 +74,7 @@ __all__ = [
     "SLOTS",
     "caption_slots",
     "slot_accuracy",
+    "template_slot_accuracy",
     "relation_between",
     "render_scene",
     "scene_questions",
@@ -203,6 +204,16 @@ def slot_accuracy(predictions: Sequence[str], references: Sequence[str]) -> dict
         right = [r + (g == w) for r, g, w in zip(right, got, want)]
     n = len(predictions)
     return {"well_formed": well_formed / n, **{slot: r / n for slot, r in zip(SLOTS, right)}, "exact": exact / n}
+
+
+def template_slot_accuracy(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float] | None:
+    """:func:`slot_accuracy` where every reference follows the scenes template; None otherwise (another data set)."""
+    try:
+        for ref in references:
+            caption_slots(ref)
+    except ValueError:
+        return None
+    return slot_accuracy(predictions, references) if predictions else None
 
 
 # ----------------------------------------------------------------------------------------------------------
