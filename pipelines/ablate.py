@@ -28,11 +28,11 @@ from typing import Literal, Optional
 
 from dvlp_common.config import Config, ConfigError, load_config, param, save_config, to_dict
 from dvlp_common.io import write_json_atomic
-from vl_align.scenes import SLOTS, template_slot_accuracy
+from vl_align.scenes import template_slot_accuracy
 from vl_align.video_inputs import is_video_source
 
 from .ablate_report import write_gallery, write_report
-from .ablate_stats import METRICS, compare_to_baseline, gap_closed, group_cells, time_to_baseline_quality
+from .ablate_stats import METRICS, compare_to_baseline, gap_closed, group_cells, slot_keys, time_to_baseline_quality
 from .config import CONFIG_DIR
 
 
@@ -318,8 +318,7 @@ def _slot_metrics(predictions: list[dict], prefix: str) -> dict:
     """Slot accuracy of scenes captions (``vl_align.scenes.slot_accuracy``) as ``<prefix>_<slot>``; nan where the
     references are not scenes captions or there are no predictions."""
     slots = template_slot_accuracy([p["prediction"] for p in predictions], [p["references"][0] for p in predictions])
-    names = ("well_formed", *SLOTS)
-    return {f"{prefix}_{name.replace(' ', '_')}": float((slots or {}).get(name, float("nan"))) for name in names}
+    return {key: float((slots or {}).get(name, float("nan"))) for name, key in slot_keys(prefix).items()}
 
 
 def _video_metrics(gen: Path, scores: dict) -> dict:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from dvlp_common.io import writing_file
 
-from .ablate_stats import mean_curve, multiplicity_note
+from .ablate_stats import mean_curve, multiplicity_note, slot_keys
 
 
 def _pm(mean: float, std: float, seeds: int, digits: int = 3) -> str:
@@ -49,16 +49,15 @@ def slots_section(groups: list[dict]) -> list[str]:
     """What the held-out captions get right, slot by slot of the scenes template, per arm: after the generative
     stage and zero-shot from W·Z after stage 2a (scenes grids; nothing elsewhere)."""
     from dvlp_common.reports import markdown_table
-    from vl_align.scenes import SLOTS
 
     lines = []
     for prefix, title in (("slot", "after the generative stage"), ("zero_shot_slot", "zero-shot from W·Z after stage 2a")):
-        keys = [f"{prefix}_{name.replace(' ', '_')}" for name in ("well_formed", *SLOTS)]
-        shown = [g for g in groups if any(math.isfinite(g.get(k, float("nan"))) for k in keys)]
+        keys = slot_keys(prefix)
+        shown = [g for g in groups if any(math.isfinite(g.get(k, float("nan"))) for k in keys.values())]
         if not shown:
             continue
         table = [{"arm": g["arm"], "pairs": g["pairs"], "lr": f"{g['lr']:g}", "seeds": g["seeds"],
-                  **{k[len(prefix) + 1:].replace("_", " "): _pm(g[k], g[f"{k}_std"], g["seeds"]) for k in keys}}
+                  **{name.replace("_", "-"): _pm(g[k], g[f"{k}_std"], g["seeds"]) for name, k in keys.items()}}
                  for g in shown]
         lines += [f"## Caption slots, {title} (held-out images)", "",
                   ("Share of captions naming the reference's value in each slot of the scenes template (a caption "

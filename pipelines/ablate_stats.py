@@ -9,9 +9,14 @@ import math
 
 from vl_align.scenes import SLOTS
 
+
+def slot_keys(prefix: str) -> dict[str, str]:
+    """Cell-row keys of the slot accuracy of scenes captions: ``{slot_accuracy's name: "<prefix>_<name>"}``."""
+    return {name: f"{prefix}_{name.replace(' ', '_')}" for name in ("well_formed", *SLOTS)}
+
+
 # slot accuracy of scenes captions (nan on other data): after the generative stage, and zero-shot after stage 2a
-SLOT_METRICS = tuple(f"{prefix}_{name.replace(' ', '_')}" for prefix in ("slot", "zero_shot_slot")
-                     for name in ("well_formed", *SLOTS))
+SLOT_METRICS = (*slot_keys("slot").values(), *slot_keys("zero_shot_slot").values())
 # the metrics of a cell row that are averaged over seeds (the first five are the captioning scores)
 METRICS = ("CIDEr", "Bleu_4", "METEOR", "ROUGE_L", "exact_match", "vqa_accuracy", "caption_validity", "final_lm",
            "retrieval_itc_r_mean", "retrieval_itm_r_mean", "align_r2_2a", "align_r2_2b", "zero_shot_CIDEr_2a",
