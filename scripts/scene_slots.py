@@ -17,22 +17,22 @@ from pathlib import Path
 
 from dvlp_common.io import write_json_atomic
 from dvlp_common.reports import markdown_table
-from vl_align.scenes import caption_slots, slot_accuracy
+from vl_align.scenes import SceneKey, SceneObject, caption_of, caption_slots, slot_accuracy
 
 
-def slots_of(predictions_file: str | Path) -> dict:
-    rows = json.loads(Path(predictions_file).read_text())["captions"]
-    result = slot_accuracy([r["prediction"] for r in rows], [r["references"][0] for r in rows])
-    return {"captions": len(rows), **result}
+def slots_of(rows: list[dict]) -> dict:
+    """Slot accuracy of a predictions.json's caption rows, each against its first reference."""
+    return {"captions": len(rows),
+            **slot_accuracy([r["prediction"] for r in rows], [r["references"][0] for r in rows])}
 
 
-def majority_of(predictions_file: str | Path) -> dict:
+def majority_of(rows: list[dict]) -> dict:
     """The reference point of a caption-blind captioner: every slot filled with its most common value among these
-    references (what a constant caption would score)."""
-    refs = [r["references"][0] for r in json.loads(Path(predictions_file).read_text())["captions"]]
-    constant = [Counter(values).most_common(1)[0][0] for values in zip(*map(caption_slots, refs))]
-    constant_caption = f"a {' '.join(constant[:3])} {constant[3]} a {' '.join(constant[4:])}"
-    return {"captions": len(refs), **slot_accuracy([constant_caption] * len(refs), refs)}
+    rows' references (what a constant caption would score)."""
+    refs = [r["references"][0] for r in rows]
+    value = [Counter(values).most_common(1)[0][0] for values in zip(*map(caption_slots, refs))]
+    constant = caption_of(SceneKey(SceneObject(*value[:3]), value[3], SceneObject(*value[4:])))
+    return slots_of([{"prediction": constant, "references": [ref]} for ref in refs])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,8 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     names = args.labels.split(",") if args.labels else args.predictions
     if len(names) != len(args.predictions):
         parser.error(f"--labels names {len(names)} files, {len(args.predictions)} given")
-    results = {name: slots_of(path) for name, path in zip(names, args.predictions)}
-    results["most common value per slot"] = majority_of(args.predictions[0])
+    rows = {name: json.loads(Path(path).read_text())["captions"] for name, path in zip(names, args.predictions)}
+    results = {name: slots_of(r) for name, r in rows.items()}
+    results["most common value per slot"] = majority_of(rows[names[0]])
     print(markdown_table([{"run": name, **r} for name, r in results.items()], digits=2))
     if args.out:
         write_json_atomic(args.out, results)
