@@ -14,10 +14,19 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 @dataclass
 class OptimConfig(Config):
     lr: float = param(1e-4, gt=0.0, help="peak learning rate (AdamW)")
-    min_lr: float = param(1e-5, ge=0.0, help="cosine schedule floor")
+    min_lr: float = param(1e-5, ge=0.0, help="the schedule's floor, reached at max_steps")
     warmup_start_lr: float = param(1e-6, ge=0.0, help="learning rate at step 0 of the linear warm-up")
     warmup_steps: int = param(2000, ge=0, help="linear warm-up steps")
-    max_steps: int = param(100_000, ge=1, help="optimizer steps of the run (the cosine ends here)")
+    max_steps: int = param(100_000, ge=1, help="optimizer steps of the run (the schedule ends here)")
+    schedule: Literal["cosine", "wsd"] = param(
+        "cosine", help="after the warm-up: cosine = cosine from lr to min_lr at max_steps; wsd = warmup-stable-decay "
+                       "(constant lr, then a decay to min_lr over the last decay_fraction of max_steps). A wsd "
+                       "run still in its constant phase is a prefix of the same run with a larger max_steps, so it "
+                       "can be extended exactly (--resume optim.max_steps=N) until a measurement says it has converged")
+    decay_fraction: float = param(0.2, gt=0.0, le=1.0, help="wsd: share of max_steps spent decaying to min_lr")
+    decay_shape: Literal["linear", "1-sqrt"] = param(
+        "linear", help="wsd: the decay's shape in its progress t in [0, 1]: lr - (lr - min_lr)·t, or "
+                       "lr - (lr - min_lr)·sqrt(t) (1-sqrt, the best of Hägele et al. 2024)")
     weight_decay: float = param(0.05, ge=0.0, help="AdamW weight decay (not applied to biases and norms)")
     betas: tuple[float, float] = param((0.9, 0.999), help="AdamW betas")
     eps: float = param(1e-8, gt=0.0, help="AdamW epsilon")
@@ -37,11 +46,20 @@ class OptimConfig(Config):
             raise ConfigError("min_lr", f"must be <= lr ({self.lr}), got {self.min_lr}")
         if self.warmup_steps > self.max_steps:
             raise ConfigError("warmup_steps", f"must be <= max_steps ({self.max_steps}), got {self.warmup_steps}")
+        if self.schedule == "wsd" and self.warmup_steps > self.decay_start:
+            raise ConfigError("warmup_steps", f"wsd: the warm-up ({self.warmup_steps} steps) must end before the decay "
+                                              f"starts at step {self.decay_start} (max_steps {self.max_steps} x "
+                                              f"(1 - decay_fraction {self.decay_fraction}))")
         if not all(0.0 <= b < 1.0 for b in self.betas):
             raise ConfigError("betas", f"each beta must be in [0, 1), got {list(self.betas)}")
         for prefix, scale in self.lr_scale.items():
             if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
                 raise ConfigError(f"lr_scale.{prefix}", f"must be a number > 0, got {scale!r}")
+
+    @property
+    def decay_start(self) -> int:
+        """wsd: the first step of the decay (the constant phase is steps warmup_steps .. decay_start - 1)."""
+        return self.max_steps - round(self.decay_fraction * self.max_steps)
 
 
 @dataclass

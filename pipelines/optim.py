@@ -65,9 +65,20 @@ def param_groups(model: torch.nn.Module, weight_decay: float, base_lr: float | N
 
 
 def lr_at(step: int, optim: OptimConfig) -> float:
-    """Linear warm-up from warmup_start_lr to lr, then cosine to min_lr at max_steps."""
+    """Linear warm-up from warmup_start_lr to lr, then ``optim.schedule``: cosine to min_lr at max_steps, or wsd
+    (constant lr until ``optim.decay_start``, then ``optim.decay_shape`` down to min_lr at max_steps). Hägele et al.
+    2024 ("Scaling Laws and Compute-Optimal Training Beyond Fixed Training Durations") report that a cool-down of
+    about 20% of the steps matches a cosine schedule of the same length."""
     if step < optim.warmup_steps:
         return optim.warmup_start_lr + (optim.lr - optim.warmup_start_lr) * step / optim.warmup_steps
+    if optim.schedule == "wsd":
+        start = optim.decay_start
+        if step < start:
+            return optim.lr
+        progress = min(1.0, (step - start) / max(1, optim.max_steps - start))
+        if optim.decay_shape == "1-sqrt":
+            progress = math.sqrt(progress)
+        return optim.lr + (optim.min_lr - optim.lr) * progress
     span = max(1, optim.max_steps - optim.warmup_steps)
     progress = min(1.0, (step - optim.warmup_steps) / span)
     return optim.min_lr + 0.5 * (optim.lr - optim.min_lr) * (1.0 + math.cos(math.pi * progress))

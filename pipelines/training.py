@@ -20,6 +20,7 @@ What a stage supplies: the trainable module (its forward returns features), ``ma
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,6 +129,7 @@ def train(*, engine, dist_info: DistInfo, make_batch: Callable[[list[int], int],
             _restore_position(stream, state, latest, dist_info)
         if dist_info.is_main:
             print(f"resumed from {latest} (step {step})", flush=True)
+            _note_schedule_change(engine, optim, step)
     if dist_info.is_main:  # the metric log holds exactly the steps before `step`
         kept = []
         if step and metrics_path.exists():
@@ -223,6 +225,20 @@ def train(*, engine, dist_info: DistInfo, make_batch: Callable[[list[int], int],
     result.train_seconds = time.perf_counter() - start_time
     result.wall_seconds = result.train_seconds - earlier_seconds
     return result
+
+
+def _note_schedule_change(engine, optim: OptimConfig, step: int) -> None:
+    """Say so when a resumed run's schedule is not the one it was saved under (a changed lr, min_lr, max_steps or
+    schedule): legitimate (a wsd run extended in its constant phase gives the same value; a re-warm on purpose does
+    not), but the curve after this step then follows the new schedule, and the log should record that."""
+    from .optim import lr_at
+
+    saved, now = float(engine.get_lr()[0]), lr_at(step, optim)
+    if not math.isclose(saved, now, rel_tol=1e-6, abs_tol=1e-12):
+        print(f"the schedule changed at the resume: the checkpoint's learning rate for step {step} is {saved:.3g}, "
+              f"this config's is {now:.3g}; the steps after the first resumed one follow this config's schedule "
+              f"(optim.schedule={optim.schedule}, "
+              f"lr={optim.lr:g}, min_lr={optim.min_lr:g}, max_steps={optim.max_steps})", flush=True)
 
 
 def _restore_position(stream, state: dict, path: Path, dist_info: DistInfo) -> None:

@@ -142,6 +142,22 @@ def test_the_qformer_config_validates_like_every_config():
         QFormerConfig(vision_width="wide")
 
 
+def test_wsd_schedule_is_constant_then_decays_to_the_floor():
+    from pipelines.optim import lr_at
+
+    cfg = OptimConfig(lr=1e-3, min_lr=1e-4, warmup_start_lr=0.0, warmup_steps=10, max_steps=100, schedule="wsd",
+                      decay_fraction=0.2)
+    assert cfg.decay_start == 80
+    assert lr_at(5, cfg) == pytest.approx(5e-4)  # warm-up as for cosine
+    assert [lr_at(s, cfg) for s in (10, 50, 80)] == [1e-3] * 3
+    assert lr_at(90, cfg) == pytest.approx(5.5e-4) and lr_at(100, cfg) == pytest.approx(1e-4)
+    assert lr_at(90, cfg.replace(decay_shape="1-sqrt")) == pytest.approx(1e-3 - 9e-4 * 0.5 ** 0.5)
+    # cosine (the default) is unchanged: half-way between lr and min_lr at the middle of the decay
+    assert lr_at(55, cfg.replace(schedule="cosine")) == pytest.approx(5.5e-4)
+    with pytest.raises(ConfigError, match="warm-up .* must end before the decay"):
+        cfg.replace(warmup_steps=90)
+
+
 def test_lr_scale_gives_the_named_parameters_their_own_rate():
     """W (llm_proj) can learn faster than the rest of the front: in 40 steps at 1e-4 it barely moved (issue 19)."""
     import torch

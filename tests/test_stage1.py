@@ -88,3 +88,26 @@ def test_missing_model_path_is_one_clear_error(tmp_path, small_corpus, tiny_llm_
 
     with pytest.raises(MissingModelError, match="model path does not exist: /no/such/model"):
         run_stage1(_cfg(tmp_path, small_corpus, "/no/such/model", tiny_llm_dir))
+
+
+def test_a_wsd_run_extended_in_its_constant_phase_is_the_longer_run(tmp_path, small_corpus, tiny_bert_dir,
+                                                                    tiny_llm_dir, capsys):
+    """Warmup-stable-decay lets a run be lengthened until it converges: a 6-step run stopped at step 3 (before its
+    decay starts at step 5) and resumed with max_steps=10 is, bitwise, the run planned for 10 steps."""
+    wsd = {"eval.enabled": "false", "optim.schedule": "wsd", "optim.decay_fraction": "0.2"}
+    run_stage1(_cfg(tmp_path, small_corpus, tiny_bert_dir, tiny_llm_dir, out="long", **wsd, **{"optim.max_steps": 10}))
+    short = _cfg(tmp_path, small_corpus, tiny_bert_dir, tiny_llm_dir, out="extended", **wsd)
+    assert short.optim.decay_start == 5
+    run_stage1(short, stop_after=4)
+    capsys.readouterr()
+    run_stage1(short.replace(optim=short.optim.replace(max_steps=10)), resume=True)
+    assert "the schedule changed" not in capsys.readouterr().out  # same rate at step 4 under both plans
+    a, b = _losses(tmp_path / "long"), _losses(tmp_path / "extended")
+    assert [r["step"] for r in b] == list(range(1, 11))
+    assert [r["lr"] for r in a][2:8] == [1e-3] * 6  # warm-up of 2 steps, constant until the decay at step 8
+    for ra, rb in zip(a, b):
+        for key in ("loss", "lm", "vq", "contrastive", "lr"):
+            assert ra[key] == rb[key], (ra["step"], key)  # bitwise on CPU
+    # a run resumed into a different schedule says so
+    run_stage1(short.replace(optim=short.optim.replace(max_steps=12, lr=2e-3)), resume=True)
+    assert "the schedule changed at the resume" in capsys.readouterr().out
