@@ -409,6 +409,26 @@ def run_cell(cfg: AblateConfig, arm_name: str, pairs: int, lr: float, seed: int,
     return row
 
 
+# Stage-2a settings added after grids were keyed by their config: left out of the key while at their defaults, so a
+# grid running since before they existed finds its shared runs again (a non-default value is part of the key).
+_KEY_OMITS_AT_DEFAULT = {"optim": ("schedule", "decay_fraction", "decay_shape")}
+
+
+def stage2_run_key(s2) -> str:
+    """The digest that names a shared stage-2a run: its whole config but the output folder (and the settings of
+    ``_KEY_OMITS_AT_DEFAULT`` at their defaults)."""
+    from dvlp_common.cache import fingerprint
+
+    settings = to_dict(s2)
+    settings["logging"] = {k: v for k, v in settings["logging"].items() if k != "output_dir"}
+    defaults = to_dict(type(s2)())
+    for section, keys in _KEY_OMITS_AT_DEFAULT.items():
+        for key in keys:
+            if settings[section][key] == defaults[section][key]:
+                del settings[section][key]
+    return fingerprint(settings)
+
+
 def _run_stage2_once(cfg: AblateConfig, cell_dir: Path, s2, run_stage2) -> str | None:
     """Run a cell's stage 2a, once per distinct stage-2a config: arms whose representation stages are the same run
     (``pformer`` and ``pformer_seq`` differ only in the generative stage; same seed, pairs and weights) share one run
@@ -419,15 +439,11 @@ def _run_stage2_once(cfg: AblateConfig, cell_dir: Path, s2, run_stage2) -> str |
     to ``output_dir``), or None for a cell's own folder."""
     from filelock import FileLock, Timeout
 
-    from dvlp_common.cache import fingerprint
-
     own = cell_dir / "stage2"
     if own.is_dir() and not own.is_symlink():
         run_stage2(s2, resume=True)
         return None
-    settings = to_dict(s2)
-    settings["logging"] = {k: v for k, v in settings["logging"].items() if k != "output_dir"}
-    home = Path(cfg.output_dir) / "stage2_runs" / fingerprint(settings)
+    home = Path(cfg.output_dir) / "stage2_runs" / stage2_run_key(s2)
     home.parent.mkdir(parents=True, exist_ok=True)
     if not (home / "stage2_summary.json").exists():
         lock = FileLock(str(home) + ".lock")

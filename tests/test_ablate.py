@@ -195,6 +195,26 @@ def test_a_shared_stage2a_that_another_process_trains_puts_the_cell_off(tmp_path
     assert (tmp_path / "cells" / "two" / "stage2").resolve() == trained[0].resolve()
 
 
+def test_a_setting_added_since_a_grid_started_does_not_rename_its_shared_stage2a_runs(tmp_path):
+    """A shared stage-2a run is found by a digest of its config. A setting added later (the wsd schedule) must not
+    change that digest while at its default, or a grid resumed with newer code would train its stage 2a again."""
+    from dvlp_common.cache import fingerprint
+    from dvlp_common.config import to_dict
+    from pipelines.ablate import stage2_run_key
+    from pipelines.stage2 import Stage2Config
+
+    s2 = load_config(Stage2Config, None, [f"logging.output_dir={tmp_path}/a", "optim.max_steps=3000"])
+    before = to_dict(s2)  # the config as a grid of session 12 keyed it: without the wsd settings
+    before["logging"].pop("output_dir")
+    for key in ("schedule", "decay_fraction", "decay_shape"):
+        before["optim"].pop(key)
+    assert stage2_run_key(s2) == fingerprint(before)
+    assert stage2_run_key(s2.replace(logging=s2.logging.replace(output_dir=str(tmp_path / "b")))) == fingerprint(before)
+    wsd = s2.replace(optim=s2.optim.replace(schedule="wsd"))
+    assert stage2_run_key(wsd) != stage2_run_key(s2)
+    assert stage2_run_key(wsd.replace(optim=wsd.optim.replace(decay_fraction=0.1))) != stage2_run_key(wsd)
+
+
 def test_the_key_word_plot_leaves_out_cells_whose_curves_predate_it(tmp_path):
     """A video grid resumed across versions: one cell's curve points carry the key words, an older one's do not."""
     from pipelines.ablate_report import write_plots
