@@ -266,11 +266,12 @@ def summarize_cell(cell_dir: Path, has_stage2: bool, checker: CaptionChecker, co
     final_lm = _final(history, "lm")
     preds = json.loads((gen / "predictions.json").read_text())["captions"]
     validity = sum(checker(p["prediction"]) for p in preds) / max(len(preds), 1)
-    stage2_seconds, retrieval, history_2a, zero_shot = 0.0, {}, [], {}
+    stage2_seconds, retrieval, history_2a, zero_shot, heldout_align = 0.0, {}, [], {}, {}
     if has_stage2:
         history_2a = _read_jsonl(cell_dir / "stage2" / "metrics.jsonl")
         stage2_summary = json.loads((cell_dir / "stage2" / "stage2_summary.json").read_text())
         stage2_seconds, zero_shot = stage2_summary["wall_seconds"], stage2_summary.get("zero_shot") or {}
+        heldout_align = stage2_summary.get("heldout_align") or {}
         if (cell_dir / "stage2" / "retrieval.json").exists():
             retrieval = json.loads((cell_dir / "stage2" / "retrieval.json").read_text())
     # a sequential arm's alignment-only phase counts as generative training time before the LM phase's clock
@@ -292,6 +293,8 @@ def summarize_cell(cell_dir: Path, has_stage2: bool, checker: CaptionChecker, co
     row["zero_shot_CIDEr_2a"] = float((zero_shot.get("captioning") or {}).get("CIDEr", float("nan")))
     row["zero_shot_exact_2a"] = float((zero_shot.get("captioning") or {}).get("exact_match", float("nan")))
     row["heldout_lm_step0"] = float((zero_shot.get("heldout_lm") or {}).get("lm_loss", float("nan")))
+    # stage 2a's alignment on held-out images (stage2_overrides=[align_curve.every=N]); nan without it
+    row["heldout_align_r2_2a"] = float(heldout_align.get("align_r2", float("nan")))
     for stage, rows in (("2a", history_2a), ("2b", history)):  # the alignment diagnostics (nan without P(y))
         for key in ("align_r2", "align_rel", "align_share"):
             row[f"{key}_{stage}"] = _final(rows, key)
@@ -411,7 +414,7 @@ def run_cell(cfg: AblateConfig, arm_name: str, pairs: int, lr: float, seed: int,
 
 # Stage-2a settings added after grids were keyed by their config: left out of the key while at their defaults, so a
 # grid running since before they existed finds its shared runs again (a non-default value is part of the key).
-_KEY_OMITS_AT_DEFAULT = {"optim": ("schedule", "decay_fraction", "decay_shape")}
+_KEY_OMITS_AT_DEFAULT = ("optim.schedule", "optim.decay_fraction", "optim.decay_shape", "align_curve")
 
 
 def stage2_run_key(s2) -> str:
@@ -422,10 +425,13 @@ def stage2_run_key(s2) -> str:
     settings = to_dict(s2)
     settings["logging"] = {k: v for k, v in settings["logging"].items() if k != "output_dir"}
     defaults = to_dict(type(s2)())
-    for section, keys in _KEY_OMITS_AT_DEFAULT.items():
-        for key in keys:
-            if settings[section][key] == defaults[section][key]:
-                del settings[section][key]
+    for dotted in _KEY_OMITS_AT_DEFAULT:
+        *sections, key = dotted.split(".")
+        here, there = settings, defaults
+        for section in sections:
+            here, there = here[section], there[section]
+        if here[key] == there[key]:
+            del here[key]
     return fingerprint(settings)
 
 

@@ -19,9 +19,11 @@ def slot_keys(prefix: str) -> dict[str, str]:
 SLOT_METRICS = (*slot_keys("slot").values(), *slot_keys("zero_shot_slot").values())
 # the metrics of a cell row that are averaged over seeds (the first five are the captioning scores)
 METRICS = ("CIDEr", "Bleu_4", "METEOR", "ROUGE_L", "exact_match", "vqa_accuracy", "caption_validity", "final_lm",
-           "retrieval_itc_r_mean", "retrieval_itm_r_mean", "align_r2_2a", "align_r2_2b", "zero_shot_CIDEr_2a",
-           "heldout_lm_step0", "kw_order", "kw_set", "kw_order_reversed", "kw_order_reversed_shown", "kw_set_reversed",
-           "kw_order_shuffled", "kw_set_shuffled", "seconds_per_step", *SLOT_METRICS)
+           "retrieval_itc_r_mean", "retrieval_itm_r_mean", "align_r2_2a", "heldout_align_r2_2a", "align_r2_2b",
+           "align_share_2a", "align_share_2b",
+           "zero_shot_CIDEr_2a", "heldout_lm_step0", "kw_order", "kw_set", "kw_order_reversed",
+           "kw_order_reversed_shown", "kw_set_reversed", "kw_order_shuffled", "kw_set_shuffled", "seconds_per_step",
+           *SLOT_METRICS)
 NAN = float("nan")  # a metric a cell did not record (older cells, arms without P(y)) counts as missing
 
 

@@ -11,7 +11,9 @@ Outputs in ``logging.output_dir``: ``config.yaml``, ``checkpoints/``, ``metrics.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import torch
 
@@ -21,9 +23,9 @@ from dvlp_common.io import write_json_atomic
 from pformer.llm import FrozenLLM
 from pformer.model import read_pformer_config
 from vl_align.alignment import AlignmentConfig
-from vl_align.evaluation import (EvalConfig, RetrievalEvalConfig, evaluate_generative, evaluate_retrieval,
-                                 heldout_lm_loss)
-from vl_align.fronts import FrontConfig, save_front
+from vl_align.evaluation import (EvalConfig, HeldoutAlignment, RetrievalEvalConfig, evaluate_generative,
+                                 evaluate_retrieval, heldout_lm_loss)
+from vl_align.fronts import FrontConfig, needs_live_tower, save_front
 from vl_align.inputs import training_pairs
 from vl_align.objectives import RepresentationCollator, RepresentationWeights, representation_loss
 from vl_align.pairs import PairDataConfig, held_out_pairs
@@ -32,6 +34,16 @@ from vl_align.vision import VisionTowerConfig
 from . import distributed, optim, training
 from .config import DeepSpeedConfig, LoggingConfig, OptimConfig, ReliabilityConfig
 from .vl_run import open_vl_run
+
+
+@dataclass
+class AlignCurveConfig(Config):
+    every: int = param(0, ge=0, help="read the alignment on held-out images every this many steps and at the last "
+                                     "(MSE, MSE / mean(P(y)²), R² against the corpus-mean prompt; align_curve.jsonl): "
+                                     "whether stage 2a has converged, which the training batches' R² cannot say once "
+                                     "it has seen them for many epochs. The images are zero_shot's held-out split "
+                                     "(zero_shot.split, captions_source). 0: off")
+    images: int = param(200, ge=1, help="held-out images read (the first by id; every caption of each is a pair)")
 
 
 @dataclass
@@ -52,6 +64,7 @@ class Stage2Config(Config):
     eval: RetrievalEvalConfig = field(default_factory=RetrievalEvalConfig)
     zero_shot: EvalConfig = field(default_factory=lambda: EvalConfig(enabled=False, max_images=100,
                                                                       max_questions=0))
+    align_curve: AlignCurveConfig = field(default_factory=AlignCurveConfig)
     seed: int = param(0, help="seed of initialisation, data order and negative sampling")
 
     def check(self) -> None:
@@ -79,10 +92,32 @@ def run_stage2(cfg: Stage2Config, resume: bool = False, stop_after: int | None =
         return representation_loss(eng, batch, cfg.losses, cfg.align, inputs.stats, distributed.all_gather_with_grad,
                                    distributed.all_gather_nograd, dist.rank, distributed.mean_over_ranks_tensor)
 
+    if cfg.align_curve.every and inputs.targets is None:
+        raise ConfigError("align_curve.every", f"reads W·Z against P(y), but this run has no P(y) of the front's shape "
+                                               f"(pformer={cfg.pformer}); set it to 0")
+    if cfg.align_curve.every and video is not None:
+        raise ConfigError("align_curve.every", "reads held-out images; a video front has no such reader yet")
+    heldout: list[HeldoutAlignment] = []  # built at the first reading (main rank)
+
+    def align_point(step: int, train_seconds: float) -> None:
+        if not cfg.align_curve.every or (step % cfg.align_curve.every and step != cfg.optim.max_steps):
+            return
+        trained, tower = run.trained_front(engine)
+        if dist.is_main:
+            if not heldout:
+                heldout.append(HeldoutAlignment(
+                    tower, replace(cfg.zero_shot, max_images=cfg.align_curve.images), cfg.data, cfg.pformer,
+                    inputs.stats.center, needs_live_tower(cfg.front, cfg.vision), dist.device, dtype,
+                    zoo.cache_root()))
+            _append_row(run_dir / "align_curve.jsonl",
+                        {"step": step, "train_seconds": train_seconds, **heldout[0](trained)})
+        distributed.barrier()
+
     result = training.train(engine=engine, dist_info=dist, make_batch=collate if stream is None else collate.batch,
                             loss_fn=loss_fn, num_samples=len(pairs), optim=cfg.optim, logging=cfg.logging,
                             reliability=cfg.reliability, seed=cfg.seed, dtype=dtype, resume=resume,
-                            stop_after=stop_after, record_ids=lambda b: b.record_ids, stream=stream)
+                            stop_after=stop_after, record_ids=lambda b: b.record_ids, stream=stream,
+                            after_step=align_point)
     summary = {"front": cfg.front.kind, "steps": result.final_step, "wall_seconds": result.wall_seconds,
                "resumed_from": result.resumed_from, "pairs": len(pairs), "skipped": inputs.report.as_dict(),
                "vision_tokens": inputs.tower.num_tokens, "last": result.history[-1] if result.history else None}
@@ -104,11 +139,23 @@ def run_stage2(cfg: Stage2Config, resume: bool = False, stop_after: int | None =
         else:
             summary["retrieval"] = evaluate_retrieval(trained, tower, tokenizer, cfg.eval, held_out, run_dir,
                                                       dist.device, dtype, cfg.front.max_text_length)
+    if cfg.align_curve.every:
+        summary["heldout_align"] = _read_rows(run_dir / "align_curve.jsonl")[-1]
     if cfg.zero_shot.enabled:
         summary["zero_shot"] = zero_shot_mechanism(trained, tower, cfg, layout, run_dir / "zero_shot", dist.device,
                                                    dtype)
     write_json_atomic(run_dir / "stage2_summary.json", summary)
     return summary
+
+
+def _read_rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _append_row(path: Path, row: dict) -> None:
+    """Add a curve point; a resumed run replaces the points from its checkpoint on (the hook is idempotent)."""
+    rows = [r for r in _read_rows(path) if r["step"] < row["step"]] + [row]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 def prompt_layout(cfg: Stage2Config) -> bool:

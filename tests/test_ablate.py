@@ -258,7 +258,7 @@ def test_tiny_grid_end_to_end_and_rerun_skips_finished_cells(tmp_path, tiny_vit_
         "eval_images=6", "eval_questions=4", "gallery_images=3", "retrieval_images=4", "zero_shot_images=3",
         f"stage1_overrides=[model.text_encoder={tiny_bert_dir},model.llm={tiny_llm_dir},model.num_prompts=4,"
         f"data.holdout=4,data.max_records=64,optim.micro_batch_size=8,{','.join(tiny)}]",
-        f"stage2_overrides=[{','.join(vl)}]",
+        f"stage2_overrides=[{','.join(vl)},align_curve.every=2,align_curve.images=3]",
         f"generative_overrides=[{','.join(vl)},eval.max_new_tokens=3,eval.meteor=false,"
         f"front.tome.init_from={tiny_bert_dir},front.tome.r=4]"]
     cfg = load_config(AblateConfig, None, overrides)
@@ -280,7 +280,7 @@ def test_tiny_grid_end_to_end_and_rerun_skips_finished_cells(tmp_path, tiny_vit_
         assert (cell["arm"] == "tome") == math.isnan(cell["retrieval_itc_r_mean"])  # 2a only
         # the mechanism after 2a (zero-shot captions from W·Z, the LLM's held-out loss) and the alignment
         # diagnostics, the baseline's included; tome has no 2a and a prefix of another size than P(y)
-        for key in ("zero_shot_CIDEr_2a", "heldout_lm_step0", "align_r2_2a", "align_r2_2b"):
+        for key in ("zero_shot_CIDEr_2a", "heldout_lm_step0", "align_r2_2a", "heldout_align_r2_2a", "align_r2_2b"):
             assert (cell["arm"] == "tome") == math.isnan(cell[key]), key
     # a finished cell keeps its fronts and results, not its checkpoints (a grid would fill the disk)
     # (stage 2a runs live in stage2_runs/, one per distinct stage-2a config, linked from each cell's stage2)
@@ -293,6 +293,9 @@ def test_tiny_grid_end_to_end_and_rerun_skips_finished_cells(tmp_path, tiny_vit_
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
     assert "beyond seed spread" in (out / "results.md").read_text() or "within seed spread" in (
         out / "results.md").read_text()
+    report = (out / "results.md").read_text()
+    section = report.split("## The alignment and what it is for")[1].split("\n## ")[0]
+    assert "| blip2 " in section and "| pformer " in section and "| tome " in section  # tome's row: dashes
     gallery = (out / "captions.md").read_text()
     assert gallery.count("![](gallery/") == 3  # thumbnails beside the report: it renders wherever it is moved
     assert all((out / "gallery" / f"{i:03d}.png").read_bytes()[:4] == b"\x89PNG" for i in range(3))

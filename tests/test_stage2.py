@@ -216,3 +216,40 @@ def test_align_lstsq_diagnostic_runs_on_a_finished_run(tmp_path, tiny_vit_dir, t
     assert at[steps[0]]["trained_w_mse"] != pytest.approx(result["trained_w_mse"], rel=1e-5)
     with pytest.raises(SystemExit, match="step_00000099"):
         align_lstsq.main([str(tmp_path / "run"), "--checkpoint", "99"])
+
+
+def test_stage2a_reads_its_alignment_on_held_out_images(tmp_path, tiny_vit_dir, tiny_bert_dir, tiny_llm_dir,
+                                                        tiny_pformer_dir):
+    """align_curve: W·Z against P(y) on held-out images at every N steps and the last, resumed without a gap or a
+    duplicate, and the same number an independent computation from the saved front gives."""
+    import torch
+
+    from dvlp_common import zoo
+    from pformer.targets import prompt_target_cache
+    from vl_align.evaluation import _test_records, first_images
+    from vl_align.fronts import load_front
+    from vl_align.inputs import ImageInputs
+
+    cfg = load_config(Stage2Config, None, _common(tmp_path, "curve", tiny_vit_dir, tiny_bert_dir, tiny_llm_dir,
+                                                  tiny_pformer_dir) + ["align_curve.every=2", "align_curve.images=5"])
+    run_stage2(cfg, stop_after=2)
+    summary = run_stage2(cfg, resume=True)
+    rows = [json.loads(line) for line in (tmp_path / "curve" / "align_curve.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 3] and rows[-1] == summary["heldout_align"]
+    assert rows[-1]["images"] == 5 and rows[-1]["pairs"] >= 5
+    assert all(r["align_rel"] > 0 and r["align_r2"] < 1 for r in rows)
+
+    front, tower = load_front(tmp_path / "curve" / "front")[:2]
+    records = _test_records(cfg.zero_shot, cfg.data)[0]
+    chosen = set(first_images({r["image_id"] for r in records}, 5))
+    pairs = [r for r in records if r["image_id"] in chosen]
+    images = ImageInputs.build(tower, [r["image_path"] for r in pairs], live_tower=False, device="cpu",
+                               dtype=torch.float32)
+    with torch.no_grad():
+        pred = front("queries", **images([r["image_path"] for r in pairs], "cpu"))["prompt_pred"]
+    target = prompt_target_cache(tiny_pformer_dir, [r["caption"] for r in pairs], zoo.cache_root()).get(
+        [r["caption"] for r in pairs])
+    assert rows[-1]["align_mse"] == pytest.approx(float((pred - target).pow(2).mean()), rel=1e-4)
+    with pytest.raises(ConfigError, match="align_curve.every"):
+        run_stage2(load_config(Stage2Config, None, _common(tmp_path, "nope", tiny_vit_dir, tiny_bert_dir, tiny_llm_dir,
+                                                           "/no/pformer") + ["align.weight=0", "align_curve.every=2"]))

@@ -244,6 +244,54 @@ def heldout_lm_loss(front, llm, tower, cfg: EvalConfig, data: PairDataConfig, de
     return {"lm_loss": total / max(tokens, 1), "tokens": tokens, "pairs": len(pairs)}
 
 
+class HeldoutAlignment:
+    """How close W·Z is to P(y) on held-out images, not the training batches: stage 2a's convergence instrument (at
+    hundreds of epochs over a small pair set the training batches' R² also measures memorisation). The images and
+    captions are those of :func:`heldout_lm_loss` (``cfg``'s held-out split, the first ``max_images``), every caption
+    of an image a pair; their features and P(y) are computed once, here, and each call runs only the front.
+
+    ``center`` is the corpus-mean prompt [n, d] of the training-batch diagnostics, so ``align_r2`` here and there are
+    the same quantity (:func:`vl_align.alignment.alignment_diagnostics`) on different pairs."""
+
+    def __init__(self, tower, cfg: EvalConfig, data: PairDataConfig, pformer_dir: str, center: torch.Tensor,
+                 live_tower: bool, device, dtype, cache_root: str | Path):
+        from pformer.targets import prompt_target_cache
+
+        records = _test_records(cfg, data)
+        if records is None:
+            raise ConfigError("align_curve.every", f"{data.source} has no held-out images to read the alignment on; "
+                                                   "set zero_shot.split=validation with data.validation_images, or "
+                                                   "zero_shot.captions_source")
+        chosen = set(first_images({r["image_id"] for r in records[0]}, cfg.max_images))
+        self.pairs = [r for r in records[0] if r["image_id"] in chosen]
+        captions = [r["caption"] for r in self.pairs]
+        self.targets = prompt_target_cache(pformer_dir, captions, cache_root, device=device, dtype=dtype).get(
+            captions).float()  # [P, n, d]
+        self.images = ImageInputs.build(tower, [r["image_path"] for r in self.pairs], live_tower=live_tower,
+                                        device=device, dtype=dtype)
+        self.center, self.batch_size, self.device, self.dtype = center, cfg.batch_size, device, dtype
+
+    @torch.no_grad()
+    def __call__(self, front) -> dict[str, float]:
+        from .alignment import alignment_diagnostics
+
+        was_training = front.training
+        front.eval()
+        preds = []
+        with autocast(self.device, self.dtype):
+            for start in range(0, len(self.pairs), self.batch_size):
+                chunk = self.pairs[start:start + self.batch_size]
+                preds.append(front("queries", **self.images([r["image_path"] for r in chunk], self.device))[
+                    "prompt_pred"].float())  # [b, n, d]: W·Z
+        front.train(was_training)
+        pred = torch.cat(preds)
+        if pred.shape != self.targets.shape:
+            raise ValueError(f"W·Z is {list(pred.shape[1:])} per image but the P-Former's prompts are "
+                             f"{list(self.targets.shape[1:])}")
+        out = {k: float(v) for k, v in alignment_diagnostics(pred, self.targets.to(pred.device), self.center).items()}
+        return {**out, "pairs": len(self.pairs), "images": len({r["image_id"] for r in self.pairs})}
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # image <-> text retrieval (stage 2a)
 # ----------------------------------------------------------------------------------------------------------------
