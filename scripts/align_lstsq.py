@@ -14,6 +14,9 @@ images (eval mode, no dropout) and their captions' P(y), and compares on held-ou
 It also reports how distinct the query positions are: the share of the query outputs' variance that lies between
 the positions' means (0: every query gives the same output up to sample noise).
 
+It also reads the alignment on held-out images (``heldout``: the run's zero-shot split, ``--heldout-images`` of
+them, as ``align_curve`` does during training), where the rows above use training images.
+
 ``--zero-shot`` also measures, for that front, what the alignment is for (as a finished stage 2a does with
 ``zero_shot.enabled``): held-out captions generated from W·Z through the frozen LLM, and the LLM's held-out caption
 loss with W·Z as prefix (the generative stage's step 0), written under ``RUN_DIR/zero_shot_step{STEP}/``.
@@ -29,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from dvlp_common.config import load_config
+from dvlp_common.config import ConfigError, load_config
 from dvlp_common.io import write_json_atomic
 from dvlp_common.precision import autocast, compute_dtype
 from pipelines.stage2 import Stage2Config
@@ -67,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--zero-shot", action="store_true", help="also caption held-out images from W·Z and measure the "
                                                                 "held-out LM loss at generative step 0 (the run's "
                                                                 "zero_shot settings)")
+    p.add_argument("--heldout-images", type=int, default=None, help="held-out images of the held-out reading "
+                                                                      "(default: the run's align_curve.images)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     run = Path(args.run_dir)
@@ -129,6 +134,18 @@ def main(argv: list[str] | None = None) -> int:
     }
     for key in ("trained_w", "lstsq_w", "lstsq_w_position_bias", "lstsq_per_query_w"):
         result[f"{key}_r2"] = 1.0 - result[f"{key}_mse"] / mean_mse
+    try:
+        from dataclasses import replace
+
+        from dvlp_common import zoo
+        from vl_align.evaluation import HeldoutAlignment
+
+        images = args.heldout_images or cfg.align_curve.images
+        result["heldout"] = HeldoutAlignment(inputs.tower, replace(cfg.zero_shot, max_images=images), cfg.data,
+                                             cfg.pformer, inputs.stats.center, front.vision is not None, device,
+                                             dtype, zoo.cache_root())(front)
+    except ConfigError as err:  # a run on a source without held-out images: the training-image rows only
+        print(f"no held-out reading: {err}", flush=True)
     if args.zero_shot:
         from pipelines.stage2 import prompt_layout, zero_shot_mechanism
 

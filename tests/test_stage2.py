@@ -250,6 +250,18 @@ def test_stage2a_reads_its_alignment_on_held_out_images(tmp_path, tiny_vit_dir, 
     target = prompt_target_cache(tiny_pformer_dir, [r["caption"] for r in pairs], zoo.cache_root()).get(
         [r["caption"] for r in pairs])
     assert rows[-1]["align_mse"] == pytest.approx(float((pred - target).pow(2).mean()), rel=1e-4)
+    # scripts/align_lstsq.py reads the same on a checkpoint's front, after the fact
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "align_lstsq", Path(__file__).resolve().parents[1] / "scripts" / "align_lstsq.py")
+    align_lstsq = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(align_lstsq)
+    assert align_lstsq.main([str(tmp_path / "curve"), "--max-pairs", "16", "--checkpoint", "2",
+                             "--heldout-images", "5"]) == 0
+    at2 = json.loads((tmp_path / "curve" / "align_lstsq_step2.json").read_text())["heldout"]
+    assert at2 == pytest.approx({k: v for k, v in rows[0].items() if k not in ("step", "train_seconds")}, rel=1e-4)
     with pytest.raises(ConfigError, match="align_curve.every"):
         run_stage2(load_config(Stage2Config, None, _common(tmp_path, "nope", tiny_vit_dir, tiny_bert_dir, tiny_llm_dir,
                                                            "/no/pformer") + ["align.weight=0", "align_curve.every=2"]))
