@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Literal, Optional
 
 import torch
 
@@ -41,9 +42,12 @@ class AlignCurveConfig(Config):
     every: int = param(0, ge=0, help="read the alignment on held-out images every this many steps and at the last "
                                      "(MSE, MSE / mean(P(y)²), R² against the corpus-mean prompt; align_curve.jsonl): "
                                      "whether stage 2a has converged, which the training batches' R² cannot say once "
-                                     "it has seen them for many epochs. The images are zero_shot's held-out split "
-                                     "(zero_shot.split, captions_source). 0: off")
+                                     "it has seen them for many epochs. The images: align_curve.split, from "
+                                     "zero_shot's sources. 0: off")
     images: int = param(200, ge=1, help="held-out images read (the first by id; every caption of each is a pair)")
+    split: Optional[Literal["test", "validation"]] = param(
+        None, help="the held-out images: validation (data.validation_images, for deciding how long to train without "
+                   "the test split) or test; None: zero_shot.split")
 
 
 @dataclass
@@ -106,7 +110,8 @@ def run_stage2(cfg: Stage2Config, resume: bool = False, stop_after: int | None =
         if dist.is_main:
             if not heldout:
                 heldout.append(HeldoutAlignment(
-                    tower, replace(cfg.zero_shot, max_images=cfg.align_curve.images), cfg.data, cfg.pformer,
+                    tower, replace(cfg.zero_shot, max_images=cfg.align_curve.images,
+                                   split=cfg.align_curve.split or cfg.zero_shot.split), cfg.data, cfg.pformer,
                     inputs.stats.center, needs_live_tower(cfg.front, cfg.vision), dist.device, dtype,
                     zoo.cache_root()))
             _append_row(run_dir / "align_curve.jsonl",

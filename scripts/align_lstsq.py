@@ -141,7 +141,9 @@ def main(argv: list[str] | None = None) -> int:
         from vl_align.evaluation import HeldoutAlignment
 
         images = args.heldout_images or cfg.align_curve.images
-        result["heldout"] = HeldoutAlignment(inputs.tower, replace(cfg.zero_shot, max_images=images), cfg.data,
+        split = cfg.align_curve.split or cfg.zero_shot.split
+        result["heldout"] = HeldoutAlignment(inputs.tower, replace(cfg.zero_shot, max_images=images, split=split),
+                                             cfg.data,
                                              cfg.pformer, inputs.stats.center, front.vision is not None, device,
                                              dtype, zoo.cache_root())(front)
     except ConfigError as err:  # a run on a source without held-out images: the training-image rows only

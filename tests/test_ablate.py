@@ -466,6 +466,9 @@ def test_the_fair_test_grids_build_their_stages_as_the_protocol_says(tmp_path, m
         assert s2.front.num_query_tokens == 32 and s2.optim.max_steps == 3000 and s2.optim.warmup_steps == 20
         assert s2.optim.lr_scale == {"llm_proj": 30} and s2.align.weight == arm_of(arm).w1
         assert s2.data.validation_images == 200 and s2.zero_shot.enabled
+        if name == "ablate_fair.yaml":  # the curve's stage 2a is read for convergence on validation images only
+            assert s2.align_curve.every == 250 and s2.align_curve.split == "validation"
+            assert s2.zero_shot.split == "test"
     assert any(arm_of(a).w1 == 0 for a in cfg.arms) and any(arm_of(a).w1 > 0 for a in cfg.arms)
 
 
