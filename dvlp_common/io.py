@@ -81,4 +81,20 @@ def write_json_atomic(path: str | os.PathLike, data: Any, indent: int | None = 2
     write_text_atomic(path, json.dumps(data, indent=indent) + "\n")
 
 
-__all__ = ["replace_folder", "building_folder", "writing_file", "write_text_atomic", "write_json_atomic"]
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """The rows of a JSON-lines log (none when it does not exist yet)."""
+    path = Path(path)
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def put_step_row(path: str | os.PathLike, row: dict) -> None:
+    """Add ``row`` (with its ``step``) to a per-step curve log, replacing the rows from that step on: an evaluation
+    hook that a resumed run calls again for its checkpoint's step stays idempotent. Written atomically."""
+    rows = [r for r in read_jsonl(path) if r["step"] < row["step"]] + [row]
+    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+__all__ = ["replace_folder", "building_folder", "writing_file", "write_text_atomic", "write_json_atomic", "read_jsonl",
+           "put_step_row"]

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from dvlp_common.config import Config, ConfigError, load_config, param, save_config, to_dict
-from dvlp_common.io import write_json_atomic
+from dvlp_common.io import read_jsonl, write_json_atomic
 from vl_align.scenes import template_slot_accuracy
 from vl_align.video_inputs import is_video_source
 
@@ -227,10 +227,6 @@ def _warmup(steps: int, wanted: int) -> int:
     return min(wanted, max(1, steps // 5))
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
 class CaptionChecker:
     """Is a generated text a caption? Every word from the caption vocabulary and a length the corpus has (±2).
     Collapsed runs emit empty strings, repeated tokens or unrelated text; this flags them without a threshold
@@ -262,13 +258,13 @@ def summarize_cell(cell_dir: Path, has_stage2: bool, checker: CaptionChecker, co
     gen = cell_dir / "generative"
     scores = json.loads((gen / "eval.json").read_text())
     summary = json.loads((gen / "generative_summary.json").read_text())
-    history = _read_jsonl(gen / "metrics.jsonl")
+    history = read_jsonl(gen / "metrics.jsonl")
     final_lm = _final(history, "lm")
     preds = json.loads((gen / "predictions.json").read_text())["captions"]
     validity = sum(checker(p["prediction"]) for p in preds) / max(len(preds), 1)
     stage2_seconds, retrieval, history_2a, zero_shot, heldout_align = 0.0, {}, [], {}, {}
     if has_stage2:
-        history_2a = _read_jsonl(cell_dir / "stage2" / "metrics.jsonl")
+        history_2a = read_jsonl(cell_dir / "stage2" / "metrics.jsonl")
         stage2_summary = json.loads((cell_dir / "stage2" / "stage2_summary.json").read_text())
         stage2_seconds, zero_shot = stage2_summary["wall_seconds"], stage2_summary.get("zero_shot") or {}
         heldout_align = stage2_summary.get("heldout_align") or {}
@@ -312,7 +308,7 @@ def summarize_cell(cell_dir: Path, has_stage2: bool, checker: CaptionChecker, co
                      "CIDEr": r["CIDEr"], "exact_match": r.get("exact_match", float("nan")),
                      **{f"kw_{family}": r[f"keywords_{family}"] for family in ("order", "set")
                         if f"keywords_{family}" in r}}
-                    for r in _read_jsonl(gen / "eval_curve.jsonl")]
+                    for r in read_jsonl(gen / "eval_curve.jsonl")]
     row["loss_curve"] = [{"step": r["step"], "lm": r["lm"]} for r in history]
     return row
 

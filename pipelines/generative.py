@@ -7,7 +7,6 @@ Outputs in ``logging.output_dir``: ``config.yaml``, ``checkpoints/``, ``metrics.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -16,7 +15,7 @@ import torch
 
 from dvlp_common import precision, zoo
 from dvlp_common.config import Config, ConfigError, param
-from dvlp_common.io import write_json_atomic
+from dvlp_common.io import put_step_row, write_json_atomic
 from pformer.llm import FrozenLLM
 from pformer.model import read_pformer_config
 from vl_align.alignment import AlignmentConfig
@@ -157,11 +156,7 @@ def _append_curve_point(front, llm, tower, cfg: GenerativeConfig, run_dir: Path,
     if result is None:  # no held-out set: no curve
         return
     scores = result["captioning"]
-    path = run_dir / "eval_curve.jsonl"
-    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-    rows = [r for r in rows if r["step"] < step]  # a resumed run replaces the points after its checkpoint
     # a video front on a keyed set (embedded:motion) also records its key-word accuracy per caption family
     keywords = {f"keywords_{family}": v for family, v in result.get("keywords", {}).items()}
-    rows.append({"step": step, "train_seconds": train_seconds,
-                 **{k: v for k, v in scores.items() if isinstance(v, float)}, **keywords})
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    put_step_row(run_dir / "eval_curve.jsonl", {"step": step, "train_seconds": train_seconds,
+                                                **{k: v for k, v in scores.items() if isinstance(v, float)}, **keywords})

@@ -11,16 +11,14 @@ Outputs in ``logging.output_dir``: ``config.yaml``, ``checkpoints/``, ``metrics.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Literal, Optional
 
 import torch
 
 from dvlp_common import precision, zoo
 from dvlp_common.config import Config, ConfigError, param
-from dvlp_common.io import write_json_atomic
+from dvlp_common.io import put_step_row, read_jsonl, write_json_atomic
 from pformer.llm import FrozenLLM
 from pformer.model import read_pformer_config
 from vl_align.alignment import AlignmentConfig
@@ -114,7 +112,7 @@ def run_stage2(cfg: Stage2Config, resume: bool = False, stop_after: int | None =
                                    split=cfg.align_curve.split or cfg.zero_shot.split), cfg.data, cfg.pformer,
                     inputs.stats.center, needs_live_tower(cfg.front, cfg.vision), dist.device, dtype,
                     zoo.cache_root()))
-            _append_row(run_dir / "align_curve.jsonl",
+            put_step_row(run_dir / "align_curve.jsonl",
                         {"step": step, "train_seconds": train_seconds, **heldout[0](trained)})
         distributed.barrier()
 
@@ -145,22 +143,12 @@ def run_stage2(cfg: Stage2Config, resume: bool = False, stop_after: int | None =
             summary["retrieval"] = evaluate_retrieval(trained, tower, tokenizer, cfg.eval, held_out, run_dir,
                                                       dist.device, dtype, cfg.front.max_text_length)
     if cfg.align_curve.every:
-        summary["heldout_align"] = _read_rows(run_dir / "align_curve.jsonl")[-1]
+        summary["heldout_align"] = read_jsonl(run_dir / "align_curve.jsonl")[-1]
     if cfg.zero_shot.enabled:
         summary["zero_shot"] = zero_shot_mechanism(trained, tower, cfg, layout, run_dir / "zero_shot", dist.device,
                                                    dtype)
     write_json_atomic(run_dir / "stage2_summary.json", summary)
     return summary
-
-
-def _read_rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
-def _append_row(path: Path, row: dict) -> None:
-    """Add a curve point; a resumed run replaces the points from its checkpoint on (the hook is idempotent)."""
-    rows = [r for r in _read_rows(path) if r["step"] < row["step"]] + [row]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 def prompt_layout(cfg: Stage2Config) -> bool:

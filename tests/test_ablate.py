@@ -197,7 +197,8 @@ def test_a_shared_stage2a_that_another_process_trains_puts_the_cell_off(tmp_path
 
 def test_a_setting_added_since_a_grid_started_does_not_rename_its_shared_stage2a_runs(tmp_path):
     """A shared stage-2a run is found by a digest of its config. A setting added later (the wsd schedule) must not
-    change that digest while at its default, or a grid resumed with newer code would train its stage 2a again."""
+    change that digest while at its default, or a grid resumed with newer code would train its stage 2a again.
+    The real check: the calibration grid's two stage-2a runs were found again after these settings were added."""
     from dvlp_common.cache import fingerprint
     from dvlp_common.config import to_dict
     from pipelines.ablate import stage2_run_key
@@ -208,11 +209,13 @@ def test_a_setting_added_since_a_grid_started_does_not_rename_its_shared_stage2a
     before["logging"].pop("output_dir")
     for key in ("schedule", "decay_fraction", "decay_shape"):
         before["optim"].pop(key)
+    before.pop("align_curve")
     assert stage2_run_key(s2) == fingerprint(before)
     assert stage2_run_key(s2.replace(logging=s2.logging.replace(output_dir=str(tmp_path / "b")))) == fingerprint(before)
     wsd = s2.replace(optim=s2.optim.replace(schedule="wsd"))
     assert stage2_run_key(wsd) != stage2_run_key(s2)
     assert stage2_run_key(wsd.replace(optim=wsd.optim.replace(decay_fraction=0.1))) != stage2_run_key(wsd)
+    assert stage2_run_key(s2.replace(align_curve=s2.align_curve.replace(every=100))) != stage2_run_key(s2)
 
 
 def test_the_key_word_plot_leaves_out_cells_whose_curves_predate_it(tmp_path):
