@@ -69,6 +69,11 @@ class Stage2Config(Config):
     align_curve: AlignCurveConfig = field(default_factory=AlignCurveConfig)
     seed: int = param(0, help="seed of initialisation, data order and negative sampling")
 
+    def align_curve_images(self) -> EvalConfig:
+        """What the held-out alignment readings read: zero_shot's sources, align_curve's count and split."""
+        return replace(self.zero_shot, max_images=self.align_curve.images,
+                       split=self.align_curve.split or self.zero_shot.split)
+
     def check(self) -> None:
         if self.front.kind == "tome":
             raise ConfigError("front.kind", "'tome' (SimVLG) has no representation stage; it trains with the LM "
@@ -107,11 +112,9 @@ def run_stage2(cfg: Stage2Config, resume: bool = False, stop_after: int | None =
         trained, tower = run.trained_front(engine)
         if dist.is_main:
             if not heldout:
-                heldout.append(HeldoutAlignment(
-                    tower, replace(cfg.zero_shot, max_images=cfg.align_curve.images,
-                                   split=cfg.align_curve.split or cfg.zero_shot.split), cfg.data, cfg.pformer,
-                    inputs.stats.center, needs_live_tower(cfg.front, cfg.vision), dist.device, dtype,
-                    zoo.cache_root()))
+                heldout.append(HeldoutAlignment(tower, cfg.align_curve_images(), cfg.data, cfg.pformer,
+                                                inputs.stats.center, needs_live_tower(cfg.front, cfg.vision),
+                                                dist.device, dtype, zoo.cache_root()))
             put_step_row(run_dir / "align_curve.jsonl",
                         {"step": step, "train_seconds": train_seconds, **heldout[0](trained)})
         distributed.barrier()

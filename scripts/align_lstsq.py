@@ -135,15 +135,12 @@ def main(argv: list[str] | None = None) -> int:
     for key in ("trained_w", "lstsq_w", "lstsq_w_position_bias", "lstsq_per_query_w"):
         result[f"{key}_r2"] = 1.0 - result[f"{key}_mse"] / mean_mse
     try:
-        from dataclasses import replace
-
         from dvlp_common import zoo
         from vl_align.evaluation import HeldoutAlignment
 
-        images = args.heldout_images or cfg.align_curve.images
-        split = cfg.align_curve.split or cfg.zero_shot.split
-        result["heldout"] = HeldoutAlignment(inputs.tower, replace(cfg.zero_shot, max_images=images, split=split),
-                                             cfg.data,
+        if args.heldout_images:
+            cfg = cfg.replace(align_curve=cfg.align_curve.replace(images=args.heldout_images))
+        result["heldout"] = HeldoutAlignment(inputs.tower, cfg.align_curve_images(), cfg.data,
                                              cfg.pformer, inputs.stats.center, front.vision is not None, device,
                                              dtype, zoo.cache_root())(front)
     except ConfigError as err:  # a run on a source without held-out images: the training-image rows only
