@@ -81,8 +81,6 @@ def write_json_atomic(path: str | os.PathLike, data: Any, indent: int | None = 2
     write_text_atomic(path, json.dumps(data, indent=indent) + "\n")
 
 
-
-
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
     """The rows of a JSON-lines log (none when it does not exist yet)."""
     path = Path(path)

@@ -215,6 +215,16 @@ def evaluate_generative(front, llm, tower, cfg: EvalConfig, data: PairDataConfig
 
 
 @torch.no_grad()
+def heldout_caption_pairs(cfg: EvalConfig, data: PairDataConfig) -> list[dict] | None:
+    """Every (image, caption) pair of the first ``cfg.max_images`` held-out images (None without a held-out set): what
+    the step-0 loss and the held-out alignment read."""
+    records = _test_records(cfg, data)
+    if records is None:
+        return None
+    chosen = set(first_images({r["image_id"] for r in records[0]}, cfg.max_images))
+    return [r for r in records[0] if r["image_id"] in chosen]
+
+
 def heldout_lm_loss(front, llm, tower, cfg: EvalConfig, data: PairDataConfig, device, dtype,
                     max_text_length: int | None = None) -> dict | None:
     """The frozen LLM's caption loss on held-out images with the front's prefix W·Z, as the generative stage would
@@ -224,12 +234,9 @@ def heldout_lm_loss(front, llm, tower, cfg: EvalConfig, data: PairDataConfig, de
         from .video_eval import heldout_video_lm_loss
 
         return heldout_video_lm_loss(front, llm, tower, cfg, data, device, dtype, max_text_length, first_images)
-    records = _test_records(cfg, data)
-    if records is None:
+    pairs = heldout_caption_pairs(cfg, data)
+    if pairs is None:
         return None
-    pairs = records[0]
-    chosen = set(first_images({r["image_id"] for r in pairs}, cfg.max_images))
-    pairs = [r for r in pairs if r["image_id"] in chosen]
     images = ImageInputs.build(tower, [r["image_path"] for r in pairs], live_tower=front.vision is not None,
                                device=device, dtype=dtype)
     total, tokens = 0.0, 0
@@ -247,8 +254,8 @@ def heldout_lm_loss(front, llm, tower, cfg: EvalConfig, data: PairDataConfig, de
 class HeldoutAlignment:
     """How close W·Z is to P(y) on held-out images, not the training batches: stage 2a's convergence instrument (at
     hundreds of epochs over a small pair set the training batches' R² also measures memorisation). The images and
-    captions are those of :func:`heldout_lm_loss` (``cfg``'s held-out split, the first ``max_images``), every caption
-    of an image a pair; their features and P(y) are computed once, here, and each call runs only the front.
+    captions are those of :func:`heldout_lm_loss` (:func:`heldout_caption_pairs`); their features and P(y) are
+    computed once, here, and each call runs only the front.
 
     ``center`` is the corpus-mean prompt [n, d] of the training-batch diagnostics, so ``align_r2`` here and there are
     the same quantity (:func:`vl_align.alignment.alignment_diagnostics`) on different pairs."""
@@ -257,13 +264,11 @@ class HeldoutAlignment:
                  live_tower: bool, device, dtype, cache_root: str | Path):
         from pformer.targets import prompt_target_cache
 
-        records = _test_records(cfg, data)
-        if records is None:
+        self.pairs = heldout_caption_pairs(cfg, data)
+        if self.pairs is None:
             raise ConfigError("align_curve.every", f"{data.source} has no held-out images to read the alignment on; "
                                                    "set zero_shot.split=validation with data.validation_images, or "
                                                    "zero_shot.captions_source")
-        chosen = set(first_images({r["image_id"] for r in records[0]}, cfg.max_images))
-        self.pairs = [r for r in records[0] if r["image_id"] in chosen]
         captions = [r["caption"] for r in self.pairs]
         self.targets = prompt_target_cache(pformer_dir, captions, cache_root, device=device, dtype=dtype).get(
             captions).float()  # [P, n, d]
