@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             out = front("queries", **inputs.images([r.image for r in chunk], device))
             zs.append(out["query_output"].float())  # [b, Q, H]
             preds.append(out["prompt_pred"].float())  # [b, Q, d]: the trained W·Z
-            ps.append(inputs.targets([r.caption for r in chunk], device).float())  # [b, Q, d]
+            ps.append(inputs.targets.caption_prompts([r.caption for r in chunk], device).float())  # [b, Q, d]
     z, pred, target = torch.cat(zs), torch.cat(preds), torch.cat(ps)
     half = len(pairs) // 2
     q = z.shape[1]

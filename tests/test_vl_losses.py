@@ -125,3 +125,33 @@ def test_alignment_diagnostics_have_their_reference_points():
     assert abs(float(at_center["align_r2"])) < 1e-6  # the caption-free prompt explains nothing caption-specific
     assert float(at_zero["align_rel"]) == pytest.approx(1.0)
     assert float(at_center["align_rel"]) < 0.02  # ... yet it is close in plain MSE: why R² is reported
+
+
+def test_control_diagnostics_compare_with_the_captions_prompts():
+    """The caption-free control aligns to the corpus mean; its diagnostics must still read W·Z against each caption's
+    P(y). Against its own target the R² denominator is 0 (session 15's reports showed about -4e10)."""
+    from types import SimpleNamespace
+
+    from vl_align.alignment import AlignmentConfig, corpus_statistics
+    from vl_align.generative import GenerativeBatch, GenerativeWeights, generative_loss
+    from vl_align.inputs import PromptTargets
+
+    torch.manual_seed(0)
+    prompts = {f"caption {i}": torch.randn(2, 4) for i in range(6)}
+    stats = corpus_statistics(torch.stack(list(prompts.values())))
+    cache = SimpleNamespace(get=lambda captions: torch.stack([prompts[c] for c in captions]))
+    captions = ["caption 1", "caption 4", "caption 5"]
+    control = PromptTargets(cache, "corpus_mean", stats).batch_fields(captions, "cpu")
+    aligned = PromptTargets(cache, "caption", stats).batch_fields(captions, "cpu")
+    assert torch.equal(control["targets"], stats.center.expand(3, 2, 4))
+    assert torch.equal(control["caption_prompts"], aligned["targets"])
+    assert torch.equal(aligned["caption_prompts"], aligned["targets"])
+
+    prefix = stats.center.expand(3, 2, 4).clone()  # the control's optimum: the corpus-mean prompt for every image
+    front = lambda mode, **kw: {"prompt_pred": prefix}  # noqa: E731
+    batch = GenerativeBatch(record_ids=captions, target_ids=torch.zeros(3, 1, dtype=torch.long),
+                            target_mask=torch.ones(3, 1), **control)
+    _, parts = generative_loss(front, None, batch, GenerativeWeights(lm=0.0), AlignmentConfig(weight=1.0), stats)
+    assert float(parts["align"]) == 0  # the loss pulls toward the corpus mean ...
+    assert abs(float(parts["align_r2"])) < 1e-6  # ... and the diagnostics read R² = 0 against the captions' P(y)
+    assert float(parts["align_mse"]) > 0

@@ -16,7 +16,7 @@ from pformer.llm import FrozenLLM
 
 from .alignment import AlignmentConfig, AlignmentStats, alignment_diagnostics, alignment_loss
 from .losses import Gather, MeanOverRanks, identity
-from .objectives import video_kwargs
+from .objectives import diagnostic_prompts, video_kwargs
 
 
 @dataclass
@@ -37,7 +37,8 @@ class GenerativeBatch:
     frozen_hidden_videos: torch.Tensor | None = None  # [B, T, N, C] a video front's frozen blocks, cached
     qformer_ids: torch.Tensor | None = None  # ELIP's text guidance needs the Q-Former's text pass
     qformer_mask: torch.Tensor | None = None
-    targets: torch.Tensor | None = None  # P(y) [B, n, d_llm]
+    targets: torch.Tensor | None = None  # [B, n, d_llm] the alignment's target: P(y), or the control's corpus mean
+    caption_prompts: torch.Tensor | None = None  # [B, n, d_llm] the captions' P(y), for the diagnostics
     prompt_ids: torch.Tensor | None = None  # [B, Tp] training prompt
     prompt_mask: torch.Tensor | None = None
 
@@ -73,7 +74,7 @@ def generative_loss(front, llm: FrozenLLM, batch: GenerativeBatch, weights: Gene
     else:
         parts["align"] = zero
     if comparable:  # diagnostics, the baseline's (ω = 0) included
-        parts.update(alignment_diagnostics(prefix, batch.targets, stats.center if stats else None))
+        parts.update(alignment_diagnostics(prefix, diagnostic_prompts(batch), stats.center if stats else None))
         if weights.lm:
             parts["align_share"] = (align.weight * parts["align"] / parts["lm"].clamp_min(1e-12)).detach()
     return weights.lm * parts["lm"] + align.weight * parts["align"], parts
@@ -109,7 +110,8 @@ class GenerativeCollator:
         target_ids, target_mask = self.llm.tokenize_targets(captions, self.max_text_length, self.device)
         batch = GenerativeBatch(record_ids=[r.image_id for r in pairs], target_ids=target_ids,
                                 target_mask=target_mask,
-                                targets=self.targets(captions, self.device) if self.targets is not None else None,
+                                **(self.targets.batch_fields(captions, self.device) if self.targets is not None
+                                   else {}),
                                 **self.images([r.image for r in pairs], self.device))
         if self.qformer_tokenizer is not None:
             tok = self.qformer_tokenizer(captions, padding=True, truncation=True, max_length=self.max_text_length,

@@ -61,9 +61,22 @@ class PromptTargets:
         self.cache, self.target, self.stats = cache, target, stats
 
     def __call__(self, captions: Sequence[str], device) -> torch.Tensor:
-        if self.target == "corpus_mean":
-            return self.stats.center.expand(len(captions), *self.stats.center.shape).to(device)
+        return self.batch_fields(captions, device)["targets"]
+
+    def caption_prompts(self, captions: Sequence[str], device) -> torch.Tensor:
+        """Each caption's own P(y) [B, n, d_llm], whatever the arm's target."""
         return self.cache.get(list(captions)).to(device)
+
+    def batch_fields(self, captions: Sequence[str], device) -> dict[str, torch.Tensor]:
+        """``targets``, what the alignment loss pulls W·Z toward, and ``caption_prompts``, the captions' own P(y) that
+        the diagnostics compare W·Z with. They differ only in the control: there R² against its own target (the
+        corpus mean) would divide by zero, and the question the diagnostics answer is how much of the caption's P(y)
+        W·Z holds."""
+        prompts = self.caption_prompts(captions, device)
+        if self.target == "corpus_mean":
+            center = self.stats.center.expand(len(captions), *self.stats.center.shape).to(device)
+            return {"targets": center, "caption_prompts": prompts}
+        return {"targets": prompts, "caption_prompts": prompts}
 
 
 def corpus_prompt_statistics(pformer_dir: str, source: str, device, dtype) -> AlignmentStats:

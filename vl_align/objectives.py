@@ -32,7 +32,8 @@ class RepresentationBatch:
     pixel_values: torch.Tensor | None = None  # [B, 3, S, S] when the tower runs live (ELIP)
     pixel_values_videos: torch.Tensor | None = None  # [B, T, 3, S, S] for a video front
     frozen_hidden_videos: torch.Tensor | None = None  # [B, T, N, C] a video front's frozen blocks, cached
-    targets: torch.Tensor | None = None  # [B, n, d_llm] P(y)
+    targets: torch.Tensor | None = None  # [B, n, d_llm] the alignment's target: P(y), or the control's corpus mean
+    caption_prompts: torch.Tensor | None = None  # [B, n, d_llm] the captions' P(y), for the diagnostics
     noise_seed: int = 0  # seeds the hard-negative draws of this global batch (the same on every rank)
 
 
@@ -96,9 +97,16 @@ def representation_loss(front: Callable[..., dict], batch: RepresentationBatch, 
         parts["align"] = zero
     primary = weights.itc * parts["itc"] + weights.itm * parts["itm"] + weights.itg * parts["itg"]
     if batch.targets is not None:  # diagnostics, the baseline's (ω = 0) included
-        parts.update(alignment_diagnostics(queries["prompt_pred"], batch.targets, stats.center if stats else None))
+        parts.update(alignment_diagnostics(queries["prompt_pred"], diagnostic_prompts(batch),
+                                           stats.center if stats else None))
         parts["align_share"] = (align.weight * parts["align"] / primary.clamp_min(1e-12)).detach()
     return primary + align.weight * parts["align"], parts
+
+
+def diagnostic_prompts(batch) -> torch.Tensor:
+    """What the alignment diagnostics compare W·Z with: the captions' P(y) (a batch built by hand with ``targets``
+    alone is taken to align to its captions)."""
+    return batch.caption_prompts if batch.caption_prompts is not None else batch.targets
 
 
 def video_kwargs(batch) -> dict:
@@ -144,7 +152,7 @@ class RepresentationCollator:
             caption_ids=torch.tensor([self.caption_index[c] for c in captions], device=self.device),
             # the same on every rank: hard negatives are drawn by global position
             noise_seed=step_seed(self.seed, step, 0),
-            targets=self.targets(captions, self.device) if self.targets is not None else None,
+            **(self.targets.batch_fields(captions, self.device) if self.targets is not None else {}),
             **self.images([r.image for r in pairs], self.device))
 
 
