@@ -112,11 +112,25 @@ def _pairs(data_cfg, seed: int, batch: int):
     return [pairs[i % len(pairs)] for i in range(batch)]
 
 
-def _stand_in_targets(num_prompts: int, width: int):
-    """Random prompts in place of the P-Former's P(y): the step's cost does not depend on their values."""
-    import torch
+class _StandInTargets:
+    """Random prompts in place of the P-Former's P(y) (``vl_align.inputs.PromptTargets``' interface): the step's cost
+    does not depend on their values."""
 
-    return lambda captions, device: torch.randn(len(captions), num_prompts, width, device=device)
+    def __init__(self, num_prompts: int, width: int):
+        self.shape = (num_prompts, width)
+
+    def batch_fields(self, captions, device) -> dict:
+        import torch
+
+        prompts = torch.randn(len(captions), *self.shape, device=device)
+        return {"targets": prompts, "caption_prompts": prompts}
+
+    def __call__(self, captions, device):
+        return self.batch_fields(captions, device)["targets"]
+
+
+def _stand_in_targets(num_prompts: int, width: int) -> _StandInTargets:
+    return _StandInTargets(num_prompts, width)
 
 
 def stage_config(stage: str, front: str | None, overrides: list[str]):
