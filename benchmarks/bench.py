@@ -129,10 +129,6 @@ class _StandInTargets:
         return self.batch_fields(captions, device)["targets"]
 
 
-def _stand_in_targets(num_prompts: int, width: int) -> _StandInTargets:
-    return _StandInTargets(num_prompts, width)
-
-
 def stage_config(stage: str, front: str | None, overrides: list[str]):
     """A stage's config as every benchmark builds it: the shipped base YAML of the stage (stage 2's ELIP front has its
     own), then ``overrides``. ``stage`` is stage1, representation or generative."""
@@ -213,7 +209,7 @@ def _setup_representation(spec, device, dtype):
     q = cfg.front.num_query_tokens
     collate = RepresentationCollator(pairs, tokenizer, cfg.front.max_text_length,
                                      {c: i for i, c in enumerate(dict.fromkeys(r.caption for r in pairs))}, images,
-                                     _stand_in_targets(q, llm_width) if cfg.align.weight else None, cfg.seed, device)
+                                     _StandInTargets(q, llm_width) if cfg.align.weight else None, cfg.seed, device)
     batch = collate(list(range(b)), step=0)
 
     def loss_fn():
@@ -281,7 +277,7 @@ def _setup_generative(spec, device, dtype):
     q = cfg.front.num_query_tokens
     collate = GenerativeCollator(
         pairs, llm, cfg.front.max_text_length, images,
-        _stand_in_targets(q, llm.hidden_size) if cfg.align.weight and front_kind != "tome" else None,
+        _StandInTargets(q, llm.hidden_size) if cfg.align.weight and front_kind != "tome" else None,
         qformer_tokenizer=zoo.load_tokenizer(cfg.front.init_from) if front_kind == "elip" else None,
         train_prompt=cfg.weights.train_prompt, device=device)
     batch = collate(list(range(b)), step=0)

@@ -214,7 +214,6 @@ def evaluate_generative(front, llm, tower, cfg: EvalConfig, data: PairDataConfig
     return result
 
 
-@torch.no_grad()
 def heldout_caption_pairs(cfg: EvalConfig, data: PairDataConfig) -> list[dict] | None:
     """Every (image, caption) pair of the first ``cfg.max_images`` held-out images (None without a held-out set): what
     the step-0 loss and the held-out alignment read."""
@@ -225,6 +224,7 @@ def heldout_caption_pairs(cfg: EvalConfig, data: PairDataConfig) -> list[dict] |
     return [r for r in records[0] if r["image_id"] in chosen]
 
 
+@torch.no_grad()
 def heldout_lm_loss(front, llm, tower, cfg: EvalConfig, data: PairDataConfig, device, dtype,
                     max_text_length: int | None = None) -> dict | None:
     """The frozen LLM's caption loss on held-out images with the front's prefix W·Z, as the generative stage would
